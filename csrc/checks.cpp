@@ -1,0 +1,159 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace visionzip {
+namespace {
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                       dtype == at::kDouble,
+                   "visionzip.", op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", dtype);
+}
+
+void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank,
+                const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == rank, "visionzip.", op, ": ", name, " must be a ", rank,
+                    "-D tensor ", layout, ", got shape ", t.sizes());
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "visionzip.", op, ": ", name,
+                    " must be on the same device as ", ref_name, " (", ref.device(), "), got ",
+                    t.device());
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+               const char* ref_name, int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, "visionzip.", op, ": ", name, ".size(", dim,
+                    ") must equal ", what, " of ", ref_name, " (", expected, "), got ",
+                    t.size(dim));
+}
+
+void check_positive_sizes(const char* op, const char* name, const at::Tensor& t) {
+  // Dim 0 is the batch: B == 0 is allowed and gives empty outputs. Every other dim must be > 0.
+  for (int64_t i = 1; i < t.dim(); ++i) {
+    TORCH_CHECK_VALUE(t.size(i) > 0, "visionzip.", op, ": ", name, " must not be empty, got shape ",
+                      t.sizes());
+  }
+}
+
+void check_budget(const char* op, int64_t num_tokens, int64_t dominant, int64_t contextual,
+                  bool keep_cls) {
+  TORCH_CHECK_VALUE(dominant >= 1, "visionzip.", op, ": dominant must be >= 1",
+                    keep_cls ? " (keep_cls=True always keeps token 0)" : "", ", got ", dominant);
+  TORCH_CHECK_VALUE(dominant <= num_tokens, "visionzip.", op, ": dominant must be <= N (",
+                    num_tokens, "), got ", dominant);
+  TORCH_CHECK_VALUE(contextual >= 0, "visionzip.", op, ": contextual must be >= 0, got ",
+                    contextual);
+  TORCH_CHECK_VALUE(contextual <= num_tokens - dominant, "visionzip.", op,
+                    ": contextual must be <= N - dominant (", num_tokens, " - ", dominant, " = ",
+                    num_tokens - dominant, "), got ", contextual);
+}
+
+void check_metric(const char* op, const at::Tensor& metric, const char* ref_name,
+                  const at::Tensor& ref) {
+  check_rank(op, "metric", metric, 3, "[B, N, d]");
+  check_float(op, "metric", metric);
+  check_same_device(op, "metric", metric, ref_name, ref);
+  check_positive_sizes(op, "metric", metric);
+}
+
+void check_keep(const char* op, const at::Tensor& keep, const at::Tensor& metric) {
+  check_rank(op, "keep", keep, 2, "[B, D]");
+  TORCH_CHECK_TYPE(keep.scalar_type() == at::kLong, "visionzip.", op,
+                   ": keep must be int64, got ", keep.scalar_type());
+  check_same_device(op, "keep", keep, "metric", metric);
+  check_dim(op, "keep", keep, 0, "metric", metric.size(0), "the batch size");
+}
+
+}  // namespace
+
+void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k) {
+  constexpr const char* op = "cls_attention";
+  check_rank(op, "q_cls", q_cls, 3, "[B, H, d]");
+  check_rank(op, "k", k, 4, "[B, N, H, d]");
+  check_float(op, "q_cls", q_cls);
+  TORCH_CHECK_TYPE(k.scalar_type() == q_cls.scalar_type(), "visionzip.", op,
+                   ": k must have the dtype of q_cls (", q_cls.scalar_type(), "), got ",
+                   k.scalar_type());
+  check_same_device(op, "k", k, "q_cls", q_cls);
+  check_dim(op, "k", k, 0, "q_cls", q_cls.size(0), "the batch size");
+  check_dim(op, "k", k, 2, "q_cls", q_cls.size(1), "the head count");
+  check_dim(op, "k", k, 3, "q_cls", q_cls.size(2), "the head dim");
+  check_positive_sizes(op, "k", k);
+}
+
+void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
+  constexpr const char* op = "attention_received";
+  check_rank(op, "q", q, 4, "[B, N, H, d]");
+  check_rank(op, "k", k, 4, "[B, N, H, d]");
+  check_float(op, "q", q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op,
+                   ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
+  check_same_device(op, "k", k, "q", q);
+  for (int64_t dim = 0; dim < 4; ++dim) {
+    check_dim(op, "k", k, dim, "q", q.size(dim), "the same size");
+  }
+  check_positive_sizes(op, "k", k);
+}
+
+void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls) {
+  constexpr const char* op = "dominant_topk";
+  check_rank(op, "scores", scores, 2, "[B, N]");
+  check_float(op, "scores", scores);
+  check_positive_sizes(op, "scores", scores);
+  check_budget(op, scores.size(1), dominant, 0, keep_cls);
+}
+
+void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric,
+                                 const at::Tensor& keep, int64_t contextual) {
+  constexpr const char* op = "contextual_merge";
+  check_rank(op, "hidden", hidden, 3, "[B, N, C]");
+  check_float(op, "hidden", hidden);
+  check_positive_sizes(op, "hidden", hidden);
+  check_metric(op, metric, "hidden", hidden);
+  check_dim(op, "metric", metric, 0, "hidden", hidden.size(0), "the batch size");
+  check_dim(op, "metric", metric, 1, "hidden", hidden.size(1), "the token count");
+  check_keep(op, keep, metric);
+  check_budget(op, hidden.size(1), keep.size(1), contextual, /*keep_cls=*/false);
+}
+
+void check_contextual_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& metric,
+                                          const at::Tensor& keep, int64_t num_tokens) {
+  constexpr const char* op = "contextual_merge_backward";
+  check_rank(op, "grad_tokens", grad_tokens, 3, "[B, D+K, C]");
+  check_float(op, "grad_tokens", grad_tokens);
+  check_positive_sizes(op, "grad_tokens", grad_tokens);
+  check_metric(op, metric, "grad_tokens", grad_tokens);
+  check_dim(op, "metric", metric, 0, "grad_tokens", grad_tokens.size(0), "the batch size");
+  check_dim(op, "metric", metric, 1, "num_tokens", num_tokens, "the value");
+  check_keep(op, keep, metric);
+  const int64_t contextual = grad_tokens.size(1) - keep.size(1);
+  TORCH_CHECK_VALUE(contextual >= 0, "visionzip.", op, ": grad_tokens.size(1) must be >= D (",
+                    keep.size(1), "), got ", grad_tokens.size(1));
+  check_budget(op, num_tokens, keep.size(1), contextual, /*keep_cls=*/false);
+}
+
+void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                             const at::Tensor& metric, int64_t dominant, int64_t contextual,
+                             bool keep_cls) {
+  constexpr const char* op = "select_merge";
+  check_rank(op, "hidden", hidden, 3, "[B, N, C]");
+  check_float(op, "hidden", hidden);
+  check_positive_sizes(op, "hidden", hidden);
+  check_rank(op, "scores", scores, 2, "[B, N]");
+  check_float(op, "scores", scores);
+  check_same_device(op, "scores", scores, "hidden", hidden);
+  check_dim(op, "scores", scores, 0, "hidden", hidden.size(0), "the batch size");
+  check_dim(op, "scores", scores, 1, "hidden", hidden.size(1), "the token count");
+  check_metric(op, metric, "hidden", hidden);
+  check_dim(op, "metric", metric, 0, "hidden", hidden.size(0), "the batch size");
+  check_dim(op, "metric", metric, 1, "hidden", hidden.size(1), "the token count");
+  check_budget(op, hidden.size(1), dominant, contextual, keep_cls);
+}
+
+}  // namespace visionzip

@@ -1,0 +1,20 @@
+// Argument validation shared by every C++ backend (CPU, CUDA). Each check runs before any kernel and
+// names the argument and the rule it broke. The Python fake kernels mirror these shape rules.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace visionzip {
+
+void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k);
+void check_attention_received_args(const at::Tensor& q, const at::Tensor& k);
+void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls);
+void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric,
+                                 const at::Tensor& keep, int64_t contextual);
+void check_contextual_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& metric,
+                                          const at::Tensor& keep, int64_t num_tokens);
+void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                             const at::Tensor& metric, int64_t dominant, int64_t contextual,
+                             bool keep_cls);
+
+}  // namespace visionzip

@@ -1,0 +1,322 @@
+// CPU kernels for dominant_topk, contextual_merge (forward and backward) and select_merge.
+// Parallel over images, rows and column chunks; fp32 (opmath) accumulation; no float atomics, and
+// every output element is written by one task in a fixed order, so results are bitwise independent
+// of the thread count. Every output shape follows from the input shapes and the int arguments.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../checks.h"
+#include "../merge_math.h"
+#include "tensor_views.h"
+
+namespace visionzip::cpu {
+namespace {
+
+constexpr int64_t kColumnChunk = 256;
+
+// ---------------------------------------------------------------------------------------------
+// dominant_topk
+
+void check_finite_scores(const at::Tensor& scores_f32) {
+  const int64_t B = scores_f32.size(0), N = scores_f32.size(1);
+  const float* s = scores_f32.data_ptr<float>();
+  for (int64_t i = 0; i < B * N; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(s[i]), "visionzip: scores must be finite, got scores[", i / N,
+                      ", ", i % N, "] = ", s[i]);
+  }
+}
+
+at::Tensor dominant_topk_impl(const at::Tensor& scores, int64_t dominant, bool keep_cls) {
+  const at::Tensor s = scores.to(at::kFloat).contiguous();
+  check_finite_scores(s);
+  const int64_t B = s.size(0), N = s.size(1);
+  at::Tensor keep = at::empty({B, dominant}, scores.options().dtype(at::kLong));
+  const float* s_ptr = s.data_ptr<float>();
+  int64_t* keep_ptr = keep.data_ptr<int64_t>();
+  const int64_t first = keep_cls ? 1 : 0;
+  const int64_t picked = dominant - first;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(N - first);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = s_ptr + b * N;
+      std::iota(order.begin(), order.end(), first);
+      const auto before = [row](int64_t a, int64_t c) { return ranks_before(row[a], a, row[c], c); };
+      if (picked > 0 && picked < static_cast<int64_t>(order.size())) {
+        std::nth_element(order.begin(), order.begin() + picked, order.end(), before);
+      }
+      std::sort(order.begin(), order.begin() + picked);
+      int64_t* out = keep_ptr + b * dominant;
+      if (keep_cls) out[0] = 0;
+      std::copy(order.begin(), order.begin() + picked, out + first);
+    }
+  });
+  return keep;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge plan: what every token becomes (SPEC "Merging"), built per image from keep and metric.
+
+struct MergePlan {
+  at::Tensor role;     // [B, N] int8 TokenRole
+  at::Tensor row;      // [B, N] int32 output row (-1 when dropped)
+  at::Tensor targets;  // [B, K] int64 token index of each target
+  at::Tensor counts;   // [B, K] int32 members per target
+};
+
+void check_keep_values(const at::Tensor& keep, int64_t num_tokens) {
+  const int64_t B = keep.size(0), D = keep.size(1);
+  const at::Tensor k = keep.contiguous();
+  const int64_t* ptr = k.data_ptr<int64_t>();
+  std::vector<char> seen(num_tokens);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = 0; i < D; ++i) {
+      const int64_t t = ptr[b * D + i];
+      TORCH_CHECK_VALUE(t >= 0 && t < num_tokens, "visionzip: keep[", b, ", ", i, "] = ", t,
+                        " is out of range for N = ", num_tokens);
+      TORCH_CHECK_VALUE(!seen[t], "visionzip: keep[", b, "] must hold distinct token indices, ", t,
+                        " appears twice");
+      seen[t] = 1;
+    }
+  }
+}
+
+MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int64_t contextual) {
+  const at::Tensor metric = metric_in.to(at::kFloat).contiguous();
+  const at::Tensor keep = keep_in.contiguous();
+  const int64_t B = metric.size(0), N = metric.size(1), d = metric.size(2);
+  const int64_t D = keep.size(1), K = contextual, M = N - D;
+  const auto opts = metric.options();
+  MergePlan plan{at::empty({B, N}, opts.dtype(at::kChar)), at::empty({B, N}, opts.dtype(at::kInt)),
+                 at::empty({B, K}, opts.dtype(at::kLong)), at::zeros({B, K}, opts.dtype(at::kInt))};
+  const float* m_ptr = metric.data_ptr<float>();
+  const int64_t* keep_ptr = keep.data_ptr<int64_t>();
+  int8_t* role_ptr = plan.role.data_ptr<int8_t>();
+  int32_t* row_ptr = plan.row.data_ptr<int32_t>();
+  int64_t* target_ptr = plan.targets.data_ptr<int64_t>();
+  int32_t* count_ptr = plan.counts.data_ptr<int32_t>();
+  const int64_t step = target_step(M, K);
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> unit_targets(K * d), unit(d);
+    // m / max(||m||, eps), as SPEC step 1.
+    const auto normalize = [d](const float* m, float* out) {
+      float sum_sq = 0.f;
+      for (int64_t c = 0; c < d; ++c) sum_sq += m[c] * m[c];
+      const float norm = clamped_norm(sum_sq);
+      for (int64_t c = 0; c < d; ++c) out[c] = m[c] / norm;
+    };
+    for (int64_t b = begin; b < end; ++b) {
+      int8_t* role = role_ptr + b * N;
+      int32_t* row = row_ptr + b * N;
+      int64_t* targets = target_ptr + b * K;
+      int32_t* counts = count_ptr + b * K;
+      const float* m_img = m_ptr + b * N * d;
+      std::fill(role, role + N, static_cast<int8_t>(K > 0 ? kMember : kDropped));
+      std::fill(row, row + N, -1);
+      for (int64_t i = 0; i < D; ++i) {
+        const int64_t t = keep_ptr[b * D + i];
+        role[t] = kDominant;
+        row[t] = static_cast<int32_t>(i);
+      }
+      if (K == 0) continue;
+      // Targets sit at positions 0, step, ..., (K-1)*step of the ascending not-kept tokens.
+      for (int64_t n = 0, pos = 0; n < N; ++n) {
+        if (role[n] == kDominant) continue;
+        if (pos % step == 0 && pos / step < K) {
+          const int64_t i = pos / step;
+          role[n] = kTarget;
+          row[n] = static_cast<int32_t>(D + i);
+          targets[i] = n;
+          normalize(m_img + n * d, unit_targets.data() + i * d);
+        }
+        ++pos;
+      }
+      // Each member goes to its most cosine-similar target; the first maximum wins.
+      for (int64_t n = 0; n < N; ++n) {
+        if (role[n] != kMember) continue;
+        normalize(m_img + n * d, unit.data());
+        int64_t best = 0;
+        float best_sim = -INFINITY;
+        for (int64_t i = 0; i < K; ++i) {
+          const float* t = unit_targets.data() + i * d;
+          float sim = 0.f;
+          for (int64_t c = 0; c < d; ++c) sim += unit[c] * t[c];
+          if (sim > best_sim) {
+            best_sim = sim;
+            best = i;
+          }
+        }
+        row[n] = static_cast<int32_t>(D + best);
+        counts[best] += 1;
+      }
+    }
+  });
+  (void)M;
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one pass over hidden per (image, column chunk), tokens in ascending order.
+
+template <typename scalar_t>
+void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64_t D, int64_t K,
+                          at::Tensor& tokens) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = hidden.size(0), N = hidden.size(1), C = hidden.size(2);
+  const int64_t hs0 = hidden.stride(0), hs1 = hidden.stride(1);
+  const int64_t rows_out = D + K;
+  const scalar_t* h_ptr = hidden.data_ptr<scalar_t>();
+  scalar_t* out_ptr = tokens.data_ptr<scalar_t>();
+  const int8_t* role_ptr = plan.role.data_ptr<int8_t>();
+  const int32_t* row_ptr = plan.row.data_ptr<int32_t>();
+  const int64_t* target_ptr = plan.targets.data_ptr<int64_t>();
+  const int32_t* count_ptr = plan.counts.data_ptr<int32_t>();
+  const int64_t chunks = (C + kColumnChunk - 1) / kColumnChunk;
+
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(K * kColumnChunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t c0 = (task % chunks) * kColumnChunk;
+      const int64_t width = std::min(kColumnChunk, C - c0);
+      const scalar_t* h_img = h_ptr + b * hs0 + c0;
+      scalar_t* out_img = out_ptr + b * rows_out * C + c0;
+      const int8_t* role = role_ptr + b * N;
+      const int32_t* row = row_ptr + b * N;
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* src = h_img + n * hs1;
+        if (role[n] == kDominant) {
+          std::copy(src, src + width, out_img + row[n] * C);
+        } else if (role[n] == kMember) {
+          acc_t* acc = sums.data() + (row[n] - D) * kColumnChunk;
+          for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<acc_t>(src[c]);
+        }
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const scalar_t* target = h_img + target_ptr[b * K + i] * hs1;
+        const acc_t divisor = member_divisor(count_ptr[b * K + i]);
+        const acc_t* acc = sums.data() + i * kColumnChunk;
+        scalar_t* dst = out_img + (D + i) * C;
+        for (int64_t c = 0; c < width; ++c) {
+          dst[c] = static_cast<scalar_t>(static_cast<acc_t>(target[c]) + acc[c] / divisor);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor merge_forward(const at::Tensor& hidden_in, const at::Tensor& metric,
+                         const at::Tensor& keep, int64_t contextual) {
+  const at::Tensor hidden = with_unit_last_stride(hidden_in);
+  const int64_t B = hidden.size(0), C = hidden.size(2), D = keep.size(1);
+  at::Tensor tokens = at::empty({B, D + contextual, C}, hidden.options());
+  if (B == 0) return tokens;
+  const MergePlan plan = build_plan(metric, keep, contextual);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "contextual_merge", [&] {
+                                    merge_forward_kernel<scalar_t>(hidden, plan, D, contextual,
+                                                                   tokens);
+                                  });
+  return tokens;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (SPEC "Gradients"): each token row of grad_hidden is written once.
+
+template <typename scalar_t>
+void merge_backward_kernel(const at::Tensor& grad, const MergePlan& plan, int64_t D, int64_t K,
+                           at::Tensor& grad_hidden) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = grad_hidden.size(0), N = grad_hidden.size(1), C = grad_hidden.size(2);
+  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
+  const scalar_t* g_ptr = grad.data_ptr<scalar_t>();
+  scalar_t* out_ptr = grad_hidden.data_ptr<scalar_t>();
+  const int8_t* role_ptr = plan.role.data_ptr<int8_t>();
+  const int32_t* row_ptr = plan.row.data_ptr<int32_t>();
+  const int32_t* count_ptr = plan.counts.data_ptr<int32_t>();
+
+  at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const int64_t b = bn / N;
+      scalar_t* dst = out_ptr + bn * C;
+      const int8_t role = role_ptr[bn];
+      if (role == kDropped) {
+        std::fill(dst, dst + C, scalar_t(0));
+        continue;
+      }
+      const int32_t r = row_ptr[bn];
+      const scalar_t* src = g_ptr + b * gs0 + r * gs1;
+      if (role != kMember) {
+        std::copy(src, src + C, dst);
+        continue;
+      }
+      const acc_t divisor = member_divisor(count_ptr[b * K + (r - D)]);
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) / divisor);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points.
+
+at::Tensor dominant_topk_cpu(const at::Tensor& scores, int64_t dominant, bool keep_cls) {
+  check_dominant_topk_args(scores, dominant, keep_cls);
+  return dominant_topk_impl(scores, dominant, keep_cls);
+}
+
+at::Tensor contextual_merge_cpu(const at::Tensor& hidden, const at::Tensor& metric,
+                                const at::Tensor& keep, int64_t contextual) {
+  check_contextual_merge_args(hidden, metric, keep, contextual);
+  check_keep_values(keep, hidden.size(1));
+  return merge_forward(hidden, metric, keep, contextual);
+}
+
+at::Tensor contextual_merge_backward_cpu(const at::Tensor& grad_tokens, const at::Tensor& metric,
+                                         const at::Tensor& keep, int64_t num_tokens) {
+  check_contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens);
+  check_keep_values(keep, num_tokens);
+  const at::Tensor grad = with_unit_last_stride(grad_tokens);
+  const int64_t B = grad.size(0), C = grad.size(2), D = keep.size(1);
+  const int64_t contextual = grad.size(1) - D;
+  at::Tensor grad_hidden = at::empty({B, num_tokens, C}, grad.options());
+  if (B == 0) return grad_hidden;
+  const MergePlan plan = build_plan(metric, keep, contextual);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "contextual_merge_backward", [&] {
+                                    merge_backward_kernel<scalar_t>(grad, plan, D, contextual,
+                                                                    grad_hidden);
+                                  });
+  return grad_hidden;
+}
+
+std::tuple<at::Tensor, at::Tensor> select_merge_cpu(const at::Tensor& hidden,
+                                                    const at::Tensor& scores,
+                                                    const at::Tensor& metric, int64_t dominant,
+                                                    int64_t contextual, bool keep_cls) {
+  check_select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls);
+  at::Tensor keep = dominant_topk_impl(scores, dominant, keep_cls);
+  return {merge_forward(hidden, metric, keep, contextual), keep};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionzip, CPU, m) {
+  m.impl("dominant_topk", &dominant_topk_cpu);
+  m.impl("contextual_merge", &contextual_merge_cpu);
+  m.impl("contextual_merge_backward", &contextual_merge_backward_cpu);
+  m.impl("select_merge", &select_merge_cpu);
+}
+
+}  // namespace visionzip::cpu

@@ -1,0 +1,50 @@
+// Per-element arithmetic shared by the C++ CPU kernels and the CUDA kernels, so that the CPU tests
+// exercise the same formulas the GPU runs. Plain C++ with no ATen includes: it must stay cheap to
+// include from .cu files.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define VZ_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define VZ_HOST_DEVICE inline
+#endif
+
+namespace visionzip {
+
+// Same guard as torch.nn.functional.normalize: x / max(||x||, eps).
+constexpr float kNormEps = 1e-12f;
+
+// What a token becomes in the output of contextual_merge.
+enum TokenRole : int8_t {
+  kDominant = 0,  // copied to its own dominant row
+  kTarget = 1,    // the base of one contextual row
+  kMember = 2,    // averaged into the contextual row of its most similar target
+  kDropped = 3,   // not kept and K == 0: contributes nothing
+};
+
+// Spacing of the K targets inside the M not-kept tokens (SPEC: step = max(1, M // K)).
+VZ_HOST_DEVICE int64_t target_step(int64_t num_rest, int64_t contextual) {
+  const int64_t step = contextual > 0 ? num_rest / contextual : 1;
+  return step > 1 ? step : 1;
+}
+
+// Top-k order: higher score first, ties to the lower token index.
+VZ_HOST_DEVICE bool ranks_before(float score_a, int64_t index_a, float score_b, int64_t index_b) {
+  return score_a > score_b || (score_a == score_b && index_a < index_b);
+}
+
+// max(||x||, eps) from the sum of squares; callers divide by it, as F.normalize does.
+VZ_HOST_DEVICE float clamped_norm(float sum_of_squares) {
+  const float norm = sqrtf(sum_of_squares);
+  return norm > kNormEps ? norm : kNormEps;
+}
+
+// The divisor of a contextual row's member mean: max(count, 1).
+VZ_HOST_DEVICE float member_divisor(int32_t count) {
+  return static_cast<float>(count > 1 ? count : 1);
+}
+
+}  // namespace visionzip

@@ -1,0 +1,23 @@
+// The one schema block of the visionzip library. Backends register kernels with TORCH_LIBRARY_IMPL
+// (csrc/cpu, csrc/cuda); fake kernels and autograd are registered from Python
+// (visionzip_kernels/ops.py), as in pytorch/extension-cpp.
+#include <torch/library.h>
+
+TORCH_LIBRARY(visionzip, m) {
+  // [B,H,d], [B,N,H,d] -> [B,N] fp32: head-mean softmax attention of the CLS query.
+  m.def("cls_attention(Tensor q_cls, Tensor k, float scale) -> Tensor");
+  // [B,N,H,d] x2 -> [B,N] fp32: attention each token receives, mean over heads and queries.
+  m.def("attention_received(Tensor q, Tensor k, float scale) -> Tensor");
+  // [B,N] -> keep [B,D] int64, ascending.
+  m.def("dominant_topk(Tensor scores, int dominant, bool keep_cls=True) -> Tensor");
+  // [B,N,C], [B,N,d], [B,D] -> [B,D+K,C].
+  m.def("contextual_merge(Tensor hidden, Tensor metric, Tensor keep, int contextual) -> Tensor");
+  // [B,D+K,C] -> grad of hidden [B,N,C], N = num_tokens.
+  m.def(
+      "contextual_merge_backward(Tensor grad_tokens, Tensor metric, Tensor keep, int num_tokens)"
+      " -> Tensor");
+  // dominant_topk followed by contextual_merge: -> ([B,D+K,C], [B,D]).
+  m.def(
+      "select_merge(Tensor hidden, Tensor scores, Tensor metric, int dominant, int contextual,"
+      " bool keep_cls=True) -> (Tensor tokens, Tensor keep)");
+}

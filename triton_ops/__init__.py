@@ -1,0 +1,1 @@
+"""Triton kernels for the visionzip ops (fused CLS attention + top-k, flash-style attention received)."""

@@ -1,0 +1,31 @@
+"""visionzip-kernels: VisionZip token selection and merging as fused torch.ops.visionzip.* ops.
+
+Importing the package loads the compiled kernels (``_C``) first, then registers the fake kernels and
+autograd for the ops it defines.
+"""
+
+from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+from . import ops, reference
+from .api import BUDGETS, compress
+from .ops import (
+    attention_received,
+    cls_attention,
+    contextual_merge,
+    contextual_merge_backward,
+    dominant_topk,
+    select_merge,
+)
+
+__all__ = [
+    "BUDGETS",
+    "attention_received",
+    "cls_attention",
+    "compress",
+    "contextual_merge",
+    "contextual_merge_backward",
+    "dominant_topk",
+    "ops",
+    "reference",
+    "select_merge",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""The convenience entry point: hidden states plus q/k (or precomputed scores) and a budget."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import attention_received, cls_attention, select_merge
+
+# The paper's budgets (dominant + contextual) for 576-patch LLaVA-1.5 images.
+BUDGETS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+
+
+def compress(
+    hidden: torch.Tensor,
+    *,
+    dominant: int,
+    contextual: int,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
+    keep_cls: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress one layer's visual tokens to ``dominant + contextual`` tokens.
+
+    Args:
+        hidden: [B, N, C] output hidden states of the layer (LLaVA: the second-to-last).
+        dominant, contextual: the budget D + K, e.g. ``*BUDGETS[64]`` = 54 + 10.
+        q, k: [B, N, H, d] that layer's query and key projections (after the bias, before scaling).
+            Needed unless both ``scores`` and ``metric`` are given.
+        scores: [B, N] precomputed token scores; default: ``cls_attention`` of token 0 when
+            ``keep_cls``, else ``attention_received``.
+        metric: [B, N, d] merge metric; default: ``k`` averaged over heads.
+        keep_cls: the encoder has a CLS token at index 0 (CLIP: True; SigLIP: False).
+        scale: softmax scale; default ``d ** -0.5``.
+
+    Returns:
+        (tokens [B, D+K, C] in ``hidden.dtype``, keep [B, D] int64 ascending).
+    """
+    if scores is None or metric is None:
+        if k is None:
+            raise ValueError("visionzip.compress: k is required unless both scores and metric are given")
+    if scores is None:
+        if q is None:
+            raise ValueError("visionzip.compress: q is required unless scores is given")
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        scores = cls_attention(q[:, 0], k, scale) if keep_cls else attention_received(q, k, scale)
+    if metric is None:
+        if k.dim() != 4:
+            raise ValueError(f"visionzip.compress: k must be a 4-D tensor [B, N, H, d], got shape {list(k.shape)}")
+        metric = k.mean(dim=2)
+    return select_merge(hidden, scores, metric, dominant, contextual, keep_cls)

@@ -1,0 +1,211 @@
+"""Fake kernels, autograd and typed Python wrappers for the torch.ops.visionzip.* ops.
+
+The schemas and the C++ kernels live in csrc/ (one TORCH_LIBRARY block); this module is imported
+after visionzip_kernels._C has been loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as check
+
+__all__ = [
+    "cls_attention",
+    "attention_received",
+    "dominant_topk",
+    "contextual_merge",
+    "contextual_merge_backward",
+    "select_merge",
+]
+
+_ops = torch.ops.visionzip
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes follow from input shapes and int arguments alone.
+
+
+@torch.library.register_fake("visionzip::cls_attention")
+def _cls_attention_fake(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    check.cls_attention_args(q_cls, k)
+    return k.new_empty(k.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("visionzip::attention_received")
+def _attention_received_fake(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    check.attention_received_args(q, k)
+    return k.new_empty(k.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("visionzip::dominant_topk")
+def _dominant_topk_fake(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
+    check.dominant_topk_args(scores, dominant, keep_cls)
+    return scores.new_empty((scores.shape[0], dominant), dtype=torch.int64)
+
+
+@torch.library.register_fake("visionzip::contextual_merge")
+def _contextual_merge_fake(
+    hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int
+) -> torch.Tensor:
+    check.contextual_merge_args(hidden, metric, keep, contextual)
+    return hidden.new_empty((hidden.shape[0], keep.shape[1] + contextual, hidden.shape[2]))
+
+
+@torch.library.register_fake("visionzip::contextual_merge_backward")
+def _contextual_merge_backward_fake(
+    grad_tokens: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    check.contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens)
+    return grad_tokens.new_empty((grad_tokens.shape[0], num_tokens, grad_tokens.shape[2]))
+
+
+@torch.library.register_fake("visionzip::select_merge")
+def _select_merge_fake(
+    hidden: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int,
+    keep_cls: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check.select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls)
+    tokens = hidden.new_empty((hidden.shape[0], dominant + contextual, hidden.shape[2]))
+    keep = hidden.new_empty((hidden.shape[0], dominant), dtype=torch.int64)
+    return tokens, keep
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd. tokens is linear in hidden once keep and the assignment are fixed (SPEC "Gradients"):
+# the backward recomputes the assignment from (metric, keep), which costs O(N*K*d) against the
+# O(N*C) gradient pass, instead of keeping plan tensors alive between forward and backward.
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:
+    hidden, metric, keep, _contextual = inputs
+    ctx.save_for_backward(metric, keep)
+    ctx.num_tokens = hidden.shape[1]
+
+
+def _merge_backward(ctx, grad_tokens: torch.Tensor):
+    metric, keep = ctx.saved_tensors
+    grad_hidden = _ops.contextual_merge_backward(grad_tokens, metric, keep, ctx.num_tokens)
+    return grad_hidden, None, None, None
+
+
+def _select_merge_setup_context(ctx, inputs, output) -> None:
+    hidden, _scores, metric = inputs[:3]
+    _tokens, keep = output
+    ctx.save_for_backward(metric, keep)
+    ctx.num_tokens = hidden.shape[1]
+
+
+def _select_merge_backward(ctx, grad_tokens: torch.Tensor, _grad_keep):
+    metric, keep = ctx.saved_tensors
+    grad_hidden = _ops.contextual_merge_backward(grad_tokens, metric, keep, ctx.num_tokens)
+    return grad_hidden, None, None, None, None, None
+
+
+# The backward is linear too, and its adjoint is the forward merge: double backward is one
+# contextual_merge of the incoming gradient.
+def _merge_backward_setup_context(ctx, inputs, output) -> None:
+    grad_tokens, metric, keep, _num_tokens = inputs
+    ctx.save_for_backward(metric, keep)
+    ctx.contextual = grad_tokens.shape[1] - keep.shape[1]
+
+
+def _merge_backward_backward(ctx, grad_grad_hidden: torch.Tensor):
+    metric, keep = ctx.saved_tensors
+    return _ops.contextual_merge(grad_grad_hidden, metric, keep, ctx.contextual), None, None, None
+
+
+torch.library.register_autograd(
+    "visionzip::contextual_merge", _merge_backward, setup_context=_merge_setup_context
+)
+torch.library.register_autograd(
+    "visionzip::select_merge", _select_merge_backward, setup_context=_select_merge_setup_context
+)
+torch.library.register_autograd(
+    "visionzip::contextual_merge_backward", _merge_backward_backward, setup_context=_merge_backward_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed wrappers with docstrings; each calls the dispatcher op, so any registered backend runs.
+
+
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean softmax attention of the CLS query over all tokens.
+
+    Args:
+        q_cls: [B, H, d] the CLS token's query (after the bias, before scaling).
+        k: [B, N, H, d] keys; the last dim must be the fastest, any other strides are read in place.
+        scale: the softmax scale, usually d ** -0.5.
+
+    Returns:
+        [B, N] float32, ``mean_h softmax_j(scale * q_cls[b, h] . k[b, j, h])``.
+    """
+    return _ops.cls_attention(q_cls, k, scale)
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention each token receives, for encoders without a CLS token (SigLIP, Qwen2-VL ViT).
+
+    Args:
+        q, k: [B, N, H, d].
+        scale: the softmax scale.
+
+    Returns:
+        [B, N] float32, ``mean_h mean_i softmax_j(scale * q[b, i, h] . k[b, j, h])``; no N x N map is
+        ever materialised.
+    """
+    return _ops.attention_received(q, k, scale)
+
+
+def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
+    """Indices of the dominant tokens.
+
+    Args:
+        scores: [B, N] finite scores (any float dtype).
+        dominant: D, the number of tokens kept, token 0 included when ``keep_cls``.
+        keep_cls: always keep token 0 and pick D - 1 of tokens 1..N-1.
+
+    Returns:
+        keep [B, D] int64 in ascending order; ties go to the lower index.
+    """
+    return _ops.dominant_topk(scores, dominant, keep_cls)
+
+
+def contextual_merge(hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int) -> torch.Tensor:
+    """Dominant rows followed by K contextual tokens merged from the rest (SPEC "Merging").
+
+    Args:
+        hidden: [B, N, C] hidden states of the chosen layer.
+        metric: [B, N, d] head-mean keys of that layer.
+        keep: [B, D] int64 distinct token indices, e.g. from :func:`dominant_topk`.
+        contextual: K, 0 <= K <= N - D.
+
+    Returns:
+        [B, D + K, C] in ``hidden.dtype``; differentiable w.r.t. ``hidden``.
+    """
+    return _ops.contextual_merge(hidden, metric, keep, contextual)
+
+
+def contextual_merge_backward(
+    grad_tokens: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Gradient of :func:`contextual_merge` w.r.t. ``hidden``: [B, D+K, C] -> [B, N, C]."""
+    return _ops.contextual_merge_backward(grad_tokens, metric, keep, num_tokens)
+
+
+def select_merge(
+    hidden: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int,
+    keep_cls: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip in one op: :func:`dominant_topk` then :func:`contextual_merge`.
+
+    Args:
+        hidden: [B, N, C]; scores: [B, N]; metric: [B, N, d].
+        dominant, contextual: the budget D + K (e.g. 54 + 10 of 577 for LLaVA-1.5).
+        keep_cls: always keep token 0 (CLS encoders).
+
+    Returns:
+        (tokens [B, D+K, C] in ``hidden.dtype``, keep [B, D] int64 ascending).
+    """
+    return _ops.select_merge(hidden, scores, metric, dominant, contextual, keep_cls)

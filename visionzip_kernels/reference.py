@@ -1,0 +1,129 @@
+"""Pure-PyTorch reference of every visionzip op (SPEC.md), used by the correctness tests.
+
+Each function takes ``upcast``: True (default) computes in float32 whatever the input dtype, as the
+kernels do; False computes in the input dtype, which measures PyTorch's own error in that dtype and
+sets the tolerance for low-precision comparisons. float64 inputs are always computed in float64.
+Validation is the same as the ops', so the reference raises the same errors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as check
+
+# The attention_received reference works on this many query rows at a time.
+_QUERY_CHUNK = 512
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    if dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if upcast else dtype
+
+
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float, upcast: bool = True) -> torch.Tensor:
+    """[B,H,d], [B,N,H,d] -> [B,N] float32: mean over heads of softmax_j(scale * q_cls . k_j)."""
+    check.cls_attention_args(q_cls, k)
+    dt = _compute_dtype(k.dtype, upcast)
+    logits = torch.einsum("bhd,bnhd->bhn", q_cls.to(dt), k.to(dt)) * scale
+    return logits.softmax(dim=-1).mean(dim=1).float()
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: bool = True) -> torch.Tensor:
+    """[B,N,H,d] x2 -> [B,N] float32: mean over heads and queries of the attention each key receives."""
+    check.attention_received_args(q, k)
+    dt = _compute_dtype(k.dtype, upcast)
+    queries = q.to(dt).transpose(1, 2)  # [B, H, N, d]
+    keys_t = k.to(dt).permute(0, 2, 3, 1)  # [B, H, d, N]
+    B, H, N, _ = queries.shape
+    received = torch.zeros(B, H, N, dtype=dt, device=q.device)
+    for start in range(0, N, _QUERY_CHUNK):
+        probs = (queries[:, :, start : start + _QUERY_CHUNK] @ keys_t * scale).softmax(dim=-1)
+        received += probs.sum(dim=2)
+    return (received.mean(dim=1) / N).float()
+
+
+def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
+    """[B,N] -> keep [B,D] int64 ascending; token 0 always kept when keep_cls; ties to the lower index."""
+    check.dominant_topk_args(scores, dominant, keep_cls)
+    s = scores.float()
+    if not bool(torch.isfinite(s).all()):
+        bad = (~torch.isfinite(s)).nonzero()[0].tolist()
+        raise ValueError(f"visionzip: scores must be finite, got scores[{bad[0]}, {bad[1]}] = {s[bad[0], bad[1]]}")
+    first = 1 if keep_cls else 0
+    # A stable descending sort keeps equal scores in index order: ties go to the lower index.
+    ranked = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices[:, : dominant - first] + first
+    if keep_cls:
+        ranked = torch.cat([torch.zeros_like(ranked[:, :1]), ranked], dim=1)
+    return ranked.sort(dim=1).values
+
+
+def _assignment(metric: torch.Tensor, rest: torch.Tensor, contextual: int, dt: torch.dtype):
+    """Positions of the targets within the rest, and each rest token's target (targets map to themselves)."""
+    B, M = rest.shape
+    d = metric.shape[2]
+    unit = F.normalize(metric.to(dt).gather(1, rest[..., None].expand(B, M, d)), dim=-1, eps=1e-12)
+    step = max(1, M // contextual)
+    target_pos = torch.arange(contextual, device=metric.device) * step
+    similarity = unit @ unit[:, target_pos].transpose(1, 2)  # [B, M, K]
+    assign = similarity.argmax(dim=-1)  # first maximum wins
+    assign[:, target_pos] = torch.arange(contextual, device=metric.device)
+    return target_pos, assign
+
+
+def contextual_merge(
+    hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int, upcast: bool = True
+) -> torch.Tensor:
+    """[B,N,C], [B,N,d], [B,D] -> [B,D+K,C]: dominant rows in keep's order, then K contextual rows."""
+    check.contextual_merge_args(hidden, metric, keep, contextual)
+    B, N, C = hidden.shape
+    D = keep.shape[1]
+    dt = _compute_dtype(hidden.dtype, upcast)
+    h = hidden.to(dt)
+    dominant_rows = h.gather(1, keep[..., None].expand(B, D, C))
+    if contextual == 0:
+        return dominant_rows.to(hidden.dtype)
+    kept = torch.zeros(B, N, dtype=torch.int8, device=hidden.device).scatter_(1, keep, 1)
+    rest = torch.argsort(kept, dim=1, stable=True)[:, : N - D]  # not-kept tokens, ascending
+    target_pos, assign = _assignment(metric, rest, contextual, _compute_dtype(metric.dtype, upcast))
+    h_rest = h.gather(1, rest[..., None].expand(B, N - D, C))
+    is_member = torch.ones(N - D, dtype=torch.bool, device=hidden.device)
+    is_member[target_pos] = False
+    member_assign = assign[:, is_member]
+    counts = torch.zeros(B, contextual, dtype=dt, device=hidden.device)
+    counts.scatter_add_(1, member_assign, torch.ones_like(member_assign, dtype=dt))
+    sums = torch.zeros(B, contextual, C, dtype=dt, device=hidden.device)
+    sums.scatter_add_(1, member_assign[..., None].expand(-1, -1, C), h_rest[:, is_member])
+    contextual_rows = h_rest[:, target_pos] + sums / counts.clamp(min=1)[..., None]
+    return torch.cat([dominant_rows, contextual_rows], dim=1).to(hidden.dtype)
+
+
+def contextual_merge_backward(
+    grad_tokens: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, num_tokens: int, upcast: bool = True
+) -> torch.Tensor:
+    """[B,D+K,C] -> [B,N,C]: the vector-Jacobian product of :func:`contextual_merge`, by autograd."""
+    check.contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens)
+    B, _, C = grad_tokens.shape
+    contextual = grad_tokens.shape[1] - keep.shape[1]
+    hidden = torch.zeros(B, num_tokens, C, dtype=grad_tokens.dtype, device=grad_tokens.device, requires_grad=True)
+    with torch.enable_grad():
+        tokens = contextual_merge(hidden, metric, keep, contextual, upcast=upcast)
+        (grad_hidden,) = torch.autograd.grad(tokens, hidden, grad_tokens)
+    return grad_hidden
+
+
+def select_merge(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    metric: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    keep_cls: bool = True,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dominant_topk then contextual_merge: -> (tokens [B,D+K,C], keep [B,D])."""
+    check.select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls)
+    keep = dominant_topk(scores, dominant, keep_cls)
+    return contextual_merge(hidden, metric, keep, contextual, upcast=upcast), keep
