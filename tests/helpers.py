@@ -1,0 +1,251 @@
+"""Shared test setup: input generators, the upstream-style oracle, and tolerance-aware comparisons.
+
+Benchmarks import this module too (Liger-Kernel style), so the shapes measured are the shapes tested.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from visionzip_kernels import reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# fp32 kernels vs the fp32 reference: SPEC allows 1e-5 relative.
+FP32_RTOL = 1e-5
+FP32_ATOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "") -> None:
+    """allclose that, on failure, names the first bad index, both values and the worst error."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=False)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        err = (a - e).abs()
+        worst = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"first at {first}: got {a[first].item()!r}, expected {e[first].item()!r}; "
+            f"worst at {worst}: |diff| = {err[worst].item():.3g}"
+        )
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_torch_error(actual: torch.Tensor, exact: torch.Tensor, torch_native: torch.Tensor, name: str = "") -> None:
+    """Low-precision bound (SPEC): the error of ``actual`` against the exact (float64) result is at
+    most 2x the error PyTorch makes doing the same computation in the low-precision dtype, plus one
+    rounding step of the output dtype for elements PyTorch happens to round exactly."""
+    ulp = torch.finfo(actual.dtype).eps * exact.detach().double().abs().cpu()
+    bound = 2 * max_abs_err(torch_native, exact)
+    err = (actual.detach().double().cpu() - exact.detach().double().cpu()).abs()
+    bad = err > bound + ulp
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: error {err.max().item():.3g} exceeds 2x PyTorch's own {actual.dtype} error "
+            f"({bound / 2:.3g}); first at {first}: got {actual[first].item()!r}, exact {exact[first].item()!r}"
+        )
+
+
+def assert_equal_verbose(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = actual.cpu() != expected.cpu()
+    if bool(diff.any()):
+        first = tuple(int(i) for i in diff.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(diff.sum())} elements differ; first at {first}: "
+            f"got {actual[first].item()!r}, expected {expected[first].item()!r}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class Case:
+    """One image batch: layer-L hidden states, q/k as views of projection outputs, and the metric."""
+
+    hidden: torch.Tensor  # [B, N, C]
+    q: torch.Tensor  # [B, N, H, d] (a view of [B, N, H*d] when strided)
+    k: torch.Tensor  # [B, N, H, d]
+    metric: torch.Tensor  # [B, N, d]
+
+    @property
+    def scale(self) -> float:
+        return self.q.shape[-1] ** -0.5
+
+
+def strided_view(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout (every dim but the last strided)."""
+    padded = torch.zeros(*(s + 1 for s in t.shape[:-1]), t.shape[-1] + 3, dtype=t.dtype, device=t.device)
+    view = padded[(slice(1, None),) * (t.dim() - 1) + (slice(0, t.shape[-1]),)]
+    view.copy_(t)
+    assert not view.is_contiguous()
+    return view
+
+
+def make_case(
+    B: int,
+    N: int,
+    C: int,
+    H: int = 4,
+    d: int = 16,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    strided: bool = False,
+    peaked: float = 1.5,
+    device: str = "cpu",
+) -> Case:
+    """Random inputs shaped like one encoder layer. ``peaked`` scales q and k so that the CLS row
+    concentrates on a few tokens, as in a trained CLIP (and so that top-k has no near-ties)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, N, C, generator=g)
+    q = torch.randn(B, N, H * d, generator=g) * peaked
+    k = torch.randn(B, N, H * d, generator=g) * peaked
+    hidden, q, k = (t.to(dtype=dtype, device=device) for t in (hidden, q, k))
+    if strided:
+        hidden = strided_view(hidden)
+        # A fused qkv projection, split: q and k are views with row stride 3*H*d.
+        qkv = torch.cat([q, k, torch.zeros_like(k)], dim=-1)
+        q, k = qkv[..., : H * d], qkv[..., H * d : 2 * H * d]
+    q = q.view(B, N, H, d) if q.is_contiguous() else q.unflatten(-1, (H, d))
+    k = k.view(B, N, H, d) if k.is_contiguous() else k.unflatten(-1, (H, d))
+    metric = k.mean(dim=2)
+    return Case(hidden, q, k, metric)
+
+
+def separated_scores(B: int, N: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scores with no near-ties: a random permutation of well-spaced, dtype-exact values."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) if B else torch.empty(0, N, dtype=torch.long)
+    return (ranks.to(torch.float32) / 4).to(dtype)  # multiples of 1/4 are exact in bf16 up to 256
+
+
+def separate_assignment(metric: torch.Tensor, keep: torch.Tensor, contextual: int, margin: float = 1e-3) -> torch.Tensor:
+    """Nudges metric rows until every member's best target beats the second best by ``margin`` in
+    cosine similarity, so that backends summing in different orders must agree on the assignment."""
+    if contextual < 2:
+        return metric
+    metric = metric.clone()
+    B, N, d = metric.shape
+    D = keep.shape[1]
+    kept = torch.zeros(B, N, dtype=torch.int8).scatter_(1, keep.cpu(), 1)
+    rest = torch.argsort(kept, dim=1, stable=True)[:, : N - D]
+    step = max(1, (N - D) // contextual)
+    target_pos = torch.arange(contextual) * step
+    for _ in range(20):
+        m = metric.float().cpu()
+        unit = F.normalize(m.gather(1, rest[..., None].expand(B, N - D, d)), dim=-1)
+        sims = unit @ unit[:, target_pos].transpose(1, 2)
+        top2 = sims.topk(2, dim=-1)
+        gap = top2.values[..., 0] - top2.values[..., 1]
+        gap[:, target_pos] = 1.0
+        tight = gap < margin
+        if not bool(tight.any()):
+            return metric
+        for b, p in tight.nonzero().tolist():
+            best = target_pos[top2.indices[b, p, 0]]
+            token, target = rest[b, p], rest[b, best]
+            metric[b, token] = (0.5 * metric[b, token].float() + 0.5 * metric[b, target].float()).to(metric.dtype)
+    raise AssertionError("could not separate the assignment")
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent oracle: upstream VisionZip's op sequence (dvlab-research/VisionZip,
+# visionzip/clip_encoder.py), rewritten here, on a full attention map.
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B,N,H,d] x2 -> the whole softmax map [B,H,N,N], as eager attention with output_attentions."""
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    return torch.softmax(torch.matmul(qh * scale, kh.transpose(-1, -2)), dim=-1)
+
+
+def upstream_select_merge(
+    attn: torch.Tensor, hidden: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int, keep_cls: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's sequence: head-sum of the CLS row (or, without CLS, of the column means), topk,
+    scatter a mask, masked_select, L2-normalise, strided targets, isin, bmm similarity, argmax,
+    one-hot bmm merge, target + mean. Returns (tokens [B,D+K,C], keep [B,D] sorted)."""
+    B, N, C = hidden.shape
+    if keep_cls:
+        cls_attention_sum = attn[:, :, 0, 1:].sum(dim=1)
+        topk_indices = cls_attention_sum.topk(dominant - 1, dim=1).indices + 1
+        all_indices = torch.cat([torch.zeros(B, 1, dtype=topk_indices.dtype, device=hidden.device), topk_indices], dim=1)
+    else:
+        received = attn.mean(dim=2).sum(dim=1)
+        all_indices = received.topk(dominant, dim=1).indices
+    mask = torch.ones_like(hidden[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden.masked_select(~mask.unsqueeze(-1)).view(B, dominant, C)
+    if contextual == 0:
+        return dominant_tokens, all_indices.sort(dim=1).values
+    metric_filtered = metric[mask].view(B, N - dominant, metric.shape[2])
+    hidden_filtered = hidden.masked_select(mask.unsqueeze(-1)).view(B, N - dominant, C)
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step, device=hidden.device)[:contextual]
+    target_tokens = metric_normalized[:, target_indices, :]
+    not_target = ~torch.isin(torch.arange(metric_normalized.shape[1], device=hidden.device), target_indices)
+    tokens_to_merge = metric_normalized[:, not_target, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(B, tokens_to_merge.shape[1], contextual, dtype=hidden.dtype, device=hidden.device)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    aggregated = torch.bmm(assign_one_hot.transpose(1, 2), hidden_filtered[:, not_target, :]) / counts
+    contextual_tokens = hidden_filtered[:, target_indices, :] + aggregated
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1), all_indices.sort(dim=1).values
+
+
+def oracle_case(case: Case, dominant: int, contextual: int, keep_cls: bool = True, compute_dtype=torch.float32):
+    """Runs the oracle on ``case`` in ``compute_dtype`` (float32/64: exact-ish; the case's dtype:
+    what upstream itself computes) and returns (tokens in the case's dtype, keep)."""
+    attn = full_attention(case.q.to(compute_dtype), case.k.to(compute_dtype), case.scale)
+    tokens, keep = upstream_select_merge(
+        attn, case.hidden.to(compute_dtype), case.metric.to(compute_dtype), dominant, contextual, keep_cls
+    )
+    return tokens.to(case.hidden.dtype), keep
+
+
+def reference_scores(case: Case, keep_cls: bool = True) -> torch.Tensor:
+    if keep_cls:
+        return reference.cls_attention(case.q[:, 0], case.k, case.scale)
+    return reference.attention_received(case.q, case.k, case.scale)
+
+
+def topk_is_separated(scores: torch.Tensor, dominant: int, keep_cls: bool = True, rel_gap: float = 1e-4) -> bool:
+    """True when the D-th and (D+1)-th best candidate scores differ by more than ``rel_gap``
+    relative, so that every backend must pick the same ``keep``."""
+    first = 1 if keep_cls else 0
+    picked = dominant - first
+    candidates = scores[:, first:].double()
+    if picked >= candidates.shape[1] or picked == 0:
+        return True
+    top = candidates.topk(picked + 1, dim=1).values
+    gap = top[:, picked - 1] - top[:, picked]
+    return bool((gap > rel_gap * top[:, picked - 1].abs().clamp(min=1e-30)).all())
+
+
+def budget_fits(N: int, dominant: int, contextual: int) -> bool:
+    return dominant <= N and contextual <= N - dominant
+
+
+def cases_id(*parts) -> str:
+    return "-".join(str(p).replace("torch.", "") for p in parts)
+
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {"math", "F", "torch", "dataclass"}]
