@@ -4,6 +4,8 @@ Importing the package loads the compiled kernels (``_C``) first, then registers 
 autograd for the ops it defines.
 """
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 from . import ops, reference
 from .api import BUDGETS, compress
