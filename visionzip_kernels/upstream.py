@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 
-
 def full_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """[B,N,H,d] x2 -> the whole softmax map [B,H,N,N], as eager attention with output_attentions."""
     qh, kh = q.transpose(1, 2), k.transpose(1, 2)

@@ -1,0 +1,122 @@
+"""Side-by-side timing and peak-memory measurement for the demo and the benchmarks.
+
+Peak memory is measured above the level at entry: on CUDA with the caching allocator's statistics,
+on CPU with the process's resident-set high-water mark (Linux: reset through /proc/self/clear_refs).
+Absolute times on shared machines drift; compare paths measured in the same run, as ratios.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+@functools.cache
+def _mmap_large_cpu_buffers() -> None:
+    """Makes glibc serve every buffer of 64 KiB or more with its own mmap and unmap it on free.
+    By default glibc raises that threshold after large frees and keeps freed buffers resident, so a
+    path that reuses memory freed by an earlier one would show no peak at all. Process-wide, set
+    once, and only by the measuring code."""
+    libc = _libc()
+    if libc is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int | None:
+    """Peak memory ``fn()`` allocates above the level at entry (None where it can't be measured)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        result = fn()
+        _synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - start
+    _mmap_large_cpu_buffers()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)  # free heap pages go back, so reusing them counts towards the peak
+    start = _proc_status_bytes("VmRSS")
+    if start is None or not _reset_cpu_peak():
+        return None
+    result = fn()
+    del result
+    return max(0, _proc_status_bytes("VmHWM") - start)
+
+
+@dataclass
+class Measurement:
+    name: str
+    median_s: float
+    peak_bytes: int | None
+
+
+def measure(fn: Callable[[], object], name: str = "", device: torch.device | str = "cpu", repeats: int = 5,
+            warmup: int = 1) -> Measurement:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup``, and its peak memory."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        _mmap_large_cpu_buffers()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Measurement(name, statistics.median(times), peak_memory_bytes(fn, device))
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
