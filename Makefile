@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   # the main job
+#   make test   # the test suite (what CI runs)
+# Each creates .venv if missing (it sees the system's packages, so an importable torch, e.g. a CUDA
+# build, is used as is), installs torch==2.13.0 (CPU) only when no torch is importable, installs
+# the other requirements and builds the extension with --no-build-isolation.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_CPU_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+
+.PHONY: demo test bench setup clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+setup: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_CPU_VERSION)
+	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==$(TRITON_VERSION)
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation -e .
+
+demo: setup
+	$(PY) -m visionzip_kernels.demo
+
+test: setup
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: setup
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,min,max --benchmark-sort=name
+
+clean:
+	rm -rf build *.egg-info visionzip_kernels/_C*.so
