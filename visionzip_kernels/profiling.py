@@ -35,21 +35,6 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(name) if name else None
 
 
-@functools.cache
-def _mmap_large_cpu_buffers() -> None:
-    """Makes glibc serve every buffer of 64 KiB or more with its own mmap and unmap it on free.
-    By default glibc raises that threshold after large frees and keeps freed buffers resident, so a
-    path that reuses memory freed by an earlier one would show no peak at all. Process-wide, set
-    once, and only by the measuring code."""
-    libc = _libc()
-    if libc is None:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(m_mmap_threshold, 64 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-
-
 def _reset_cpu_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as refs:
@@ -75,10 +60,11 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         _synchronize(device)
         del result
         return torch.cuda.max_memory_allocated(device) - start
-    _mmap_large_cpu_buffers()
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)  # free heap pages go back, so reusing them counts towards the peak
+        # glibc keeps freed buffers resident for reuse; handing their pages back first makes a
+        # path that reuses memory freed by an earlier one fault it in again, so it counts.
+        libc.malloc_trim(0)
     start = _proc_status_bytes("VmRSS")
     if start is None or not _reset_cpu_peak():
         return None
@@ -98,8 +84,6 @@ def measure(fn: Callable[[], object], name: str = "", device: torch.device | str
             warmup: int = 1) -> Measurement:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup``, and its peak memory."""
     device = torch.device(device)
-    if device.type == "cpu":
-        _mmap_large_cpu_buffers()
     for _ in range(warmup):
         fn()
     times = []

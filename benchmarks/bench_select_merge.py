@@ -1,0 +1,63 @@
+"""CPU benchmarks of issue 2: select_merge (C++) vs the PyTorch reference vs the upstream-style
+path, at LLaVA-1.5 geometry (N = 577, C = 1024, 16 heads of 64, D/K = 54/10).
+
+    python -m pytest benchmarks/bench_select_merge.py --benchmark-columns=median,min,max
+
+Groups (each summarised as ratios in the terminal summary):
+- "select_merge": scores and metric given. Baseline: ours. The floor is one read pass over hidden
+  (hidden.sum(dim=1)); the upstream-style path includes its eager full attention map, since upstream
+  gets its scores no other way.
+- "cls_attention": the CLS-row scores from q/k, ours vs the reference vs the full softmax map.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import make_case
+from visionzip_kernels import reference, select_merge, cls_attention
+from visionzip_kernels.upstream import full_attention, upstream_select_merge
+
+N, C, H, HEAD_DIM = 577, 1024, 16, 64
+DOMINANT, CONTEXTUAL = 54, 10
+BATCHES = (1, 8, 32)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _case(B: int, dtype: torch.dtype):
+    case = make_case(B, N, C, H=H, d=HEAD_DIM, dtype=dtype, seed=B)
+    scores = cls_attention(case.q[:, 0], case.k, case.scale)
+    return case, scores
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("path", ["ours", "reference", "upstream-style", "floor: hidden.sum(dim=1)"])
+def test_select_merge(side_by_side, path: str, B: int, dtype_name: str) -> None:
+    case, scores = _case(B, DTYPES[dtype_name])
+    hidden, metric = case.hidden, case.metric
+    paths = {
+        "ours": lambda: select_merge(hidden, scores, metric, DOMINANT, CONTEXTUAL),
+        "reference": lambda: reference.select_merge(hidden, scores, metric, DOMINANT, CONTEXTUAL),
+        "upstream-style": lambda: upstream_select_merge(
+            full_attention(case.q, case.k, case.scale), hidden, metric, DOMINANT, CONTEXTUAL
+        ),
+        "floor: hidden.sum(dim=1)": lambda: hidden.sum(dim=1),
+    }
+    rounds = 5 if path == "upstream-style" else None
+    side_by_side(f"select_merge B={B} {dtype_name}", path, paths[path], rounds=rounds)
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("path", ["ours", "reference", "upstream-style"])
+def test_cls_attention(side_by_side, path: str, B: int) -> None:
+    case, _ = _case(B, torch.float32)
+    q, k, scale = case.q, case.k, case.scale
+    paths = {
+        "ours": lambda: cls_attention(q[:, 0], k, scale),
+        "reference": lambda: reference.cls_attention(q[:, 0], k, scale),
+        "upstream-style": lambda: full_attention(q, k, scale)[:, :, 0].sum(dim=1),
+    }
+    rounds = 5 if path == "upstream-style" else None
+    side_by_side(f"cls_attention B={B} fp32", path, paths[path], rounds=rounds)
