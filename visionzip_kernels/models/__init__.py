@@ -1,0 +1,1 @@
+"""Real pretrained models available offline (converted from files shipped inside PyPI wheels)."""
