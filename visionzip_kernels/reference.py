@@ -56,7 +56,9 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     # A stable descending sort keeps equal scores in index order: ties go to the lower index.
     ranked = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices[:, : dominant - first] + first
     if keep_cls:
-        ranked = torch.cat([torch.zeros_like(ranked[:, :1]), ranked], dim=1)
+        # (not zeros_like(ranked[:, :1]): with D = 1, ranked has no columns to take the shape from)
+        cls = torch.zeros(ranked.shape[0], 1, dtype=ranked.dtype, device=ranked.device)
+        ranked = torch.cat([cls, ranked], dim=1)
     return ranked.sort(dim=1).values
 
 
