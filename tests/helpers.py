@@ -209,4 +209,43 @@ def cases_id(*parts) -> str:
     return "-".join(str(p).replace("torch.", "") for p in parts)
 
 
+# ---------------------------------------------------------------------------------------------
+# Merge inputs and the kernel-vs-reference comparison used by the kernel and property tests.
+
+
+def merge_inputs(
+    B: int, N: int, C: int, D: int, K: int, keep_cls: bool = True, dtype: torch.dtype = torch.float32,
+    strided: bool = False, d: int = 64, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [B,N,C] in ``dtype``, scores [B,N] fp32 without ties, metric [B,N,d] in ``dtype`` with a
+    separated assignment, keep [B,D] from the reference) for select_merge / contextual_merge tests.
+    ``strided``: hidden is a padded view and metric the head-mean of a fused-qkv key view."""
+    case = make_case(B, N, C, H=2, d=d, dtype=dtype, seed=seed, strided=strided)
+    scores = separated_scores(B, N, seed=seed)
+    assert topk_is_separated(scores, D, keep_cls), "precondition: separated_scores has a near-tie"
+    keep = reference.dominant_topk(scores, D, keep_cls)
+    metric = separate_assignment(case.metric, keep, K)
+    return case.hidden, scores, metric, keep
+
+
+def assert_tokens_match_reference(
+    tokens: torch.Tensor, hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int, name: str = ""
+) -> None:
+    """SPEC tolerances for kernel tokens against the reference merge of (hidden, metric, keep).
+    fp32/fp64: rtol 1e-5. fp16/bf16: at most one output rounding step from the fp32 reference, and
+    within 2x PyTorch's own error doing the merge in that dtype (same assignment, from fp32 metric)."""
+    expected = reference.contextual_merge(hidden, metric, keep, contextual)
+    assert tokens.dtype == hidden.dtype, f"{name}: dtype {tokens.dtype} != {hidden.dtype}"
+    D = keep.shape[1]
+    assert_equal_verbose(tokens[:, :D], expected[:, :D], f"{name} dominant rows")
+    if hidden.dtype in (torch.float32, torch.float64):
+        assert_close_verbose(tokens, expected, atol=FP32_ATOL, rtol=FP32_RTOL, name=name)
+        return
+    eps = torch.finfo(hidden.dtype).eps
+    assert_close_verbose(tokens, expected, atol=1e-6, rtol=eps, name=f"{name} vs fp32 reference")
+    exact = reference.contextual_merge(hidden.double(), metric.double(), keep, contextual)
+    native = reference.contextual_merge(hidden, metric.float(), keep, contextual, upcast=False)
+    assert_within_torch_error(tokens, exact, native, name=f"{name} vs float64")
+
+
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {"math", "F", "torch", "dataclass"}]
