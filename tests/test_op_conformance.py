@@ -1,0 +1,193 @@
+"""Op conformance: torch.library.opcheck on every op (schema, autograd registration, fake kernel,
+AOT dispatch), gradcheck / gradgradcheck in float64 for the merge, torch.compile(fullgraph=True)
+against eager and the reference, and empty batches (B = 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_close_verbose,
+    assert_equal_verbose,
+    assert_tokens_match_reference,
+    make_case,
+    merge_inputs,
+    separated_scores,
+)
+from visionzip_kernels import reference
+
+ops = torch.ops.visionzip
+
+
+def _merge(dtype=torch.float32, strided=False, B=2, N=33, C=24, D=6, K=5):
+    hidden, scores, metric, keep = merge_inputs(B, N, C, D, K, True, dtype, strided=strided, d=8)
+    return hidden, scores, metric, keep, D, K
+
+
+def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
+    """(args, kwargs) for one opcheck call; requires_grad only on the differentiable argument."""
+    if op in ("cls_attention", "attention_received"):
+        case = make_case(2, 33, 1, H=3, d=8, dtype=dtype, strided=strided)
+        q = case.q[:, 0] if op == "cls_attention" else case.q
+        return (q, case.k, case.scale), {}
+    hidden, scores, metric, keep, D, K = _merge(dtype, strided)
+    if op == "dominant_topk":
+        return (scores.to(dtype), D), {"keep_cls": False}
+    if op == "contextual_merge":
+        return (hidden.detach().clone().requires_grad_(requires_grad), metric, keep, K), {}
+    if op == "contextual_merge_backward":
+        g = torch.randn(hidden.shape[0], D + K, hidden.shape[2]).to(dtype)
+        return (g.requires_grad_(requires_grad), metric, keep, hidden.shape[1]), {}
+    if op == "select_merge":
+        return (hidden.detach().clone().requires_grad_(requires_grad), scores, metric, D, K), {"keep_cls": True}
+    raise AssertionError(op)
+
+
+ALL_OPS = ["cls_attention", "attention_received", "dominant_topk", "contextual_merge",
+           "contextual_merge_backward", "select_merge"]
+DIFFERENTIABLE = {"contextual_merge", "contextual_merge_backward", "select_merge"}
+OPCHECK_CASES = (
+    [(op, torch.float32, False, False) for op in ALL_OPS]
+    + [(op, torch.float32, False, True) for op in sorted(DIFFERENTIABLE)]
+    + [(op, torch.bfloat16, True, op in DIFFERENTIABLE) for op in ALL_OPS]
+)
+
+
+@pytest.mark.parametrize(
+    "op,dtype,strided,requires_grad", OPCHECK_CASES,
+    ids=[f"{o}-{str(d)[6:]}-{'strided' if s else 'contig'}-{'grad' if r else 'nograd'}" for o, d, s, r in OPCHECK_CASES],
+)
+def test_opcheck(op, dtype, strided, requires_grad):
+    args, kwargs = _samples(op, dtype, strided, requires_grad)
+    torch.library.opcheck(getattr(ops, op).default, args, kwargs)
+
+
+def test_every_op_is_opchecked():
+    assert {case[0] for case in OPCHECK_CASES} == set(ALL_OPS)
+    assert {case[0] for case in OPCHECK_CASES if case[3]} == DIFFERENTIABLE
+    defined = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("visionzip::")}
+    assert defined == set(ALL_OPS), f"ops without a conformance test: {defined - set(ALL_OPS)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck / gradgradcheck in float64. Thousands of tiny calls: one thread, so that a busy machine
+# (OpenMP barriers waiting on a descheduled thread) cannot make them crawl.
+
+
+@pytest.mark.parametrize("D,K", [(6, 5), (1, 0), (3, 30)])  # K = N - D: every rest token is a target
+def test_gradcheck_contextual_merge(D, K, num_threads):
+    num_threads(1)
+    hidden, _, metric, keep, _, _ = _merge(torch.float64, B=2, N=33, C=4, D=D, K=K)
+    hidden.requires_grad_()
+    fn = lambda h: ops.contextual_merge(h, metric, keep, K)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden,))
+    assert torch.autograd.gradgradcheck(fn, (hidden,))
+
+
+def test_gradcheck_select_merge(num_threads):
+    num_threads(1)
+    hidden, scores, metric, _, D, K = _merge(torch.float64, C=4)
+    hidden.requires_grad_()
+    fn = lambda h: ops.select_merge(h, scores, metric, D, K, True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden,))
+    assert torch.autograd.gradgradcheck(fn, (hidden,))
+
+
+def test_gradcheck_contextual_merge_backward(num_threads):
+    """The backward op is differentiable too (its adjoint is the forward merge)."""
+    num_threads(1)
+    _, _, metric, keep, D, K = _merge(torch.float64, C=4)
+    g = torch.randn(2, D + K, 4, dtype=torch.float64, requires_grad=True)
+    fn = lambda grad: ops.contextual_merge_backward(grad, metric, keep, 33)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (g,))
+    assert torch.autograd.gradgradcheck(fn, (g,))
+
+
+def test_gradient_is_the_reference_jacobian(num_threads):
+    """The full Jacobian of the kernel's merge (by autograd) equals the reference's."""
+    num_threads(1)
+    hidden, _, metric, keep, D, K = _merge(torch.float64, C=2, N=20, D=4, K=3)
+    jac = torch.autograd.functional.jacobian(lambda h: ops.contextual_merge(h, metric, keep, K), hidden)
+    ref = torch.autograd.functional.jacobian(lambda h: reference.contextual_merge(h, metric, keep, K), hidden)
+    assert_close_verbose(jac, ref, atol=1e-12, rtol=1e-12, name="jacobian")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compile_select_merge_fullgraph():
+    torch._dynamo.reset()
+
+    def step(hidden, scores, metric):
+        tokens, keep = ops.select_merge(hidden, scores, metric, 54, 10, True)
+        return tokens * 2, keep
+
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in (0, 1):  # the second call reuses the compiled graph
+        hidden, scores, metric, keep = merge_inputs(2, 577, 64, 54, 10, True, seed=seed, d=16)
+        tokens, got_keep = compiled(hidden, scores, metric)
+        eager_tokens, eager_keep = step(hidden, scores, metric)
+        assert_equal_verbose(got_keep, eager_keep, "compiled keep vs eager")
+        assert_close_verbose(tokens, eager_tokens, atol=0, rtol=0, name="compiled tokens vs eager")
+        assert_equal_verbose(got_keep, keep, "compiled keep vs reference")
+        assert_tokens_match_reference(tokens / 2, hidden, metric, keep, 10, "compiled vs reference")
+
+
+def test_compile_compress_fullgraph():
+    from visionzip_kernels.api import compress
+
+    torch._dynamo.reset()
+    case = make_case(2, 577, 64, H=4, d=16, strided=True)
+    fn = lambda hidden, q, k: compress(hidden, dominant=54, contextual=10, q=q, k=k)  # noqa: E731
+    tokens, keep = torch.compile(fn, fullgraph=True)(case.hidden, case.q, case.k)
+    eager_tokens, eager_keep = fn(case.hidden, case.q, case.k)
+    assert_equal_verbose(keep, eager_keep, "compress keep vs eager")
+    assert_close_verbose(tokens, eager_tokens, atol=FP32_ATOL, rtol=FP32_RTOL, name="compress tokens vs eager")
+    ref_scores = reference.cls_attention(case.q[:, 0], case.k, case.scale)
+    ref_tokens, ref_keep = reference.select_merge(case.hidden, ref_scores, case.k.mean(dim=2), 54, 10, True)
+    assert_equal_verbose(keep, ref_keep, "compress keep vs reference")
+    assert_close_verbose(tokens, ref_tokens, atol=FP32_ATOL, rtol=FP32_RTOL, name="compress tokens vs reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty batches: B = 0 gives empty outputs of the right shapes (kernel, meta path, reference).
+
+
+def _empty_batch_calls(device: str):
+    N, C, H, d, D, K = 17, 8, 2, 4, 5, 3
+    z = lambda *shape, dtype=torch.float32: torch.zeros(0, *shape, dtype=dtype, device=device)  # noqa: E731
+    keep = z(D, dtype=torch.int64)
+    return {
+        "cls_attention": (("cls_attention", (z(H, d), z(N, H, d), 0.5)), (0, N)),
+        "attention_received": (("attention_received", (z(N, H, d), z(N, H, d), 0.5)), (0, N)),
+        "dominant_topk": (("dominant_topk", (z(N), D, True)), (0, D)),
+        "contextual_merge": (("contextual_merge", (z(N, C), z(N, d), keep, K)), (0, D + K, C)),
+        "contextual_merge_backward": (("contextual_merge_backward", (z(D + K, C), z(N, d), keep, N)), (0, N, C)),
+        "select_merge": (("select_merge", (z(N, C), z(N), z(N, d), D, K, True)), ((0, D + K, C), (0, D))),
+    }
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_empty_batch(op, device):
+    (name, args), shape = _empty_batch_calls(device)[op]
+    out = getattr(ops, name)(*args)
+    # The reference runs on CPU tensors of the same shapes.
+    ref = getattr(reference, name)(*(torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+                                     for a in args))
+    outs, refs, shapes = (out, ref, shape) if op == "select_merge" else ((out,), (ref,), (shape,))
+    for o, r, s in zip(outs, refs, shapes):
+        assert tuple(o.shape) == s == tuple(r.shape), f"{op}: {tuple(o.shape)}, reference {tuple(r.shape)}, want {s}"
+        assert o.dtype == r.dtype and o.device.type == device
+
+
+def test_empty_batch_autograd():
+    hidden = torch.zeros(0, 17, 8, requires_grad=True)
+    tokens, keep = ops.select_merge(hidden, torch.zeros(0, 17), torch.zeros(0, 17, 4), 5, 3)
+    tokens.sum().backward()
+    assert hidden.grad.shape == hidden.shape and keep.shape == (0, 5)
+    assert separated_scores(0, 17).shape == (0, 17)
