@@ -24,7 +24,7 @@ try:
 
     settings.register_profile(
         "default",
-        max_examples=40,
+        max_examples=100,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
