@@ -118,6 +118,31 @@ def test_dominant_topk_non_contiguous_scores():
         )
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=cases_id)
+def test_assignment_ties_go_to_the_first_target(dtype):
+    """Targets with identical (or parallel) metric rows tie exactly for every member: the first
+    maximum wins (SPEC "Merging" step 3), in the kernel as in the reference."""
+    B, N, C, D, K = 2, 64, 16, 4, 6
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(B, N, C, generator=g).to(dtype)
+    keep = torch.tensor([[0, 5, 9, 30], [0, 1, 2, 3]])
+    # Two metric rows only, so tied targets are bit-identical: every member ties exactly between
+    # the targets that share its row.
+    directions = torch.randn(2, 8, generator=g)
+    choice = torch.randint(0, 2, (B, N), generator=g)
+    metric = directions[choice].to(dtype)
+    tokens = ops.contextual_merge(hidden, metric, keep, K)
+    expected = reference.contextual_merge(hidden, metric, keep, K)
+    if dtype == F32:
+        assert_close_verbose(tokens, expected, atol=FP32_ATOL, rtol=FP32_RTOL, name="tied assignment")
+    else:
+        assert_close_verbose(tokens, expected, atol=1e-6, rtol=torch.finfo(dtype).eps, name="tied assignment")
+    # The backward rebuilds the same assignment: its member counts must agree too.
+    grad = ops.contextual_merge_backward(torch.ones(B, D + K, C, dtype=dtype), metric, keep, N)
+    assert_close_verbose(grad, reference.contextual_merge_backward(torch.ones(B, D + K, C, dtype=dtype), metric, keep, N),
+                         atol=0, rtol=0, name="tied assignment gradient")
+
+
 # ---------------------------------------------------------------------------------------------
 # Layouts: strided, transposed, expanded and non-contiguous arguments.
 
