@@ -1,0 +1,79 @@
+"""LLM prefill with VisionZip's token budgets on a small random-init LLaVA (CPU, fp32).
+
+    python -m pytest benchmarks/bench_prefill.py -q -p no:cacheprovider --benchmark-columns=median,min,max
+
+LLaVA-1.5 puts 576 visual tokens per image in front of the prompt; VisionZip puts D + K (64 / 128 /
+192). The prefill (one forward of the language model over the whole prompt, KV cache written, the
+next-token logits computed) is what the budget shortens. Here the language model of a small
+random-init ``LlavaForConditionalGeneration`` (a Llama: hidden 1024, 8 layers, 16 heads, SwiGLU
+2816, ~100 M parameters; weights do not change the time) prefills ``visual + T`` embeddings with
+T = 64 text tokens, for visual = 576 (the stock model) and for each budget. Each group's baseline
+is the 576-token prefill: its ratio column reads "fraction of the stock prefill time"; the table at
+the end gives the speed-up (stock / VisionZip).
+
+Environment: ``VZ_BENCH_ROUNDS`` (default 5) timed rounds per case; ``VZ_PREFILL_TEXT`` (default 64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from visionzip_kernels.api import BUDGETS  # noqa: E402
+
+ROUNDS = int(os.environ.get("VZ_BENCH_ROUNDS", "5"))
+TEXT = int(os.environ.get("VZ_PREFILL_TEXT", "64"))
+STOCK = 576
+_RESULTS: dict[int, float] = {}
+
+
+def small_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
+                              image_size=336, patch_size=14, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llava(request):
+    model = small_llava()
+    yield model
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or STOCK not in _RESULTS:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write_line("")
+        reporter.write_line(f"LLM prefill, {TEXT} text tokens, speed-up over the stock {STOCK} visual tokens (same run):")
+        for visual, median in sorted(_RESULTS.items(), reverse=True):
+            reporter.write_line(f"    {visual:>4} + {TEXT} tokens  {median * 1e3:9.1f} ms   "
+                                f"{_RESULTS[STOCK] / median:5.2f}x")
+
+
+def prefill(model, embeds: torch.Tensor) -> torch.Tensor:
+    """One prefill: the language model over the whole prompt (KV cache built), then the next-token logits."""
+    out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1:])
+
+
+@pytest.mark.parametrize("visual", [STOCK, *sorted(BUDGETS)])  # the stock prefill first: the baseline
+def test_prefill(side_by_side, benchmark, llava, visual: int) -> None:
+    hidden = llava.config.text_config.hidden_size
+    embeds = torch.randn(1, visual + TEXT, hidden, generator=torch.Generator().manual_seed(0))
+    name = f"{visual} visual + {TEXT} text" + (" (stock LLaVA-1.5)" if visual == STOCK else
+                                               f" (VisionZip {BUDGETS[visual][0]}+{BUDGETS[visual][1]})")
+    with torch.no_grad():
+        side_by_side(f"LLM prefill, small LLaVA, {TEXT} text tokens, fp32", name, lambda: prefill(llava, embeds),
+                     rounds=ROUNDS)
+    _RESULTS[visual] = benchmark.stats.stats.median
