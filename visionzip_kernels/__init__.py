@@ -31,3 +31,24 @@ __all__ = [
     "select_merge",
 ]
 __version__ = "0.1.0"
+
+# The transformers integration (visionzip_kernels.integrations), loaded on first use so that
+# `import visionzip_kernels` does not import transformers.
+_INTEGRATION_EXPORTS = ("apply", "remove", "patched")
+
+
+def __getattr__(name: str):
+    if name in _INTEGRATION_EXPORTS:
+        try:
+            from . import integrations
+        except ImportError as exc:
+            # AttributeError (not ImportError) so that hasattr(visionzip_kernels, "apply") is False.
+            raise AttributeError(
+                f"visionzip_kernels.{name} needs transformers (pip install -r requirements-integrations.txt): {exc}"
+            ) from exc
+        return getattr(integrations, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_INTEGRATION_EXPORTS))

@@ -1,0 +1,31 @@
+"""Integrations of the VisionZip ops into model libraries.
+
+- :mod:`visionzip_kernels.integrations.transformers`: Hugging Face transformers 5.x (CLIP, SigLIP,
+  DINOv2, LLaVA-1.5). Its :func:`apply`, :func:`remove` and :func:`patched` are re-exported here
+  and as ``visionzip_kernels.apply`` / ``remove`` / ``patched``.
+
+Importing this package imports transformers (``pip install -r requirements-integrations.txt``);
+``import visionzip_kernels`` alone does not.
+"""
+
+from .transformers import (
+    SUPPORTED_MODEL_TYPES,
+    VisionZipOutput,
+    apply,
+    get_patch,
+    patched,
+    remove,
+    shrink_image_tokens,
+    shrink_inputs,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "VisionZipOutput",
+    "apply",
+    "get_patch",
+    "patched",
+    "remove",
+    "shrink_image_tokens",
+    "shrink_inputs",
+]

@@ -1,0 +1,310 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration`` / ``LlavaModel``): the LLM gets D+K tokens per image.
+
+What :func:`visionzip_kernels.apply` does to a LLaVA model (:class:`LlavaPatch`):
+
+- Its vision tower (a ``CLIPVisionModel`` for LLaVA-1.5; a SigLIP or DINOv2 tower works the same
+  way) is patched like a stand-alone encoder (:class:`~.common.EncoderPatch`): SDPA kept, layer L's
+  q/k captured by hooks, the tower stopped after layer L, ``last_hidden_state`` = the compressed
+  tokens [B, D+K, C_vision] and ``keep`` [B, D].
+- ``LlavaModel.get_image_features`` is replaced on the instance (``LlavaForConditionalGeneration``'s
+  own ``get_image_features`` delegates to it, and ``generate()`` pre-encodes images through it) by
+  a function with the same signature that runs the patched tower and the model's own
+  ``multi_modal_projector``. It returns a :class:`~.common.VisionZipOutput` whose ``pooler_output``
+  is a list of [D+K, C_text] projected tokens, one per image (the container transformers' LLaVA
+  uses), ``last_hidden_state`` the compressed vision tokens and ``keep`` [B, D]. ``LlavaModel.forward``
+  then scatters these rows into the image placeholder positions of ``inputs_embeds`` as usual.
+- As upstream VisionZip does for LLaVA-1.5, the CLS token is one of the D dominant tokens and is
+  fed to the LLM: ``vision_feature_select_strategy`` ("default" drops CLS in stock LLaVA) and
+  ``vision_feature_layer`` are ignored while patched; the layer is the ``layer`` given to ``apply``
+  (``-2``, the default, is LLaVA-1.5's ``vision_feature_layer``). Multi-layer feature lists and
+  ``image_sizes`` are not supported.
+- A forward pre-hook on ``LlavaModel`` checks that ``input_ids`` holds exactly D+K image placeholder
+  tokens per image and otherwise raises a ``ValueError`` that names :func:`shrink_inputs`.
+
+Placeholders: the stock ``LlavaProcessor`` writes 576 ``<image>`` tokens per image (LLaVA-1.5 at
+336 px). A patched model needs D+K. Pass the processor's output through :func:`shrink_inputs`
+(or :func:`shrink_image_tokens` for bare tensors): it keeps the first D+K placeholders of every
+image, drops the others from ``input_ids``, ``attention_mask``, ``labels`` and any other per-token
+tensor, and re-pads rows whose lengths now differ. Then ``model(**inputs)`` and
+``model.generate(**inputs)`` work unchanged::
+
+    model = visionzip_kernels.apply(llava, dominant=54, contextual=10)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = shrink_inputs(model, inputs)            # 576 -> 64 placeholders per image
+    out = model.generate(**inputs, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .common import _MISSING, EncoderFamily, EncoderPatch, VisionZipOutput
+
+IGNORE_INDEX = -100  # transformers' label value for positions without a loss
+
+
+def llava_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``LlavaModel`` inside ``model`` (a ``LlavaForConditionalGeneration``) or ``model`` itself."""
+    if hasattr(model, "multi_modal_projector") and hasattr(model, "vision_tower"):
+        return model
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "multi_modal_projector") and hasattr(inner, "vision_tower"):
+        return inner
+    raise TypeError(f"visionzip.apply: {type(model).__name__} has model_type 'llava' but no LlavaModel "
+                    "(vision_tower + multi_modal_projector) was found in it")
+
+
+def stock_placeholders_per_image(llava: torch.nn.Module, has_cls: bool) -> int:
+    """Image placeholders per image that the stock processor writes for the unpatched model: the
+    tower's token count (patches, plus CLS), less one with the "default" feature strategy."""
+    vc = llava.config.vision_config
+    side = vc.image_size // vc.patch_size
+    count = side * side + (1 if has_cls else 0)
+    if llava.config.vision_feature_select_strategy == "default":
+        count -= 1
+    return count
+
+
+class LlavaPatch:
+    """VisionZip on a LLaVA model instance (see the module docstring). ``tower_patch`` is the
+    :class:`EncoderPatch` of its vision tower; ``tokens_per_image`` = D+K;
+    ``placeholders_per_image`` = what the stock processor writes (576 for LLaVA-1.5)."""
+
+    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant: int, contextual: int,
+                 layer: int):
+        self.model = model
+        self.llava = llava_model(model)
+        config = self.llava.config
+        if not isinstance(config.vision_feature_layer, int):
+            raise NotImplementedError(
+                "visionzip.apply: LLaVA with a list of vision_feature_layer (features of several layers "
+                f"concatenated) is not supported, got {config.vision_feature_layer!r}"
+            )
+        self.family = tower_family
+        self.image_token_id = config.image_token_id
+        self.placeholders_per_image = stock_placeholders_per_image(self.llava, tower_family.keep_cls)
+        self.tower_patch = EncoderPatch(self.llava.vision_tower, tower_family, dominant, contextual, layer)
+        self._saved_get_image_features = self.llava.__dict__.get("get_image_features", _MISSING)
+        self.llava.get_image_features = self.get_image_features
+        self._pre_hook = self.llava.register_forward_pre_hook(self._check_placeholders, with_kwargs=True)
+        self.removed = False
+
+    @property
+    def dominant(self) -> int:
+        return self.tower_patch.dominant
+
+    @property
+    def contextual(self) -> int:
+        return self.tower_patch.contextual
+
+    @property
+    def layer(self) -> int:
+        return self.tower_patch.layer
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.dominant + self.contextual
+
+    @property
+    def settings(self) -> dict:
+        return self.tower_patch.settings
+
+    def __repr__(self) -> str:
+        return f"LlavaPatch(tower={self.tower_patch!r}, {self.placeholders_per_image} -> {self.tokens_per_image} tokens per image)"
+
+    # -- the replacement of LlavaModel.get_image_features (same parameters, for generate()'s inspection)
+    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, image_sizes=None, **kwargs) -> VisionZipOutput:
+        """VisionZip image features: the patched tower's compressed tokens through the projector.
+
+        Returns a :class:`VisionZipOutput`: ``pooler_output`` = list of [D+K, C_text] per image,
+        ``last_hidden_state`` = [B, D+K, C_vision] before the projector, ``keep`` = [B, D]. The
+        ``vision_feature_layer`` / ``vision_feature_select_strategy`` arguments are ignored (see the
+        module docstring); ``return_dict=False`` gives the output's tuple.
+        """
+        if image_sizes is not None:
+            raise NotImplementedError("visionzip: LLaVA image_sizes (several resolutions) is not supported")
+        return_dict = kwargs.pop("return_dict", True)
+        for key in ("output_hidden_states", "output_attentions"):
+            kwargs.pop(key, None)
+        out = self.llava.vision_tower(pixel_values, return_dict=True, **kwargs)
+        features = self.llava.multi_modal_projector(out.last_hidden_state)
+        out.pooler_output = list(features)
+        return out if return_dict else out.to_tuple()
+
+    def _check_placeholders(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return None
+        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        if pixel_values is not None:
+            images = pixel_values.shape[0]
+            rows = images * self.tokens_per_image
+        else:
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+            features = getattr(encoded, "pooler_output", None) if isinstance(encoded, VisionZipOutput) else None
+            if not features:
+                return None
+            if isinstance(features, torch.Tensor):
+                features = [features]
+            images = None
+            rows = sum(f.numel() for f in features) // features[0].shape[-1]
+        found = int((input_ids == self.image_token_id).sum())
+        if found == rows:
+            return None
+        hint = ""
+        if images is not None and found == images * self.placeholders_per_image:
+            hint = (f" These are the stock processor's {self.placeholders_per_image} per image: pass the inputs "
+                    "through visionzip_kernels.integrations.transformers.shrink_inputs(model, inputs) first.")
+        per = f"{images} image(s) x {self.tokens_per_image}" if images is not None else "the pre-encoded features"
+        raise ValueError(
+            f"visionzip: input_ids holds {found} image placeholder tokens (id {self.image_token_id}) but the "
+            f"VisionZip-patched LLaVA produces {rows} image feature rows ({per} = dominant {self.dominant} + "
+            f"contextual {self.contextual}).{hint}"
+        )
+
+    def remove(self) -> None:
+        """Restores ``get_image_features``, removes the pre-hook and unpatches the tower; idempotent."""
+        if self.removed:
+            return
+        self._pre_hook.remove()
+        if self._saved_get_image_features is _MISSING:
+            self.llava.__dict__.pop("get_image_features", None)
+        else:
+            self.llava.get_image_features = self._saved_get_image_features
+        self.tower_patch.remove()
+        self.removed = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Placeholder shrinking
+
+
+def shrink_image_tokens(
+    input_ids: torch.Tensor,
+    tokens_per_image: int,
+    *,
+    image_token_id: int,
+    placeholders_per_image: int = 576,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+    padding_side: str = "left",
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Shrinks every image's ``placeholders_per_image`` placeholder tokens to ``tokens_per_image``.
+
+    Each row's placeholders (``input_ids == image_token_id``) are taken in order, in consecutive
+    groups of ``placeholders_per_image`` (one group per image, so images may be adjacent); the
+    first ``tokens_per_image`` of each group are kept and the others are removed from every tensor.
+    Positions where ``attention_mask`` is 0 (the old padding) are dropped as well, and rows that
+    end up shorter than the longest (fewer images) are padded on ``padding_side``:
+    ``input_ids`` with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with -100, ``extra``
+    tensors with 0. An ``attention_mask`` is created when padding is needed and none was given.
+
+    Args:
+        input_ids: [B, S] token ids, e.g. from the stock ``LlavaProcessor`` (576 placeholders per image).
+        tokens_per_image: D+K of the patched model.
+        image_token_id: the placeholder id (``model.config.image_token_id``).
+        placeholders_per_image: placeholders per image in ``input_ids`` (576 for LLaVA-1.5).
+        attention_mask, labels: [B, S], shrunk the same way when given.
+        extra: other [B, S] per-token tensors (e.g. ``token_type_ids``), shrunk the same way.
+
+    Returns:
+        A dict with ``input_ids`` and, when given or needed, ``attention_mask``, ``labels`` and the
+        ``extra`` keys, all [B, S'] with S' = the longest shrunk row.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"shrink_image_tokens: input_ids must be [B, S], got shape {list(input_ids.shape)}")
+    if not 0 < tokens_per_image <= placeholders_per_image:
+        raise ValueError(f"shrink_image_tokens: tokens_per_image must be in 1..placeholders_per_image "
+                         f"({placeholders_per_image}), got {tokens_per_image}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"shrink_image_tokens: padding_side must be 'left' or 'right', got {padding_side!r}")
+    tensors = {"attention_mask": attention_mask, "labels": labels, **(extra or {})}
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    for name, t in tensors.items():
+        if t.shape != input_ids.shape:
+            raise ValueError(f"shrink_image_tokens: {name} has shape {list(t.shape)}, input_ids {list(input_ids.shape)}")
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    bad = (counts % placeholders_per_image) != 0
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"shrink_image_tokens: row {row} has {int(counts[row])} image placeholders, not a multiple "
+                         f"of placeholders_per_image ({placeholders_per_image})")
+    rank = is_image.long().cumsum(dim=1) - 1  # index of each placeholder among its row's placeholders
+    keep = ~is_image | (rank % placeholders_per_image < tokens_per_image)
+    if attention_mask is not None:
+        keep &= attention_mask.bool()  # old padding goes too; rows are re-padded to the new width
+    lengths = keep.sum(dim=1)
+    width = int(lengths.max()) if input_ids.shape[0] else 0
+    needs_padding = bool((lengths != width).any())
+    if needs_padding and attention_mask is None:
+        tensors["attention_mask"] = torch.ones_like(input_ids)
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+    def pack(name: str, t: torch.Tensor) -> torch.Tensor:
+        out = t.new_full((t.shape[0], width), fills.get(name, 0))
+        for b in range(t.shape[0]):
+            row = t[b][keep[b]]
+            if padding_side == "left":
+                out[b, width - row.shape[0]:] = row
+            else:
+                out[b, : row.shape[0]] = row
+        return out
+
+    result = {"input_ids": pack("input_ids", input_ids)}
+    for name, t in tensors.items():
+        result[name] = pack(name, t)
+    return result
+
+
+def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str = "left",
+                  pad_token_id: int | None = None, placeholders_per_image: int | None = None):
+    """The stock processor's output, made consistent with a VisionZip-patched LLaVA ``model``.
+
+    ``inputs`` is a mapping such as ``processor(images=..., text=..., return_tensors="pt")`` with
+    ``input_ids`` (576 placeholders per image) and optionally ``attention_mask``, ``labels`` and
+    other [B, S] per-token tensors; everything else (``pixel_values``) is passed through. Returns
+    the same kind of mapping (a ``BatchFeature`` stays one) with the per-token tensors shrunk to
+    D+K placeholders per image by :func:`shrink_image_tokens`.
+
+    Args:
+        padding_side: where rows that became shorter are padded ("left", as LLaVA generates).
+        pad_token_id: default: the model's ``pad_token_id`` (config or text config), else 0.
+        placeholders_per_image: default: the stock count for the model's tower (576 for LLaVA-1.5).
+    """
+    from . import get_patch
+
+    patch = get_patch(model)
+    if not isinstance(patch, LlavaPatch):
+        raise TypeError("shrink_inputs: model is not a LLaVA model patched by visionzip_kernels.apply")
+    if "input_ids" not in inputs:
+        raise KeyError("shrink_inputs: inputs has no 'input_ids'")
+    input_ids = inputs["input_ids"]
+    if pad_token_id is None:
+        config = patch.llava.config
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(config.text_config, "pad_token_id", None)
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
+    extra = {k: v for k, v in inputs.items()
+             if k not in ("input_ids", "attention_mask", "labels") and isinstance(v, torch.Tensor)
+             and v.shape == input_ids.shape}
+    shrunk = shrink_image_tokens(
+        input_ids, patch.tokens_per_image, image_token_id=patch.image_token_id,
+        placeholders_per_image=placeholders_per_image or patch.placeholders_per_image,
+        attention_mask=inputs.get("attention_mask"), labels=inputs.get("labels"), pad_token_id=pad_token_id,
+        padding_side=padding_side, extra=extra,
+    )
+    data = {k: v for k, v in inputs.items()}
+    data.update(shrunk)
+    if isinstance(inputs, dict) and type(inputs) is dict:
+        return data
+    try:
+        return type(inputs)(data)
+    except Exception:  # a mapping type that cannot be rebuilt from a dict
+        return data
