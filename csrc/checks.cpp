@@ -68,6 +68,9 @@ void check_keep(const char* op, const at::Tensor& keep, const at::Tensor& metric
                    ": keep must be int64, got ", keep.scalar_type());
   check_same_device(op, "keep", keep, "metric", metric);
   check_dim(op, "keep", keep, 0, "metric", metric.size(0), "the batch size");
+  TORCH_CHECK_VALUE(keep.size(1) >= 1 && keep.size(1) <= metric.size(1), "visionzip.", op,
+                    ": keep.size(1) (D) must be between 1 and N (", metric.size(1), "), got ",
+                    keep.size(1));
 }
 
 }  // namespace

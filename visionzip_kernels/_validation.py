@@ -70,6 +70,8 @@ def _check_keep(op: str, keep: torch.Tensor, metric: torch.Tensor) -> None:
         _fail(op, f"keep must be int64, got {keep.dtype}", TypeError)
     check_same_device(op, "keep", keep, "metric", metric)
     check_dim(op, "keep", keep, 0, "metric", metric.shape[0], "the batch size")
+    if not 1 <= keep.shape[1] <= metric.shape[1]:
+        _fail(op, f"keep.size(1) (D) must be between 1 and N ({metric.shape[1]}), got {keep.shape[1]}")
 
 
 def cls_attention_args(q_cls: torch.Tensor, k: torch.Tensor) -> None:

@@ -51,7 +51,7 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     s = scores.float()
     if not bool(torch.isfinite(s).all()):
         bad = (~torch.isfinite(s)).nonzero()[0].tolist()
-        raise ValueError(f"visionzip: scores must be finite, got scores[{bad[0]}, {bad[1]}] = {s[bad[0], bad[1]]}")
+        raise ValueError(f"visionzip.dominant_topk: scores must be finite, got scores[{bad[0]}, {bad[1]}] = {s[bad[0], bad[1]]}")
     first = 1 if keep_cls else 0
     # A stable descending sort keeps equal scores in index order: ties go to the lower index.
     ranked = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices[:, : dominant - first] + first

@@ -35,18 +35,19 @@ int64_t column_chunk(int64_t batch, int64_t channels) {
 // ---------------------------------------------------------------------------------------------
 // dominant_topk
 
-void check_finite_scores(const at::Tensor& scores_f32) {
+void check_finite_scores(const char* op, const at::Tensor& scores_f32) {
   const int64_t B = scores_f32.size(0), N = scores_f32.size(1);
   const float* s = scores_f32.data_ptr<float>();
   for (int64_t i = 0; i < B * N; ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(s[i]), "visionzip: scores must be finite, got scores[", i / N,
+    TORCH_CHECK_VALUE(std::isfinite(s[i]), "visionzip.", op, ": scores must be finite, got scores[", i / N,
                       ", ", i % N, "] = ", s[i]);
   }
 }
 
-at::Tensor dominant_topk_impl(const at::Tensor& scores, int64_t dominant, bool keep_cls) {
+at::Tensor dominant_topk_impl(const char* op, const at::Tensor& scores, int64_t dominant,
+                              bool keep_cls) {
   const at::Tensor s = scores.to(at::kFloat).contiguous();
-  check_finite_scores(s);
+  check_finite_scores(op, s);
   const int64_t B = s.size(0), N = s.size(1);
   at::Tensor keep = at::empty({B, dominant}, scores.options().dtype(at::kLong));
   const float* s_ptr = s.data_ptr<float>();
@@ -101,7 +102,7 @@ struct MergePlan {
   at::Tensor counts;   // [B, K] int32 members per target
 };
 
-void check_keep_values(const at::Tensor& keep, int64_t num_tokens) {
+void check_keep_values(const char* op, const at::Tensor& keep, int64_t num_tokens) {
   const int64_t B = keep.size(0), D = keep.size(1);
   const at::Tensor k = keep.contiguous();
   const int64_t* ptr = k.data_ptr<int64_t>();
@@ -110,9 +111,9 @@ void check_keep_values(const at::Tensor& keep, int64_t num_tokens) {
     std::fill(seen.begin(), seen.end(), 0);
     for (int64_t i = 0; i < D; ++i) {
       const int64_t t = ptr[b * D + i];
-      TORCH_CHECK_VALUE(t >= 0 && t < num_tokens, "visionzip: keep[", b, ", ", i, "] = ", t,
+      TORCH_CHECK_VALUE(t >= 0 && t < num_tokens, "visionzip.", op, ": keep[", b, ", ", i, "] = ", t,
                         " is out of range for N = ", num_tokens);
-      TORCH_CHECK_VALUE(!seen[t], "visionzip: keep[", b, "] must hold distinct token indices, ", t,
+      TORCH_CHECK_VALUE(!seen[t], "visionzip.", op, ": keep[", b, "] must hold distinct token indices, ", t,
                         " appears twice");
       seen[t] = 1;
     }
@@ -300,20 +301,20 @@ void merge_backward_kernel(const at::Tensor& grad, const MergePlan& plan, int64_
 
 at::Tensor dominant_topk_cpu(const at::Tensor& scores, int64_t dominant, bool keep_cls) {
   check_dominant_topk_args(scores, dominant, keep_cls);
-  return dominant_topk_impl(scores, dominant, keep_cls);
+  return dominant_topk_impl("dominant_topk", scores, dominant, keep_cls);
 }
 
 at::Tensor contextual_merge_cpu(const at::Tensor& hidden, const at::Tensor& metric,
                                 const at::Tensor& keep, int64_t contextual) {
   check_contextual_merge_args(hidden, metric, keep, contextual);
-  check_keep_values(keep, hidden.size(1));
+  check_keep_values("contextual_merge", keep, hidden.size(1));
   return merge_forward(hidden, metric, keep, contextual);
 }
 
 at::Tensor contextual_merge_backward_cpu(const at::Tensor& grad_tokens, const at::Tensor& metric,
                                          const at::Tensor& keep, int64_t num_tokens) {
   check_contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens);
-  check_keep_values(keep, num_tokens);
+  check_keep_values("contextual_merge_backward", keep, num_tokens);
   const at::Tensor grad = with_unit_last_stride(grad_tokens);
   const int64_t B = grad.size(0), C = grad.size(2), D = keep.size(1);
   const int64_t contextual = grad.size(1) - D;
@@ -333,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> select_merge_cpu(const at::Tensor& hidden,
                                                     const at::Tensor& metric, int64_t dominant,
                                                     int64_t contextual, bool keep_cls) {
   check_select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls);
-  at::Tensor keep = dominant_topk_impl(scores, dominant, keep_cls);
+  at::Tensor keep = dominant_topk_impl("select_merge", scores, dominant, keep_cls);
   return {merge_forward(hidden, metric, keep, contextual), keep};
 }
 
