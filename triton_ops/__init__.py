@@ -1,1 +1,17 @@
-"""Triton kernels for the visionzip ops (fused CLS attention + top-k, flash-style attention received)."""
+"""Triton kernels for the visionzip scoring ops.
+
+- :func:`cls_attention` / :func:`cls_attention_topk`: head-mean CLS attention from q/k, optionally
+  fused with the top-k selection of the dominant tokens (triton_ops/cls_attention_topk.py).
+- :func:`dominant_topk`: the top-k selection alone, for scores from elsewhere (triton_ops/topk.py).
+- :func:`attention_received`: flash-style attention each token receives, never N x N
+  (triton_ops/attention_received.py).
+
+Import this package only after deciding on TRITON_INTERPRET: the @triton.jit decorators read it
+when they run. visionzip_kernels imports it lazily, at the first Triton launch.
+"""
+
+from .attention_received import attention_received
+from .cls_attention_topk import cls_attention, cls_attention_topk
+from .topk import dominant_topk
+
+__all__ = ["attention_received", "cls_attention", "cls_attention_topk", "dominant_topk"]
