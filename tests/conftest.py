@@ -3,6 +3,7 @@
 - Loads the package once (the compiled ops and their fake kernels / autograd).
 - A hypothesis profile with a modest example count and no deadline (the kernels run at realistic
   sizes on a 2-core machine; timing is never asserted). ``HYPOTHESIS_PROFILE=thorough`` runs more.
+- ``TRITON_INTERPRET=1`` on machines without CUDA, so the Triton tests run on CPU tensors.
 - ``num_threads``: restores torch's intra-op thread count after a test changes it.
 """
 
@@ -16,6 +17,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from any rootdir
+
+# Without a GPU the Triton kernels run under the interpreter; it must be on before triton_ops is
+# imported (the package imports it lazily, at the first Triton launch).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import visionzip_kernels  # noqa: E402,F401  (registers torch.ops.visionzip.*)
 

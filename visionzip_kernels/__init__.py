@@ -1,13 +1,13 @@
 """visionzip-kernels: VisionZip token selection and merging as fused torch.ops.visionzip.* ops.
 
 Importing the package loads the compiled kernels (``_C``) first, then registers the fake kernels and
-autograd for the ops it defines.
+autograd for the ops it defines, then the Triton kernels for CUDA tensors (see ``backends``).
 """
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
-from . import ops, reference
+from . import backends, ops, reference
 from .api import BUDGETS, compress
 from .ops import (
     attention_received,
@@ -21,6 +21,7 @@ from .ops import (
 __all__ = [
     "BUDGETS",
     "attention_received",
+    "backends",
     "cls_attention",
     "compress",
     "contextual_merge",
@@ -31,6 +32,8 @@ __all__ = [
     "select_merge",
 ]
 __version__ = "0.1.0"
+
+backends.register()
 
 # The transformers integration (visionzip_kernels.integrations), loaded on first use so that
 # `import visionzip_kernels` does not import transformers.
