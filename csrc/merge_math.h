@@ -42,6 +42,26 @@ VZ_HOST_DEVICE float clamped_norm(float sum_of_squares) {
   return norm > kNormEps ? norm : kNormEps;
 }
 
+// acc + a * b, rounded twice and never contracted into an FMA, so that the CUDA kernels pick the
+// same assignment as the CPU kernels bit for bit (x86-64 builds here emit no FMA either).
+VZ_HOST_DEVICE float add_product(float acc, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(acc, __fmul_rn(a, b));
+#else
+  return acc + a * b;
+#endif
+}
+
+// Order-preserving unsigned key of a float's bits (-0.0 folded into +0.0): a > b as floats iff
+// key(a) > key(b). NaN keys sort above +inf.
+VZ_HOST_DEVICE uint32_t score_key(float score) {
+  union {
+    float f;
+    uint32_t u;
+  } bits{score + 0.0f};
+  return (bits.u & 0x80000000u) ? ~bits.u : (bits.u | 0x80000000u);
+}
+
 // The divisor of a contextual row's member mean: max(count, 1).
 VZ_HOST_DEVICE float member_divisor(int32_t count) {
   return static_cast<float>(count > 1 ? count : 1);

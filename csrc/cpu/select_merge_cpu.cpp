@@ -86,7 +86,7 @@ void member_similarities(const float* __restrict m, const float* __restrict targ
     for (int64_t c = 0; c < d; ++c) {
       const float mc = m[c];
       const float* t = targets_t + c * k_pad + i0;
-      for (int j = 0; j < 8; ++j) acc[j] += mc * t[j];
+      for (int j = 0; j < 8; ++j) acc[j] = add_product(acc[j], mc, t[j]);
     }
     for (int j = 0; j < 8; ++j) sims[i0 + j] = acc[j];
   }
@@ -167,7 +167,7 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
           targets[i] = n;
           const float* m = m_img + n * d;
           float sum_sq = 0.f;
-          for (int64_t c = 0; c < d; ++c) sum_sq += m[c] * m[c];
+          for (int64_t c = 0; c < d; ++c) sum_sq = add_product(sum_sq, m[c], m[c]);
           const float norm = clamped_norm(sum_sq);
           for (int64_t c = 0; c < d; ++c) targets_t[c * k_pad + i] = m[c] / norm;
         }
