@@ -1,25 +1,40 @@
-"""Builds visionzip_kernels._C, the C++ CPU kernels (and, in a later stage, the CUDA kernels).
+"""Builds visionzip_kernels._C: the C++ CPU kernels, plus the CUDA kernels when CUDA is wanted.
 
+CUDA is built when torch has CUDA and either a GPU is visible or FORCE_CUDA=1 (for build machines
+without a GPU); the arch list defaults to "8.0;9.0" and follows TORCH_CUDA_ARCH_LIST when set.
 Install with `pip install --no-build-isolation .` once torch is importable: build isolation would
 pull a second, multi-GB torch into the build environment.
 """
 
+import os
 from pathlib import Path
 
+import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
-CPU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")) + sorted(
-    str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
-)
+
+
+def sources(*patterns: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
+
+
+def want_cuda() -> bool:
+    return torch.version.cuda is not None and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1")
 
 
 def extension():
-    return CppExtension(
-        name="visionzip_kernels._C",
-        sources=CPU_SOURCES,
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp"]},
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    cpu_sources = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    if not want_cuda():
+        return CppExtension("visionzip_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return CUDAExtension(
+        "visionzip_kernels._C",
+        cpu_sources + sources("csrc/cuda/*.cu"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"],
     )
 
