@@ -27,4 +27,4 @@ start=$SECONDS
   exit 1
 }
 echo "cuda stage: built for TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} in $((SECONDS - start)) s"
-(cd "$build" && "$venv/bin/python" .ci/check_cuda_registration.py)
+(cd "$build" && PYTHONPATH="$build" "$venv/bin/python" .ci/check_cuda_registration.py)
