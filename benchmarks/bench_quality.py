@@ -180,6 +180,18 @@ def plot(rows: list[Row], path: str) -> bool:
     return True
 
 
+def concentration(images, sizes=(224, 336, 448, 518), resize: str = "squash", layer: int = -2) -> str:
+    """The share of the CLS token's attention to patches (head mean) taken by the top 10% of patches,
+    per image and input size (uniform attention: 10%)."""
+    lines = [f"top 10% of patches: share of the CLS attention to patches at layer {layer} (head mean, {resize}):"]
+    for size in sizes:
+        _, scores, _ = layer_states(images, size, layer, resize)
+        patches = scores[:, 1:]
+        top = patches.topk(max(1, round(0.1 * patches.shape[1])), dim=1).values.sum(dim=1) / patches.sum(dim=1)
+        lines.append(f"  {size:>4} px ({patches.shape[1]:>4} patches): " + "  ".join(f"{100 * t:5.1f}%" for t in top.tolist()))
+    return "\n".join(lines)
+
+
 def load_photos(names):
     from visionzip_kernels.demo import load_images
 
@@ -195,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", default="bench_quality.png", help="where to write the plot (needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection")
     parser.add_argument("--draws", type=int, default=5, help="random selections averaged")
+    parser.add_argument("--concentration", action="store_true",
+                        help="also print how much of the CLS attention the top 10%% of patches take, at 224-518 px")
     args = parser.parse_args(argv)
-    hidden, scores, metric = layer_states(load_photos(args.images), args.size, resize=args.resize)
+    photos = load_photos(args.images)
+    if args.concentration:
+        print(concentration(photos, resize=args.resize))
+    hidden, scores, metric = layer_states(photos, args.size, resize=args.resize)
     rows = evaluate(hidden, scores, metric, seed=args.seed, draws=args.draws)
     print(format_table(rows, hidden.shape[1] - 1, hidden.shape[0]))
     if plot(rows, args.png):

@@ -1,0 +1,116 @@
+"""The main job (`python -m visionzip_kernels.demo`) on tiny settings: it prints the side-by-side
+tables and writes the PNG. Also its --help, image loading and the PNG's PIL fallback."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import visionzip_kernels
+from visionzip_kernels import demo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    parser_options = re.findall(r"^\s+(--[a-z-]+)", out, flags=re.M)
+    for option in ("--quick", "--ops-only", "--sections", "--budget", "--layer", "--png", "--clip-checkpoint",
+                   "--clip-batch", "--size", "--resize", "--repeats", "--threads"):
+        assert option in parser_options, option
+    args = demo.parse_args([])
+    assert args.sections == ["dinov2", "clip", "ops"] and (args.dominant, args.contextual) == (54, 10)
+
+
+def test_every_argument_has_help():
+    import argparse
+
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        return original(self, *a, **k)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        demo.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    for action in captured["parser"]._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help text"
+
+
+def test_ops_only_section(capsys):
+    assert demo.main(["--ops-only", "--batch", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "The ops alone" in out and "upstream-style path" in out
+    assert "DINOv2" not in out
+
+
+def test_load_images_from_files(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "square.png"
+    Image.fromarray(np.full((30, 40, 3), 200, dtype=np.uint8)).save(path)
+    [(name, array)] = demo.load_images([str(path)])
+    assert name == "square" and array.shape == (30, 40, 3)
+    with pytest.raises(SystemExit, match="neither a file"):
+        demo.load_images(["no_such_image_anywhere"])
+
+
+@pytest.mark.parametrize("backend", ["pil", "matplotlib"])
+def test_png_backends(tmp_path, backend):
+    if backend == "matplotlib":
+        pytest.importorskip("matplotlib")
+    from visionzip_kernels.visualize import Panel, save_png, token_groups
+
+    g = torch.Generator().manual_seed(0)
+    N, grid = 1 + 6 * 6, (6, 6)
+    metric = torch.randn(1, N, 8, generator=g)
+    keep = torch.tensor([[0, 3, 9, 20]])
+    groups, targets = token_groups(metric, keep, 3)
+    assert (groups[0, keep[0]] == -1).all() and set(groups[0].tolist()) == {-1, 0, 1, 2}
+    assert (groups[0, targets[0]] == torch.arange(3)).all()
+    image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    panel = Panel(image=image, grid=grid, groups=groups[0], targets=targets[0], title="x", scores=torch.rand(N))
+    path = tmp_path / f"{backend}.png"
+    assert save_png(path, [panel, panel], "title", backend=backend) == backend
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_quick_demo_prints_tables_and_writes_png(tmp_path, capsys, monkeypatch):
+    """The whole main job on tiny settings: the real DINOv2-S at 224 px and a 2-layer CLIP-L/336
+    (converted into a fresh cache directory, leaving the user's alone)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("skimage")
+    if not hasattr(visionzip_kernels, "apply"):
+        pytest.skip("visionzip_kernels.apply (the transformers integration) is not available")
+    from visionzip_kernels.models import dinov2_onnx
+
+    try:
+        dinov2_onnx.find_onnx()
+    except dinov2_onnx.ModelUnavailable as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv(dinov2_onnx.ENV_CACHE, str(tmp_path / "cache"))
+    png = tmp_path / "demo.png"
+    code = demo.main(["--quick", "--png", str(png), "--sections", "dinov2,clip"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for needle in ("DINOv2-S/14", "CLIP ViT-L/14-336", "upstream (eager, attentions, full encoder)",
+                   "ours (SDPA, fused ops, stops after L)", "upstream / ours", "257 -> 64", "577 -> 64",
+                   "top 10% of patches"):
+        assert needle in out, needle
+    ours_rows = [line for line in out.splitlines() if line.startswith("ours (SDPA")]
+    assert len(ours_rows) == 2 and all(" yes " in row for row in ours_rows), ours_rows
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.width > 300 and im.height > 300
