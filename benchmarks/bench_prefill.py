@@ -11,6 +11,12 @@ T = 64 text tokens, for visual = 576 (the stock model) and for each budget. Each
 is the 576-token prefill: its ratio column reads "fraction of the stock prefill time"; the table at
 the end gives the speed-up (stock / VisionZip).
 
+A second group times the whole LLaVA forward that produces the first token (vision tower, projector,
+prefill) with ``pixel_values`` and ``input_ids``: the stock model (SDPA tower, 576 placeholders) vs the
+model patched by ``visionzip_kernels.apply`` (placeholders shrunk to D + K by ``shrink_image_tokens``).
+Its tower has CLIP-L/336 geometry but only 4 layers (to keep the run short), so stopping after layer
+-2 skips a quarter of it here; with LLaVA-1.5's 24 layers it skips 1/24.
+
 Environment: ``VZ_BENCH_ROUNDS`` (default 5) timed rounds per case; ``VZ_PREFILL_TEXT`` (default 64).
 """
 
@@ -30,12 +36,13 @@ ROUNDS = int(os.environ.get("VZ_BENCH_ROUNDS", "5"))
 TEXT = int(os.environ.get("VZ_PREFILL_TEXT", "64"))
 STOCK = 576
 _RESULTS: dict[int, float] = {}
+_LLAVA_RESULTS: dict[str, float] = {}
 
 
 def small_llava():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
                               image_size=336, patch_size=14, hidden_act="quick_gelu")
     text = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                        num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
@@ -59,6 +66,10 @@ def llava(request):
         for visual, median in sorted(_RESULTS.items(), reverse=True):
             reporter.write_line(f"    {visual:>4} + {TEXT} tokens  {median * 1e3:9.1f} ms   "
                                 f"{_RESULTS[STOCK] / median:5.2f}x")
+        if "stock" in _LLAVA_RESULTS:
+            reporter.write_line("LLaVA forward to the first token (tower + projector + prefill), speed-up over stock:")
+            for name, median in _LLAVA_RESULTS.items():
+                reporter.write_line(f"    {name:<28} {median * 1e3:9.1f} ms   {_LLAVA_RESULTS['stock'] / median:5.2f}x")
 
 
 def prefill(model, embeds: torch.Tensor) -> torch.Tensor:
@@ -77,3 +88,39 @@ def test_prefill(side_by_side, benchmark, llava, visual: int) -> None:
         side_by_side(f"LLM prefill, small LLaVA, {TEXT} text tokens, fp32", name, lambda: prefill(llava, embeds),
                      rounds=ROUNDS)
     _RESULTS[visual] = benchmark.stats.stats.median
+
+
+def _prompt(llava, placeholders: int) -> torch.Tensor:
+    """[1, S] ids: one image's placeholders between a few text tokens, TEXT text tokens in all."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(1, 31000, (TEXT,), generator=g)
+    image = torch.full((placeholders,), llava.config.image_token_id)
+    return torch.cat([text[:4], image, text[4:]])[None]
+
+
+@pytest.mark.parametrize("budget", ["stock", *sorted(BUDGETS)])  # stock first: the baseline
+def test_llava_first_token(side_by_side, benchmark, llava, budget) -> None:
+    import visionzip_kernels as vz
+
+    if not hasattr(vz, "apply"):
+        pytest.skip("visionzip_kernels.apply (the transformers integration) is not available")
+    from visionzip_kernels.integrations.transformers import shrink_image_tokens
+
+    size = llava.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    input_ids = _prompt(llava, STOCK)
+    group = f"LLaVA forward to the first token, small LLaVA, {TEXT} text tokens, fp32"
+    with torch.no_grad():
+        if budget == "stock":
+            name = f"stock ({STOCK} visual tokens)"
+            side_by_side(group, name, lambda: llava(input_ids=input_ids, pixel_values=pixels, logits_to_keep=1),
+                         rounds=ROUNDS)
+        else:
+            dominant, contextual = BUDGETS[budget]
+            name = f"VisionZip {dominant}+{contextual}"
+            ids = shrink_image_tokens(input_ids, budget, image_token_id=llava.config.image_token_id,
+                                      placeholders_per_image=STOCK)["input_ids"]
+            with vz.patched(llava, dominant=dominant, contextual=contextual):
+                side_by_side(group, name, lambda: llava(input_ids=ids, pixel_values=pixels, logits_to_keep=1),
+                             rounds=ROUNDS)
+        _LLAVA_RESULTS[name if budget != "stock" else "stock"] = benchmark.stats.stats.median
