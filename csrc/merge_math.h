@@ -31,6 +31,12 @@ VZ_HOST_DEVICE int64_t target_step(int64_t num_rest, int64_t contextual) {
   return step > 1 ? step : 1;
 }
 
+// Index of the target at position `pos` of the ascending not-kept tokens, or -1: the targets sit
+// at positions 0, step, ..., (K-1)*step.
+VZ_HOST_DEVICE int64_t target_index(int64_t pos, int64_t step, int64_t contextual) {
+  return pos % step == 0 && pos / step < contextual ? pos / step : -1;
+}
+
 // Top-k order: higher score first, ties to the lower token index.
 VZ_HOST_DEVICE bool ranks_before(float score_a, int64_t index_a, float score_b, int64_t index_b) {
   return score_a > score_b || (score_a == score_b && index_a < index_b);

@@ -160,8 +160,8 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
       std::fill(targets_t.begin(), targets_t.end(), 0.f);
       for (int64_t n = 0, pos = 0; n < N; ++n) {
         if (role[n] == kDominant) continue;
-        if (pos % step == 0 && pos / step < K) {
-          const int64_t i = pos / step;
+        const int64_t i = target_index(pos, step, K);
+        if (i >= 0) {
           role[n] = kTarget;
           row[n] = static_cast<int32_t>(D + i);
           targets[i] = n;

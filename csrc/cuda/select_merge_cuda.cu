@@ -159,8 +159,8 @@ plan_kernel(const float* __restrict__ metric, const float* __restrict__ scores, 
   const int64_t step = target_step(num_rest, K);
   for (int64_t n = begin; n < end; ++n) {
     if (role[n] == kDominant) continue;
-    if (pos % step == 0 && pos / step < K) {
-      const int64_t i = pos / step;
+    const int64_t i = target_index(pos, step, K);
+    if (i >= 0) {
       role[n] = kTarget;
       row[n] = static_cast<int32_t>(D + i);
       targets[i] = n;
@@ -320,6 +320,16 @@ int pack_width(const void* base, int64_t channels, std::initializer_list<int64_t
   return wide;
 }
 
+// Calls launch with the pack width as a compile-time constant: 16-byte packs, or one element.
+template <typename scalar_t, typename Launch>
+void with_pack_width(int vec, Launch&& launch) {
+  if (vec == 1) {
+    launch(std::integral_constant<int, 1>{});
+  } else {
+    launch(std::integral_constant<int, kPack<scalar_t>>{});
+  }
+}
+
 dim3 channel_grid(int64_t rows, int64_t batch, int64_t channels, int vec, int* threads) {
   const int64_t lanes = (channels + vec - 1) / vec;
   *threads = static_cast<int>(lanes < 256 ? ((lanes + 31) / 32) * 32 : 256);
@@ -338,17 +348,12 @@ void launch_forward(const at::Tensor& hidden, at::Tensor& tokens, const at::Tens
   const int vec = pack_width<scalar_t>(hidden.data_ptr(), C, {hidden.stride(0), hidden.stride(1)});
   int threads = 0;
   const dim3 grid = channel_grid(D + K, B, C, vec, &threads);
-  const auto launch = [&](auto vec_tag) {
+  with_pack_width<scalar_t>(vec, [&](auto vec_tag) {
     constexpr int V = decltype(vec_tag)::value;
     merge_forward_kernel<scalar_t, V><<<grid, threads, 0, stream>>>(
         hidden.data_ptr<scalar_t>(), tokens.data_ptr<scalar_t>(), keep.data_ptr<int64_t>(), plan.pointers(),
         N, C, hidden.stride(0), hidden.stride(1), D, K);
-  };
-  if (vec == 1) {
-    launch(std::integral_constant<int, 1>{});
-  } else {
-    launch(std::integral_constant<int, kPack<scalar_t>>{});
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -411,17 +416,12 @@ at::Tensor contextual_merge_backward_cuda(const at::Tensor& grad_in, const at::T
     const int vec = pack_width<scalar_t>(grad.data_ptr(), C, {grad.stride(0), grad.stride(1)});
     int threads = 0;
     const dim3 grid = channel_grid(N, B, C, vec, &threads);
-    const auto launch = [&](auto vec_tag) {
+    with_pack_width<scalar_t>(vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       merge_backward_kernel<scalar_t, V><<<grid, threads, 0, stream>>>(
           grad.data_ptr<scalar_t>(), grad_hidden.data_ptr<scalar_t>(), plan.pointers(), N, C, grad.stride(0),
           grad.stride(1), D, K);
-    };
-    if (vec == 1) {
-      launch(std::integral_constant<int, 1>{});
-    } else {
-      launch(std::integral_constant<int, kPack<scalar_t>>{});
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_hidden;
