@@ -1,0 +1,542 @@
+// Device kernels and launchers of the CUDA merge path, on raw pointers and without ATen, so that the
+// same code is compiled by nvcc (csrc/cuda/select_merge_cuda.cu) and, on machines without a GPU, by
+// a host compiler against the thread-level emulation in tests/cuda_emulation (tests/test_merge_math.py).
+//
+// Three launches per call, all on the caller's stream, none reading a device value on the host:
+//   1. plan_kernel, one block per image: the top-k of the scores (select_merge only), the roles of
+//      the tokens, the ascending complement of keep through a block scan, the K strided targets and
+//      their unit metric, each member's most cosine-similar target (first maximum wins), and the
+//      member list of every target (CSR, ascending token order) with its count.
+//   2. merge_forward_kernel: dominant rows gathered in keep order; contextual row i = target +
+//      (sum of its members in list order) / max(count, 1). No float atomics, a fixed summation order.
+//   3. merge_backward_kernel (the backward only): each token row of grad_hidden written once.
+// The per-element arithmetic (target_step, target_index, clamped_norm, add_product, score_key,
+// member_divisor) is csrc/merge_math.h, shared with the C++ CPU kernels, so fp32 results match the
+// CPU kernels bit for bit.
+//
+// Inputs the host cannot check without a sync (keep values): a keep index outside [0, N) yields a
+// zero dominant row and marks no token; a repeated one marks its token once (the gradient of that
+// token comes from its last row). Nothing is read or written out of bounds either way.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../merge_math.h"
+
+#if defined(__CUDACC__)
+#define VZ_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#define VZ_DYNAMIC_SHARED(type, name)                                   \
+  extern __shared__ __align__(16) unsigned char vz_dynamic_shared_raw[]; \
+  type* name = reinterpret_cast<type*>(vz_dynamic_shared_raw)
+#else
+// Host build of the kernels: tests/cuda_emulation/cuda_emulation.h must be included first.
+#define VZ_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  ::vz_emulation::launch(grid, block, shared_bytes, kernel, __VA_ARGS__)
+#define VZ_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::vz_emulation::dynamic_shared())
+#endif
+
+namespace visionzip::cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+constexpr int kPlanThreads = 256;
+constexpr int kPlanWarps = kPlanThreads / kWarp;
+constexpr int kTargetTile = 16;     // targets scored per pass over a member's metric (registers)
+constexpr int kMergeThreads = 256;  // threads per merge block: channel lanes x rows
+constexpr int kMemberUnroll = 8;    // member rows loaded per round (independent loads in flight)
+constexpr int64_t kMaxRowBlocks = int64_t{1} << 20;  // grid.x cap; the kernels stride over rows
+constexpr int64_t kMaxChannelBlocks = 65535;         // grid.y limit
+// Dynamic shared memory for the unit targets of the plan, on top of its ~33 KB of static shared
+// memory: within the 48 KB a block gets without opting in. Larger K * d use global scratch.
+constexpr size_t kMaxSharedUnitBytes = 14 * 1024;
+
+// Plan scratch, one row per image. Filled by plan_kernel; nothing in it is read on the host.
+struct PlanPointers {
+  int8_t* role;      // [B, N] TokenRole
+  int32_t* row;      // [B, N] output row of the token, -1 when it has none
+  int32_t* targets;  // [B, K] token of each target
+  int32_t* counts;   // [B, K] members of each target
+  int32_t* offsets;  // [B, K] start of each target's members in `members`
+  int32_t* members;  // [B, N] members of target 0, then of target 1, ...; each ascending
+  float* unit;       // [B, d, K_pad] unit metric of the targets, transposed (zero padded)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Host-side layout and launch geometry (plain C++, shared with the emulation).
+
+VZ_HOST_DEVICE int64_t padded_targets(int64_t contextual) {
+  return (contextual + kTargetTile - 1) / kTargetTile * kTargetTile;
+}
+
+struct PlanLayout {
+  size_t role, row, targets, counts, offsets, members, unit, bytes;
+};
+
+inline PlanLayout plan_layout(int64_t B, int64_t N, int64_t K, int64_t d) {
+  const auto align = [](size_t x) { return (x + 15) & ~size_t{15}; };
+  const size_t bn = static_cast<size_t>(B * N), bk = static_cast<size_t>(B * K);
+  PlanLayout l{};
+  l.role = 0;
+  l.row = align(l.role + bn * sizeof(int8_t));
+  l.targets = align(l.row + bn * sizeof(int32_t));
+  l.counts = align(l.targets + bk * sizeof(int32_t));
+  l.offsets = align(l.counts + bk * sizeof(int32_t));
+  l.members = align(l.offsets + bk * sizeof(int32_t));
+  l.unit = align(l.members + bn * sizeof(int32_t));
+  l.bytes = align(l.unit + static_cast<size_t>(B * d * padded_targets(K)) * sizeof(float));
+  return l;
+}
+
+inline PlanPointers plan_pointers(void* base, const PlanLayout& l) {
+  char* p = static_cast<char*>(base);
+  return {reinterpret_cast<int8_t*>(p + l.role),       reinterpret_cast<int32_t*>(p + l.row),
+          reinterpret_cast<int32_t*>(p + l.targets),   reinterpret_cast<int32_t*>(p + l.counts),
+          reinterpret_cast<int32_t*>(p + l.offsets),   reinterpret_cast<int32_t*>(p + l.members),
+          reinterpret_cast<float*>(p + l.unit)};
+}
+
+// Elements of scalar_t per 16-byte load.
+template <typename scalar_t>
+constexpr int kPackWidth = static_cast<int>(16 / sizeof(scalar_t));
+
+// 16-byte packs when the base, the row strides and C allow them, else one element per lane.
+template <typename scalar_t>
+int pack_width(const void* base, int64_t channels, int64_t stride_b, int64_t stride_n) {
+  constexpr int64_t wide = kPackWidth<scalar_t>;
+  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0 && channels % wide == 0 &&
+                       stride_b % wide == 0 && stride_n % wide == 0;
+  return aligned ? static_cast<int>(wide) : 1;
+}
+
+// Merge geometry: blockDim = (channel lanes, rows), grid = (row blocks, channel blocks).
+struct RowLaunch {
+  dim3 grid, block;
+};
+
+inline int64_t channel_blocks(int64_t channels, int vec) {
+  const int64_t lanes = (channels + vec - 1) / vec;
+  const int64_t x = lanes >= kMergeThreads ? kMergeThreads : (lanes + kWarp - 1) / kWarp * kWarp;
+  return (lanes + x - 1) / x;
+}
+
+inline RowLaunch row_launch(int64_t rows, int64_t channels, int vec) {
+  const int64_t lanes = (channels + vec - 1) / vec;
+  const int64_t x = lanes >= kMergeThreads ? kMergeThreads : (lanes + kWarp - 1) / kWarp * kWarp;
+  const int64_t y = kMergeThreads / x;
+  const int64_t row_blocks = (rows + y - 1) / y;
+  return {dim3(static_cast<unsigned>(row_blocks < kMaxRowBlocks ? row_blocks : kMaxRowBlocks),
+               static_cast<unsigned>((lanes + x - 1) / x)),
+          dim3(static_cast<unsigned>(x), static_cast<unsigned>(y))};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-wide helpers of the plan kernel (blockDim.x == kPlanThreads; every thread calls them).
+
+__device__ __forceinline__ int warp_sum(int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_add_sync(kFullMask, value);
+#else
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) value += __shfl_xor_sync(kFullMask, value, offset);
+  return value;
+#endif
+}
+
+// Sum over the block, returned to every thread. One barrier: consecutive calls alternate between
+// the two rows of warp_totals (parity), and a row is rewritten only after every thread has passed
+// the barrier of the call in between, hence after it has read that row.
+__device__ __forceinline__ int block_sum(int value, int (*warp_totals)[kPlanWarps], int parity) {
+  value = warp_sum(value);
+  if (threadIdx.x % kWarp == 0) warp_totals[parity][threadIdx.x / kWarp] = value;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kPlanWarps; ++w) total += warp_totals[parity][w];
+  return total;
+}
+
+// Exclusive prefix sum over the threads in thread order; *total gets the block total.
+__device__ __forceinline__ int block_exclusive_scan(int value, int* warp_totals, int* total) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarp, warp = static_cast<int>(threadIdx.x) / kWarp;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < kWarp; offset <<= 1) {
+    const int up = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += up;
+  }
+  if (lane == kWarp - 1) warp_totals[warp] = inclusive;
+  __syncthreads();
+  int before = 0, sum = 0;
+#pragma unroll
+  for (int w = 0; w < kPlanWarps; ++w) {
+    const int t = warp_totals[w];
+    before += w < warp ? t : 0;
+    sum += t;
+  }
+  __syncthreads();
+  *total = sum;
+  return before + inclusive - value;
+}
+
+// keep[0..D) of one image, ascending: token 0 when keep_cls, then the D - first highest scores
+// among tokens first..N-1, ties to the lower index. A bisection over the order-preserving keys
+// finds the D-th key; the tied tokens are then taken in index order through a scan over
+// contiguous per-thread chunks.
+__device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool keep_cls, int64_t* keep,
+                                int (*warp_totals)[kPlanWarps]) {
+  const int64_t first = keep_cls ? 1 : 0;
+  const int64_t picked = D - first;
+  // The largest threshold with at least `picked` candidate keys >= threshold.
+  uint32_t threshold = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t candidate = threshold | (1u << bit);
+    int local = 0;
+    for (int64_t n = first + threadIdx.x; n < N; n += kPlanThreads) local += score_key(scores[n]) >= candidate;
+    if (block_sum(local, warp_totals, bit & 1) >= picked) threshold = candidate;
+  }
+  // Fewer than `picked` keys are above the threshold; the first ties fill the rest.
+  const int64_t chunk = (N - first + kPlanThreads - 1) / kPlanThreads;
+  const int64_t begin = first + threadIdx.x * chunk;
+  const int64_t end = begin + chunk < N ? begin + chunk : N;
+  int above = 0, ties = 0;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint32_t key = score_key(scores[n]);
+    above += key > threshold;
+    ties += key == threshold;
+  }
+  int total_above = 0, total_ties = 0;
+  // (warp_totals[0] was last written by the bit-0 round; every thread has read it since.)
+  const int above_before = block_exclusive_scan(above, warp_totals[1], &total_above);
+  const int ties_before = block_exclusive_scan(ties, warp_totals[1], &total_ties);
+  const int64_t ties_needed = picked - total_above;
+  int64_t position = first + above_before + (ties_before < ties_needed ? ties_before : ties_needed);
+  int64_t tie_rank = ties_before;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint32_t key = score_key(scores[n]);
+    bool take = key > threshold;
+    if (key == threshold) take = tie_rank++ < ties_needed;
+    if (take) keep[position++] = n;
+  }
+  if (keep_cls && threadIdx.x == 0) keep[0] = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The plan, one block of kPlanThreads per image.
+//
+// metric [B, N, d] (unit last stride, any row strides) in its own dtype, read as fp32. scores is
+// [B, N] fp32 contiguous for select_merge (keep is then written), or null (keep is read). The unit
+// targets live in dynamic shared memory when unit_in_shared (plan_unit_bytes fits), else in
+// plan.unit. build_lists: the forward needs the member lists, the backward only the counts.
+
+template <typename metric_t>
+__global__ void __launch_bounds__(kPlanThreads)
+plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
+            const float* __restrict__ scores, int64_t* keep, PlanPointers plan, int64_t N, int64_t d,
+            int64_t D, int64_t K, bool keep_cls, bool build_lists, bool unit_in_shared) {
+  __shared__ int warp_totals[2][kPlanWarps];
+  __shared__ float tiles[kPlanWarps][kWarp][kWarp + 1];  // per warp: [channel][token], padded
+  VZ_DYNAMIC_SHARED(float, shared_unit);
+  const int64_t b = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % kWarp, warp = tid / kWarp;
+  int64_t* keep_b = keep + b * D;
+  if (scores != nullptr) {
+    select_dominant(scores + b * N, N, D, keep_cls, keep_b, warp_totals);
+    __syncthreads();
+  }
+  int8_t* role = plan.role + b * N;
+  int32_t* row = plan.row + b * N;
+  int32_t* targets = plan.targets + b * K;
+  int32_t* counts = plan.counts + b * K;
+  for (int64_t n = tid; n < N; n += kPlanThreads) {
+    role[n] = K > 0 ? kMember : kDropped;
+    row[n] = -1;
+  }
+  for (int64_t i = tid; i < K; i += kPlanThreads) {
+    targets[i] = -1;
+    counts[i] = 0;
+  }
+  __syncthreads();
+  for (int64_t i = tid; i < D; i += kPlanThreads) {
+    const int64_t t = keep_b[i];
+    if (t >= 0 && t < N) {
+      role[t] = kDominant;
+      atomicMax(row + t, static_cast<int32_t>(i));  // a repeated index keeps its last row
+    }
+  }
+  __syncthreads();
+  if (K == 0) return;
+
+  // Position of every not-kept token among the not-kept ones: a scan over contiguous chunks.
+  {
+    const int64_t chunk = (N + kPlanThreads - 1) / kPlanThreads;
+    const int64_t begin = tid * chunk;
+    const int64_t end = begin + chunk < N ? begin + chunk : N;
+    int rest = 0;
+    for (int64_t n = begin; n < end; ++n) rest += role[n] != kDominant;
+    int num_rest = 0;
+    int64_t pos = block_exclusive_scan(rest, warp_totals[0], &num_rest);
+    const int64_t step = target_step(num_rest, K);
+    for (int64_t n = begin; n < end; ++n) {
+      if (role[n] == kDominant) continue;
+      const int64_t i = target_index(pos, step, K);
+      if (i >= 0) {
+        role[n] = kTarget;
+        row[n] = static_cast<int32_t>(D + i);
+        targets[i] = static_cast<int32_t>(n);
+      }
+      ++pos;
+    }
+  }
+  __syncthreads();
+
+  // Unit metric of each target, m / max(||m||, eps), stored transposed: unit[c * K_pad + i].
+  const int64_t k_pad = padded_targets(K);
+  const metric_t* m_img = metric + b * metric_sb;
+  float* unit = unit_in_shared ? shared_unit : plan.unit + b * d * k_pad;
+  for (int64_t i = tid; i < k_pad; i += kPlanThreads) {
+    const int64_t t = i < K ? targets[i] : -1;
+    if (t < 0) {
+      for (int64_t c = 0; c < d; ++c) unit[c * k_pad + i] = 0.f;
+      continue;
+    }
+    const metric_t* m = m_img + t * metric_sn;
+    float sum_sq = 0.f;
+    for (int64_t c = 0; c < d; ++c) {
+      const float v = static_cast<float>(m[c]);
+      sum_sq = add_product(sum_sq, v, v);
+    }
+    const float norm = clamped_norm(sum_sq);
+    for (int64_t c = 0; c < d; ++c) unit[c * k_pad + i] = static_cast<float>(m[c]) / norm;
+  }
+  __syncthreads();
+
+  // Each member to its most cosine-similar target, the first maximum winning. A warp takes 32
+  // consecutive tokens; their metric is staged through shared memory 32 channels at a time
+  // (coalesced loads), and each lane sums m[c] * unit[c, i] over c in ascending order, as the CPU
+  // kernel does. The member's own norm scales all K similarities alike, so it is skipped.
+  float(*tile)[kWarp + 1] = tiles[warp];
+  for (int64_t g0 = static_cast<int64_t>(warp) * kWarp; g0 < N; g0 += kPlanThreads) {
+    const int64_t n = g0 + lane;
+    const bool is_member = n < N && role[n] == kMember;
+    if (!__any_sync(kFullMask, is_member)) continue;  // warp-uniform
+    int64_t best = 0;
+    float best_sim = 0.f;
+    for (int64_t i0 = 0; i0 < K; i0 += kTargetTile) {
+      float acc[kTargetTile];
+#pragma unroll
+      for (int j = 0; j < kTargetTile; ++j) acc[j] = 0.f;
+      for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
+        __syncwarp();  // the previous chunk has been read
+        const int64_t c = c0 + lane;
+        for (int r = 0; r < kWarp; ++r) {
+          const int64_t t = g0 + r;
+          tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
+        }
+        __syncwarp();
+        const int64_t width = d - c0 < kWarp ? d - c0 : kWarp;
+        for (int64_t cc = 0; cc < width; ++cc) {
+          const float mc = tile[cc][lane];
+          const float* u = unit + (c0 + cc) * k_pad + i0;
+#pragma unroll
+          for (int j = 0; j < kTargetTile; ++j) acc[j] = add_product(acc[j], mc, u[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kTargetTile; ++j) {
+        const int64_t i = i0 + j;
+        if (i < K && (i == 0 || acc[j] > best_sim)) {
+          best_sim = acc[j];
+          best = i;
+        }
+      }
+    }
+    if (is_member) {
+      row[n] = static_cast<int32_t>(D + best);
+      atomicAdd(counts + best, 1);  // integer: the total does not depend on the order
+    }
+  }
+  if (!build_lists) return;
+  __syncthreads();
+
+  // Member lists (CSR): offsets = exclusive scan of the counts; then one warp per target writes its
+  // members in ascending token order, placed by ballots (no atomics, so the order is fixed).
+  int32_t* offsets = plan.offsets + b * K;
+  int32_t* members = plan.members + b * N;
+  int carry = 0;
+  for (int64_t i0 = 0; i0 < K; i0 += kPlanThreads) {
+    const int64_t i = i0 + tid;
+    int chunk_total = 0;
+    const int before = block_exclusive_scan(i < K ? counts[i] : 0, warp_totals[0], &chunk_total);
+    if (i < K) offsets[i] = carry + before;
+    carry += chunk_total;
+  }
+  __syncthreads();
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int64_t i = warp; i < K; i += kPlanWarps) {
+    const int32_t r = static_cast<int32_t>(D + i);
+    int64_t cursor = offsets[i];
+    for (int64_t n0 = 0; n0 < N; n0 += kWarp) {
+      const int64_t n = n0 + lane;
+      const bool mine = n < N && role[n] == kMember && row[n] == r;
+      const unsigned ballot = __ballot_sync(kFullMask, mine);
+      if (mine) members[cursor + __popc(ballot & lanes_below)] = static_cast<int32_t>(n);
+      cursor += __popc(ballot);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2-3. Row kernels: blockDim = (channel lanes, rows); each lane owns VEC consecutive channels of
+// one output row at a time and strides over the rows. Lanes of a warp share the row.
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+}
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Pack<scalar_t, VEC> zero_pack() {
+  Pack<scalar_t, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(0.f);
+  return out;
+}
+
+// tokens [B, D+K, C] contiguous from hidden [B, N, C] (unit last stride).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kMergeThreads)
+merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int64_t hidden_sn,
+                     const int64_t* __restrict__ keep, PlanPointers plan, scalar_t* __restrict__ tokens,
+                     int64_t B, int64_t N, int64_t C, int64_t D, int64_t K) {
+  using pack_t = Pack<scalar_t, VEC>;
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= C) return;  // no barriers in this kernel
+  const int64_t rows = D + K, total = B * rows;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; g < total; g += stride) {
+    const int64_t b = g / rows, r = g % rows;
+    const scalar_t* h = hidden + b * hidden_sb + c;
+    pack_t out;
+    if (r < D) {
+      const int64_t t = keep[b * D + r];
+      out = t >= 0 && t < N ? load_pack<scalar_t, VEC>(h + t * hidden_sn) : zero_pack<scalar_t, VEC>();
+    } else {
+      const int64_t i = b * K + (r - D);
+      const int32_t count = plan.counts[i];
+      const int32_t* list = plan.members + b * N + plan.offsets[i];
+      acc_t sums[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sums[j] = acc_t(0);
+      int32_t m = 0;
+      for (; m + kMemberUnroll <= count; m += kMemberUnroll) {
+        pack_t rows_in[kMemberUnroll];
+#pragma unroll
+        for (int u = 0; u < kMemberUnroll; ++u) rows_in[u] = load_pack<scalar_t, VEC>(h + list[m + u] * hidden_sn);
+#pragma unroll
+        for (int u = 0; u < kMemberUnroll; ++u) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) sums[j] += static_cast<acc_t>(rows_in[u].v[j]);
+        }
+      }
+      for (; m < count; ++m) {
+        const pack_t member = load_pack<scalar_t, VEC>(h + list[m] * hidden_sn);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sums[j] += static_cast<acc_t>(member.v[j]);
+      }
+      const int32_t t = plan.targets[i];
+      const pack_t target = t >= 0 ? load_pack<scalar_t, VEC>(h + t * hidden_sn) : zero_pack<scalar_t, VEC>();
+      const acc_t divisor = member_divisor(count);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(target.v[j]) + sums[j] / divisor);
+      }
+    }
+    *reinterpret_cast<pack_t*>(tokens + g * C + c) = out;
+  }
+}
+
+// grad_hidden [B, N, C] contiguous from grad_tokens [B, D+K, C] (unit last stride).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kMergeThreads)
+merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_t grad_sr, PlanPointers plan,
+                      scalar_t* __restrict__ grad_hidden, int64_t B, int64_t N, int64_t C, int64_t D, int64_t K) {
+  using pack_t = Pack<scalar_t, VEC>;
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= C) return;  // no barriers in this kernel
+  const int64_t total = B * N;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; g < total; g += stride) {
+    const int64_t b = g / N;
+    const int8_t role = plan.role[g];
+    const int32_t r = plan.row[g];
+    pack_t out;
+    if (role == kDropped || r < 0) {
+      out = zero_pack<scalar_t, VEC>();
+    } else {
+      out = load_pack<scalar_t, VEC>(grad + b * grad_sb + r * grad_sr + c);
+      if (role == kMember) {
+        const acc_t divisor = member_divisor(plan.counts[b * K + (r - D)]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(out.v[j]) / divisor);
+      }
+    }
+    *reinterpret_cast<pack_t*>(grad_hidden + g * C + c) = out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (host). The caller allocates the plan scratch (plan_layout) and checks launch errors.
+
+template <typename metric_t>
+void launch_plan(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores, int64_t* keep,
+                 PlanPointers plan, int64_t B, int64_t N, int64_t d, int64_t D, int64_t K, bool keep_cls,
+                 bool build_lists, cudaStream_t stream) {
+  auto* kernel = &plan_kernel<metric_t>;
+  const size_t unit_bytes = static_cast<size_t>(padded_targets(K) * d) * sizeof(float);
+  const bool unit_in_shared = unit_bytes <= kMaxSharedUnitBytes;
+  VZ_LAUNCH(kernel, dim3(static_cast<unsigned>(B)), dim3(kPlanThreads), unit_in_shared ? unit_bytes : 0, stream,
+            metric, metric_sb, metric_sn, scores, keep, plan, N, d, D, K, keep_cls, build_lists, unit_in_shared);
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_merge_forward(const scalar_t* hidden, int64_t hidden_sb, int64_t hidden_sn, const int64_t* keep,
+                          PlanPointers plan, scalar_t* tokens, int64_t B, int64_t N, int64_t C, int64_t D,
+                          int64_t K, cudaStream_t stream) {
+  const int vec = pack_width<scalar_t>(hidden, C, hidden_sb, hidden_sn);
+  const RowLaunch geometry = row_launch(B * (D + K), C, vec);
+  if (vec == kPackWidth<scalar_t>) {
+    auto* kernel = &merge_forward_kernel<scalar_t, acc_t, kPackWidth<scalar_t>>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, hidden, hidden_sb, hidden_sn, keep, plan, tokens, B, N,
+              C, D, K);
+  } else {
+    auto* kernel = &merge_forward_kernel<scalar_t, acc_t, 1>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, hidden, hidden_sb, hidden_sn, keep, plan, tokens, B, N,
+              C, D, K);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_merge_backward(const scalar_t* grad, int64_t grad_sb, int64_t grad_sr, PlanPointers plan,
+                           scalar_t* grad_hidden, int64_t B, int64_t N, int64_t C, int64_t D, int64_t K,
+                           cudaStream_t stream) {
+  const int vec = pack_width<scalar_t>(grad, C, grad_sb, grad_sr);
+  const RowLaunch geometry = row_launch(B * N, C, vec);
+  if (vec == kPackWidth<scalar_t>) {
+    auto* kernel = &merge_backward_kernel<scalar_t, acc_t, kPackWidth<scalar_t>>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, grad, grad_sb, grad_sr, plan, grad_hidden, B, N, C, D,
+              K);
+  } else {
+    auto* kernel = &merge_backward_kernel<scalar_t, acc_t, 1>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, grad, grad_sb, grad_sr, plan, grad_hidden, B, N, C, D,
+              K);
+  }
+}
+
+}  // namespace visionzip::cuda

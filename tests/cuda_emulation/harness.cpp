@@ -1,0 +1,113 @@
+// C entry points that run csrc/cuda/merge_kernels.cuh under the host emulation, through the same
+// launchers the CUDA extension uses, on caller-owned buffers (torch tensors from Python, ctypes).
+// dtype codes: 0 float32, 1 float64, 2 float16, 3 bfloat16 (c10::Half / c10::BFloat16, as on CUDA).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+#include "cuda_emulation.h"
+// (after the emulation)
+#include "../../csrc/cuda/merge_kernels.cuh"
+
+namespace {
+
+using namespace visionzip::cuda;
+
+template <typename F>
+int with_dtype(int code, F&& f) {
+  switch (code) {
+    case 0: f(float{}, float{}); return 0;
+    case 1: f(double{}, double{}); return 0;
+    case 2: f(c10::Half{}, float{}); return 0;
+    case 3: f(c10::BFloat16{}, float{}); return 0;
+    default: return -2;
+  }
+}
+
+// Plan scratch, 16-byte aligned, filled with a pattern so that unwritten reads show.
+struct Scratch {
+  Scratch(int64_t B, int64_t N, int64_t K, int64_t d)
+      : layout(plan_layout(B, N, K, d)), storage(layout.bytes / 16 + 1) {
+    std::memset(storage.data(), 0x5a, storage.size() * 16);
+  }
+  PlanPointers pointers() { return plan_pointers(storage.data(), layout); }
+  PlanLayout layout;
+  struct alignas(16) Chunk {
+    unsigned char bytes[16];
+  };
+  std::vector<Chunk> storage;
+};
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "emulation: %s\n", e.what());
+    return -1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// select_merge (scores != null: keep is written) or contextual_merge (keep is read).
+int vz_emu_merge(int hidden_dtype, const void* hidden, int64_t hidden_sb, int64_t hidden_sn, int metric_dtype,
+                 const void* metric, int64_t metric_sb, int64_t metric_sn, const float* scores, int64_t* keep,
+                 void* tokens, int64_t B, int64_t N, int64_t C, int64_t d, int64_t D, int64_t K, int keep_cls) {
+  return guarded([&] {
+    Scratch scratch(B, N, K, d);
+    const PlanPointers plan = scratch.pointers();
+    if (scores != nullptr || K > 0) {
+      const int rc = with_dtype(metric_dtype, [&](auto metric_tag, auto) {
+        using metric_t = decltype(metric_tag);
+        launch_plan<metric_t>(static_cast<const metric_t*>(metric), metric_sb, metric_sn, scores, keep, plan, B, N,
+                              d, D, K, keep_cls != 0, /*build_lists=*/true, nullptr);
+      });
+      if (rc != 0) return rc;
+    }
+    return with_dtype(hidden_dtype, [&](auto scalar_tag, auto acc_tag) {
+      using scalar_t = decltype(scalar_tag);
+      using acc_t = decltype(acc_tag);
+      launch_merge_forward<scalar_t, acc_t>(static_cast<const scalar_t*>(hidden), hidden_sb, hidden_sn, keep, plan,
+                                            static_cast<scalar_t*>(tokens), B, N, C, D, K, nullptr);
+    });
+  });
+}
+
+int vz_emu_merge_backward(int grad_dtype, const void* grad, int64_t grad_sb, int64_t grad_sr, int metric_dtype,
+                          const void* metric, int64_t metric_sb, int64_t metric_sn, int64_t* keep,
+                          void* grad_hidden, int64_t B, int64_t N, int64_t C, int64_t d, int64_t D, int64_t K) {
+  return guarded([&] {
+    Scratch scratch(B, N, K, d);
+    const PlanPointers plan = scratch.pointers();
+    const int rc = with_dtype(metric_dtype, [&](auto metric_tag, auto) {
+      using metric_t = decltype(metric_tag);
+      launch_plan<metric_t>(static_cast<const metric_t*>(metric), metric_sb, metric_sn, nullptr, keep, plan, B, N, d,
+                            D, K, false, /*build_lists=*/false, nullptr);
+    });
+    if (rc != 0) return rc;
+    return with_dtype(grad_dtype, [&](auto scalar_tag, auto acc_tag) {
+      using scalar_t = decltype(scalar_tag);
+      using acc_t = decltype(acc_tag);
+      launch_merge_backward<scalar_t, acc_t>(static_cast<const scalar_t*>(grad), grad_sb, grad_sr, plan,
+                                             static_cast<scalar_t*>(grad_hidden), B, N, C, D, K, nullptr);
+    });
+  });
+}
+
+// The merge launch geometry for `rows` rows of C channels at pack width vec:
+// out = {grid.x, grid.y, grid.z, block.x, block.y, block.z}.
+void vz_emu_row_launch(int64_t rows, int64_t C, int vec, int64_t* out) {
+  const RowLaunch g = row_launch(rows, C, vec);
+  const int64_t values[6] = {g.grid.x, g.grid.y, g.grid.z, g.block.x, g.block.y, g.block.z};
+  for (int i = 0; i < 6; ++i) out[i] = values[i];
+}
+
+int64_t vz_emu_channel_blocks(int64_t C, int vec) { return channel_blocks(C, vec); }
+
+}  // extern "C"

@@ -1,0 +1,220 @@
+"""The CUDA merge kernels (csrc/cuda/merge_kernels.cuh) run on the CPU, on every machine.
+
+The kernels are written against raw pointers with no ATen, so a host compiler builds them together
+with a small thread-level emulation of CUDA (tests/cuda_emulation: one std::thread per CUDA thread,
+block barriers, warp votes and shuffles), through the very launchers and launch geometry the CUDA
+extension uses. The plan kernel (top-k, complement scan, targets, assignment, member lists), the
+forward merge and the backward are checked here bit for bit against the C++ CPU kernels, which
+compute with the same csrc/merge_math.h formulas, and so against the reference. What this cannot
+show (timing, the device memory model, nvcc-only code paths such as __reduce_add_sync) is left to
+tests/test_cuda.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import include_paths
+
+from helpers import assert_equal_verbose, assert_tokens_match_reference, merge_inputs
+from visionzip_kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "tests/cuda_emulation/harness.cpp", ROOT / "tests/cuda_emulation/cuda_emulation.h",
+           ROOT / "csrc/cuda/merge_kernels.cuh", ROOT / "csrc/merge_math.h"]
+CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+I64 = ctypes.c_int64
+ops = torch.ops.visionzip
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("cuda_emulation") / "vz_emulation.so"
+    cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off",
+           "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Werror",
+           *(f"-I{p}" for p in include_paths()[:1]), str(SOURCES[0]), "-o", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(out))
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def emu_merge(lib, hidden, metric, D, K, scores=None, keep=None, keep_cls=True):
+    """select_merge (scores given) or contextual_merge (keep given) through the emulated kernels."""
+    B, N, C = hidden.shape
+    assert hidden.stride(-1) == 1 and metric.stride(-1) == 1
+    if scores is not None:
+        keep = torch.full((B, D), -7, dtype=torch.int64)
+        scores = scores.float().contiguous()
+    else:
+        keep = keep.contiguous()
+    tokens = torch.full((B, D + K, C), float("nan"), dtype=hidden.dtype)
+    rc = lib.vz_emu_merge(CODES[hidden.dtype], _ptr(hidden), I64(hidden.stride(0)), I64(hidden.stride(1)),
+                          CODES[metric.dtype], _ptr(metric), I64(metric.stride(0)), I64(metric.stride(1)),
+                          _ptr(scores), _ptr(keep), _ptr(tokens), I64(B), I64(N), I64(C), I64(metric.shape[2]),
+                          I64(D), I64(K), ctypes.c_int(int(keep_cls)))
+    assert rc == 0, f"emulated launch failed ({rc})"
+    return tokens, keep
+
+
+def emu_backward(lib, grad, metric, keep, N):
+    B, R, C = grad.shape
+    D = keep.shape[1]
+    keep = keep.contiguous()
+    out = torch.full((B, N, C), float("nan"), dtype=grad.dtype)
+    rc = lib.vz_emu_merge_backward(CODES[grad.dtype], _ptr(grad), I64(grad.stride(0)), I64(grad.stride(1)),
+                                   CODES[metric.dtype], _ptr(metric), I64(metric.stride(0)), I64(metric.stride(1)),
+                                   _ptr(keep), _ptr(out), I64(B), I64(N), I64(C), I64(metric.shape[2]), I64(D),
+                                   I64(R - D))
+    assert rc == 0, f"emulated launch failed ({rc})"
+    return out
+
+
+# (B, N, C, d, D, K): the foundation shape; N, C, d off the warp and pack multiples; K over one
+# target tile (16) and past the shared-memory budget of the unit targets (K_pad * d * 4 > 14 KB);
+# N over 256 tokens per thread chunk; K over 256 (offsets scanned in chunks); K = 0; D = 1.
+SHAPES = [
+    (2, 577, 64, 64, 54, 10),
+    (1, 17, 24, 8, 1, 0),
+    (2, 300, 40, 40, 30, 33),
+    (1, 200, 16, 72, 10, 100),
+    (1, 2881, 8, 16, 54, 10),
+    (1, 640, 8, 8, 20, 300),
+    (3, 50, 24, 33, 1, 49),
+]
+
+
+@pytest.mark.parametrize("B,N,C,d,D,K", SHAPES)
+def test_select_merge_matches_cpu_kernel_bitwise(emu, B, N, C, d, D, K):
+    hidden, scores, metric, expected_keep = merge_inputs(B, N, C, D, K, d=d, seed=N + K)
+    tokens, keep = emu_merge(emu, hidden, metric, D, K, scores=scores)
+    assert_equal_verbose(keep, expected_keep, "keep")
+    cpu_tokens, cpu_keep = ops.select_merge(hidden, scores, metric, D, K, True)
+    assert_equal_verbose(keep, cpu_keep, "keep vs CPU kernel")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+    assert_tokens_match_reference(tokens, hidden, metric, keep, K, "emulated select_merge")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_dtypes_and_layouts(emu, dtype, strided):
+    """16-byte packs (contiguous) and the one-element path (a padded view whose strides are not
+    multiples of the pack); metric in the same dtype, read as fp32."""
+    hidden, scores, metric, _ = merge_inputs(2, 97, 48, 9, 5, dtype=dtype, d=24, seed=5, strided=strided)
+    tokens, keep = emu_merge(emu, hidden, metric, 9, 5, scores=scores)
+    cpu_tokens, cpu_keep = ops.select_merge(hidden, scores, metric, 9, 5, True)
+    assert_equal_verbose(keep, cpu_keep, "keep")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+    assert_tokens_match_reference(tokens, hidden, metric, keep, 5, "emulated select_merge")
+
+
+def test_keep_cls_false_and_ties(emu):
+    """Top-k without CLS; heavy ties (ties to the lower index) and -0.0 == +0.0."""
+    B, N, C, D, K = 3, 130, 16, 40, 7
+    hidden, _, metric, _ = merge_inputs(B, N, C, D, K, keep_cls=False, d=16, seed=2)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (B, N), generator=g).float()
+    scores[0, ::3] = -0.0
+    scores[1] = 0.0
+    tokens, keep = emu_merge(emu, hidden, metric, D, K, scores=scores, keep_cls=False)
+    cpu_tokens, cpu_keep = ops.select_merge(hidden, scores, metric, D, K, False)
+    assert_equal_verbose(keep, cpu_keep, "keep")
+    assert_equal_verbose(keep, reference.dominant_topk(scores, D, False), "keep vs reference")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens")
+
+
+def test_contextual_merge_keep_order_and_backward(emu):
+    """contextual_merge with a shuffled keep (dominant rows in keep's order), and its backward."""
+    B, N, C, d, D, K = 2, 577, 32, 64, 54, 10
+    hidden, _, metric, keep = merge_inputs(B, N, C, D, K, d=d, seed=7)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.stack([row[torch.randperm(D, generator=g)] for row in keep])
+    tokens, _ = emu_merge(emu, hidden, metric, D, K, keep=keep)
+    assert_equal_verbose(tokens, ops.contextual_merge(hidden, metric, keep, K), "tokens vs CPU kernel")
+    grad = torch.randn(B, D + K, C, generator=g)
+    grad_hidden = emu_backward(emu, grad, metric, keep, N)
+    assert_equal_verbose(grad_hidden, ops.contextual_merge_backward(grad, metric, keep, N), "grad vs CPU kernel")
+    torch.testing.assert_close(grad_hidden, reference.contextual_merge_backward(grad, metric, keep, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [0, 3, 40])
+def test_backward_matches_cpu_kernel(emu, dtype, K):
+    B, N, C, d, D = 2, 150, 24, 16, 12
+    hidden, _, metric, keep = merge_inputs(B, N, C, D, K, d=d, dtype=dtype, seed=K)
+    grad = torch.randn(B, D + K, C, generator=torch.Generator().manual_seed(K)).to(dtype)
+    strided_grad = torch.zeros(B, D + K + 1, C + 4, dtype=dtype)[:, 1:, 2 : C + 2]
+    strided_grad.copy_(grad)  # the one-element path
+    expected = ops.contextual_merge_backward(grad, metric, keep, N)
+    assert_equal_verbose(emu_backward(emu, grad, metric, keep, N), expected, "grad")
+    assert_equal_verbose(emu_backward(emu, strided_grad, metric, keep, N), expected, "strided grad")
+
+
+def test_gpu_policy_for_bad_keep(emu):
+    """What the CPU kernels reject but the GPU cannot check without a sync: keep out of range gives
+    a zero dominant row; a repeated index is one dominant token whose gradient comes from its last
+    row. Nothing else changes, nothing is read or written out of bounds, results are repeatable."""
+    B, N, C, d, D, K = 1, 40, 8, 8, 4, 3
+    hidden, _, metric, _ = merge_inputs(B, N, C, D, K, d=d, seed=3)
+    keep = torch.tensor([[5, 77, 9, -2]])
+    tokens, _ = emu_merge(emu, hidden, metric, D, K, keep=keep)
+    assert torch.equal(tokens[0, 0], hidden[0, 5]) and torch.equal(tokens[0, 2], hidden[0, 9])
+    assert torch.equal(tokens[0, 1], torch.zeros(C)) and torch.equal(tokens[0, 3], torch.zeros(C))
+    # The contextual rows are those of the valid tokens alone (here: keep = [5, 9] and K = 3).
+    expected = ops.contextual_merge(hidden, metric, torch.tensor([[5, 9]]), K)
+    assert torch.equal(tokens[0, D:], expected[0, 2:])
+    repeated = torch.tensor([[5, 9, 5, 11]])
+    first, _ = emu_merge(emu, hidden, metric, D, K, keep=repeated)
+    again, _ = emu_merge(emu, hidden, metric, D, K, keep=repeated)
+    assert torch.equal(first, again) and torch.equal(first[0, 2], hidden[0, 5])
+    grad = torch.randn(B, D + K, C)
+    grad_hidden = emu_backward(emu, grad, metric, repeated, N)
+    assert torch.equal(grad_hidden[0, 5], grad[0, 2])
+
+
+def test_launch_geometry_limits(emu):
+    """Merge launches stay within CUDA's limits for any row count: blocks of 256 threads, lanes a
+    multiple of 32, grid.x capped (the kernels stride over rows), grid.y = channel blocks."""
+    out = (ctypes.c_int64 * 6)()
+    for rows, C, vec in [(1, 1, 1), (64, 1024, 8), (256 * 64, 1024, 8), (2**33, 8, 8), (577, 4096, 4),
+                         (3, 100_000, 1), (10, 24, 8)]:
+        emu.vz_emu_row_launch(I64(rows), I64(C), ctypes.c_int(vec), out)
+        gx, gy, gz, bx, by, bz = list(out)
+        assert bx % 32 == 0 and bx * by * bz == 256, (rows, C, vec, list(out))
+        assert 1 <= gx <= 2**20 and 1 <= gy <= 65535 and gz == 1
+        lanes = -(-C // vec)
+        assert gy * bx >= lanes and (gy - 1) * bx < lanes
+        assert gx * by >= rows or gx == 2**20
+    assert emu.vz_emu_channel_blocks(I64(65535 * 256), ctypes.c_int(1)) == 65535
+    assert emu.vz_emu_channel_blocks(I64(65535 * 256 + 1), ctypes.c_int(1)) == 65536
+
+
+def test_exact_similarity_ties_go_to_the_first_target(emu):
+    """Members equally similar to several targets join the first of them (first maximum wins)."""
+    B, N, C, d, D, K = 2, 90, 16, 8, 6, 5
+    hidden, _, _, keep = merge_inputs(B, N, C, D, K, d=d, seed=4)
+    metric = torch.ones(B, N, d)
+    metric[1, ::2, 0] = -1.0  # image 1: two directions, each shared by several targets
+    tokens, _ = emu_merge(emu, hidden, metric, D, K, keep=keep)
+    assert_equal_verbose(tokens, ops.contextual_merge(hidden, metric, keep, K), "tokens vs CPU kernel")
+    grad = torch.randn(B, D + K, C, generator=torch.Generator().manual_seed(0))
+    assert_equal_verbose(emu_backward(emu, grad, metric, keep, N),
+                         ops.contextual_merge_backward(grad, metric, keep, N), "grad vs CPU kernel")
+    # Image 0: every member is in target 0's row, which is target + mean of all members.
+    rest = [n for n in range(N) if n not in set(keep[0].tolist())]
+    step = max(1, len(rest) // K)
+    targets = rest[: K * step : step]
+    members = [n for n in rest if n not in targets]
+    expected = hidden[0, targets[0]] + hidden[0, members].sum(0) / len(members)
+    torch.testing.assert_close(tokens[0, D], expected)
+    assert torch.equal(tokens[0, D + 1 :], hidden[0, targets[1:]])
