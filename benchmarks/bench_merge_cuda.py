@@ -3,9 +3,11 @@ N = 577, C = 1024, D/K = 54/10, B in {1, 32, 256}, fp16 and bf16. Skipped withou
 
     python -m pytest benchmarks/bench_merge_cuda.py --benchmark-columns=median
 
-The floor is a device-to-device copy of hidden measured in the same run: the summary's ratio of the
-copy's time to ours is the fraction of copy bandwidth that select_merge achieves (it reads hidden
-once and writes (D+K)/N of it).
+Besides the side-by-side table (median time, ratio to ours, peak memory per path), the summary gives
+ours' achieved bandwidth as a fraction of a device-to-device copy of hidden timed in the same run
+(CUDA events, back to back): select_merge reads hidden once and writes (D + K) / N of it, the copy
+reads and writes all of it. Targets (issue 4): >= 20x faster than the upstream-style path at B = 1,
+>= 70% of copy bandwidth at B = 256.
 """
 
 from __future__ import annotations
@@ -20,12 +22,46 @@ from visionzip_kernels.upstream import upstream_select_merge
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 N, C, DOMINANT, CONTEXTUAL = 577, 1024, 54, 10
+_BANDWIDTH: dict[str, str] = {}
+
+
+class _Summary:
+    """Prints the bandwidth lines after the side-by-side table."""
+
+    @staticmethod
+    def pytest_terminal_summary(terminalreporter) -> None:
+        if _BANDWIDTH:
+            terminalreporter.section("select_merge cuda: bandwidth vs a copy of hidden (same run)")
+            for line in _BANDWIDTH.values():
+                terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bandwidth_summary(request):
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("visionzip-bandwidth-summary"):
+        manager.register(_Summary(), "visionzip-bandwidth-summary")
+    yield
+
+
+def _event_time(fn, iters: int = 50) -> float:
+    """Seconds per call, averaged over back-to-back calls between two CUDA events."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
 
 
 @pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
 @pytest.mark.parametrize("B", [1, 32, 256])
 @pytest.mark.parametrize("path", ["ours", "reference", "upstream-style (merge from the map)", "copy of hidden"])
-def test_select_merge_cuda(side_by_side, path: str, B: int, dtype_name: str) -> None:
+def test_select_merge_cuda(side_by_side, benchmark, path: str, B: int, dtype_name: str) -> None:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     hidden, scores, metric, _ = merge_inputs(B, N, C, DOMINANT, CONTEXTUAL, dtype=dtype, seed=B)
     hidden, scores, metric = hidden.cuda(), scores.cuda(), metric.cuda()
@@ -40,4 +76,15 @@ def test_select_merge_cuda(side_by_side, path: str, B: int, dtype_name: str) -> 
                                                                             CONTEXTUAL),
         "copy of hidden": lambda: hidden.clone(),
     }
-    side_by_side(f"select_merge cuda B={B} {dtype_name}", path, paths[path], device="cuda")
+    group = f"select_merge cuda B={B} {dtype_name}"
+    side_by_side(group, path, paths[path], device="cuda")
+    if path == "ours":
+        ours = _event_time(paths["ours"])
+        copy = _event_time(paths["copy of hidden"])
+        size = hidden.element_size()
+        ours_bytes = B * N * C * size + B * (DOMINANT + CONTEXTUAL) * C * size + metric.numel() * metric.element_size()
+        fraction = (ours_bytes / ours) / (2 * hidden.numel() * size / copy)
+        benchmark.extra_info["copy_bandwidth_fraction"] = fraction
+        _BANDWIDTH[group] = (f"    {group:<34} ours {ours * 1e6:9.1f} us  {ours_bytes / ours / 1e9:7.1f} GB/s   "
+                             f"copy {copy * 1e6:9.1f} us  {2 * hidden.numel() * size / copy / 1e9:7.1f} GB/s   "
+                             f"fraction {fraction:5.1%}")
