@@ -418,10 +418,14 @@ merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int
   using pack_t = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;  // no barriers in this kernel
-  const int64_t rows = D + K, total = B * rows;
+  const int64_t rows = D + K, total = B * rows, contextual_rows = B * K;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; g < total; g += stride) {
-    const int64_t b = g / rows, r = g % rows;
+    // The B * K contextual rows (long: a sum over members) come first, so that blocks start in
+    // roughly decreasing order of work; then the B * D dominant rows (one load each).
+    const bool is_contextual = g < contextual_rows;
+    const int64_t b = is_contextual ? g / K : (g - contextual_rows) / D;
+    const int64_t r = is_contextual ? D + g % K : (g - contextual_rows) % D;
     const scalar_t* h = hidden + b * hidden_sb + c;
     pack_t out;
     if (r < D) {
@@ -458,7 +462,7 @@ merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int
         out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(target.v[j]) + sums[j] / divisor);
       }
     }
-    *reinterpret_cast<pack_t*>(tokens + g * C + c) = out;
+    *reinterpret_cast<pack_t*>(tokens + (b * rows + r) * C + c) = out;
   }
 }
 
