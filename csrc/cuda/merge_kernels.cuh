@@ -2,17 +2,21 @@
 // same code is compiled by nvcc (csrc/cuda/select_merge_cuda.cu) and, on machines without a GPU, by
 // a host compiler against the thread-level emulation in tests/cuda_emulation (tests/test_merge_math.py).
 //
-// Three launches per call, all on the caller's stream, none reading a device value on the host:
-//   1. plan_kernel, one block per image: the top-k of the scores (select_merge only), the roles of
-//      the tokens, the ascending complement of keep through a block scan, the K strided targets and
-//      their unit metric, each member's most cosine-similar target (first maximum wins), and the
-//      member list of every target (CSR, ascending token order) with its count.
+// Two launches per op (plan, then merge or backward), on the caller's stream, none reading a
+// device value on the host, so the path can be captured in a CUDA graph:
+//   1. plan_kernel, one block per image: the top-k of the scores (select_merge only; a bisection
+//      over order-preserving keys), the roles of the tokens, the ascending complement of keep
+//      through a block scan, the K strided targets and their unit metric, each member's most
+//      cosine-similar target (first maximum wins; warps stage 32 tokens' metric through shared
+//      memory), the member counts (integer atomics) and, for the forward, the member list of every
+//      target (CSR, ascending token order, placed by warp ballots).
 //   2. merge_forward_kernel: dominant rows gathered in keep order; contextual row i = target +
-//      (sum of its members in list order) / max(count, 1). No float atomics, a fixed summation order.
-//   3. merge_backward_kernel (the backward only): each token row of grad_hidden written once.
+//      (sum of its members in list order) / max(count, 1): no float atomics, a fixed order, fp32
+//      (fp64 for fp64) accumulation, 16-byte loads along C.
+//   3. merge_backward_kernel: each token row of grad_hidden written once (SPEC "Gradients").
 // The per-element arithmetic (target_step, target_index, clamped_norm, add_product, score_key,
-// member_divisor) is csrc/merge_math.h, shared with the C++ CPU kernels, so fp32 results match the
-// CPU kernels bit for bit.
+// member_divisor) is csrc/merge_math.h, shared with the C++ CPU kernels, and it is applied in the
+// same order, so keep, tokens and gradients equal the CPU kernels' bit for bit in every dtype.
 //
 // Inputs the host cannot check without a sync (keep values): a keep index outside [0, N) yields a
 // zero dominant row and marks no token; a repeated one marks its token once (the gradient of that
