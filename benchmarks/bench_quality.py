@@ -183,12 +183,13 @@ def plot(rows: list[Row], path: str) -> bool:
 def concentration(images, sizes=(224, 336, 448, 518), resize: str = "squash", layer: int = -2) -> str:
     """The share of the CLS token's attention to patches (head mean) taken by the top 10% of patches,
     per image and input size (uniform attention: 10%)."""
+    from visionzip_kernels.models.paths import top_decile_share
+
     lines = [f"top 10% of patches: share of the CLS attention to patches at layer {layer} (head mean, {resize}):"]
     for size in sizes:
         _, scores, _ = layer_states(images, size, layer, resize)
-        patches = scores[:, 1:]
-        top = patches.topk(max(1, round(0.1 * patches.shape[1])), dim=1).values.sum(dim=1) / patches.sum(dim=1)
-        lines.append(f"  {size:>4} px ({patches.shape[1]:>4} patches): " + "  ".join(f"{100 * t:5.1f}%" for t in top.tolist()))
+        lines.append(f"  {size:>4} px ({scores.shape[1] - 1:>4} patches): "
+                     + "  ".join(f"{100 * t:5.1f}%" for t in top_decile_share(scores).tolist()))
     return "\n".join(lines)
 
 

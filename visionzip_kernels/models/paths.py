@@ -58,6 +58,25 @@ def capture_qk(model, layer: int = -2):
             h.remove()
 
 
+def cls_scores(model, pixel_values: torch.Tensor, layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS-encoder (CLIP, DINOv2) scores [B, N] (``cls_attention``, head mean) and merge metric
+    [B, N, d] (head-mean keys) of layer ``layer``, from one forward of the unpatched model."""
+    from ..ops import cls_attention
+
+    with torch.no_grad(), capture_qk(model, layer) as qk:
+        model(pixel_values=pixel_values)
+    q, k = qk["q"], qk["k"]
+    return cls_attention(q[:, 0], k, q.shape[-1] ** -0.5), k.mean(dim=2)
+
+
+def top_decile_share(scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] CLS scores (CLS at 0) -> [B]: the share of the CLS attention to patches that the top 10%
+    of patches take (uniform attention gives 0.1)."""
+    patches = scores[:, 1:].float()
+    top = max(1, round(0.1 * patches.shape[1]))
+    return patches.topk(top, dim=1).values.sum(dim=1) / patches.sum(dim=1)
+
+
 @contextlib.contextmanager
 def attn_implementation(model, name: str):
     """Temporarily switch the model's attention implementation ("eager", "sdpa")."""
