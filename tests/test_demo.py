@@ -114,3 +114,34 @@ def test_quick_demo_prints_tables_and_writes_png(tmp_path, capsys, monkeypatch):
 
     with Image.open(png) as im:
         assert im.width > 300 and im.height > 300
+
+
+def test_clip_checkpoint_section(tmp_path, capsys):
+    """--clip-checkpoint DIR (the real-weights branch): a small CLIP vision model saved with
+    save_pretrained is loaded from the directory, nothing fetched, and fed the photos."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("skimage")
+    if not hasattr(visionzip_kernels, "apply"):
+        pytest.skip("visionzip_kernels.apply (the transformers integration) is not available")
+    from visionzip_kernels.models import towers
+
+    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    saved = transformers.CLIPVisionModel(config).eval()
+    saved.save_pretrained(tmp_path / "clip")
+    loaded = towers.load_tower(tmp_path / "clip")
+    assert loaded.config._attn_implementation == "sdpa"
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, saved(pixel_values=x).last_hidden_state)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        towers.load_tower(tmp_path / "missing")
+
+    code = demo.main(["--sections", "clip", "--clip-checkpoint", str(tmp_path / "clip"), "--clip-batch", "2",
+                      "--dominant", "5", "--contextual", "3", "--repeats", "1", "astronaut"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "real weights, 2 photos" in out and "17 -> 8" in out
+    [ours_row] = [line for line in out.splitlines() if line.startswith("ours (SDPA")]
+    assert " yes " in ours_row, ours_row
