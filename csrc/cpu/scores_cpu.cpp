@@ -95,13 +95,11 @@ void cls_attention_kernel(const at::Tensor& q_cls, const at::Tensor& k, float sc
 typedef float Lanes8 __attribute__((vector_size(32)));
 typedef int32_t IntLanes8 __attribute__((vector_size(32)));
 
-inline Lanes8 load8(const float* p) {
-  Lanes8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// Lanes go by reference, never by value: a 32-byte vector passed by value has a different ABI in
+// the AVX2 and baseline clones (GCC's -Wpsabi), though everything here is inlined.
+inline void load8(Lanes8& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
 
-inline void store8(float* p, Lanes8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store8(float* p, const Lanes8& v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Query rows and key columns of one register tile of logits (4 x 16 fp32 accumulators).
 constexpr int64_t kTileRows = 4;
@@ -120,7 +118,9 @@ void query_key_logits(const float* __restrict queries, int64_t rows, const float
       Lanes8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
       const float* k_col = keys_t + j0;
       for (int64_t c = 0; c < d; ++c, k_col += n_pad) {
-        const Lanes8 k0 = load8(k_col), k1 = load8(k_col + 8);
+        Lanes8 k0, k1;
+        load8(k0, k_col);
+        load8(k1, k_col + 8);
         const float q0 = q[c], q1 = q[d + c], q2 = q[2 * d + c], q3 = q[3 * d + c];
         a00 += q0 * k0;
         a01 += q0 * k1;
@@ -144,10 +144,10 @@ void query_key_logits(const float* __restrict queries, int64_t rows, const float
   }
 }
 
-// exp(x) for x <= 0 (softmax logits minus their maximum), within 2 ulp of expf, eight at a time:
+// x = exp(x) for x <= 0 (softmax logits minus their maximum), within 2 ulp of expf, eight at a time:
 // Cody-Waite range reduction x = n ln2 + r, Cephes' degree-6 polynomial for exp(r), and 2^n through
 // the exponent bits. Below -87.3 it returns exp(-87.3) ~ 1e-38, which a softmax sum cannot see.
-inline Lanes8 exp_nonpositive(Lanes8 x) {
+inline void exp_nonpositive(Lanes8& x) {
   const Lanes8 lowest = Lanes8{} - 87.3f;
   x = x < lowest ? lowest : x;
   const float kRoundMagic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an int
@@ -162,7 +162,7 @@ inline Lanes8 exp_nonpositive(Lanes8 x) {
   const IntLanes8 bits = (__builtin_convertvector(n, IntLanes8) + 127) << 23;
   Lanes8 two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
-  return p * two_to_n;
+  x = p * two_to_n;
 }
 
 // For each of `rows` rows of logits [rows, n_pad]: softmax over the first n entries, added to
@@ -174,18 +174,21 @@ void add_softmax_rows(float* __restrict logits, int64_t rows, int64_t n, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     float* row = logits + r * n_pad;
     for (int64_t j = n; j < n_pad; ++j) row[j] = -INFINITY;
-    Lanes8 max8 = load8(row);
+    Lanes8 max8, v;
+    load8(max8, row);
     for (int64_t j = 8; j < n_pad; j += 8) {
-      const Lanes8 v = load8(row + j);
+      load8(v, row + j);
       max8 = v > max8 ? v : max8;
     }
     float max_logit = max8[0];
     for (int l = 1; l < 8; ++l) max_logit = max8[l] > max_logit ? max8[l] : max_logit;
     Lanes8 sum8 = {};
     for (int64_t j = 0; j < n_pad; j += 8) {
-      const Lanes8 e = exp_nonpositive(load8(row + j) - max_logit);
-      store8(row + j, e);
-      sum8 += e;
+      load8(v, row + j);
+      v -= max_logit;
+      exp_nonpositive(v);
+      store8(row + j, v);
+      sum8 += v;
     }
     const float sum = ((sum8[0] + sum8[1]) + (sum8[2] + sum8[3])) + ((sum8[4] + sum8[5]) + (sum8[6] + sum8[7]));
     const float inv_sum = 1.f / sum;
