@@ -83,12 +83,6 @@ void cls_attention_kernel(const at::Tensor& q_cls, const at::Tensor& k, float sc
   });
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define VZ_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
-#else
-#define VZ_AVX2_CLONE
-#endif
-
 // Eight fp32 lanes (GCC/Clang vector extension): AVX2 registers in the AVX2 clone, pairs of SSE
 // registers in the baseline one. Element-wise multiplies and adds only (never contracted into an
 // FMA: neither clone enables it), so both clones give the same bits.
@@ -167,7 +161,8 @@ inline void exp_nonpositive(Lanes8& x) {
 
 // For each of `rows` rows of logits [rows, n_pad]: softmax over the first n entries, added to
 // received[0..n) row by row in ascending order. The padding (n..n_pad) is set to -inf, so it adds
-// at most 15 * exp(-87.3) ~ 1e-37 to the sum. Max and sum reduce over eight fixed lanes, then the lanes in a fixed order.
+// at most 15 * exp(-87.3) ~ 1e-37 to the sum. Max and sum reduce over eight fixed lanes, then the
+// lanes in a fixed order.
 VZ_AVX2_CLONE
 void add_softmax_rows(float* __restrict logits, int64_t rows, int64_t n, int64_t n_pad,
                       float* __restrict received) {
@@ -206,14 +201,15 @@ void attention_received_kernel(const at::Tensor& q, const at::Tensor& k, float s
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t n_pad = (N + kTileCols - 1) / kTileCols * kTileCols;
   float* column_sums = per_head.data_ptr<float>();
-  // One task per (image, head), never an N x N map: the keys are copied once to fp32 [d, n_pad]
-  // (zero padded), then the queries go through in blocks of kBlockRows: register-tiled logits,
-  // softmax, added to the column sums in query order (so the bits do not depend on the threads).
+  // One task per (image, head), never an N x N map: the keys are copied once to fp32 [d, n_pad],
+  // then the queries go through in blocks of kBlockRows: register-tiled logits, softmax, added to
+  // the column sums in query order (so the bits do not depend on the threads). The buffers start
+  // zeroed; the key padding (j >= N) is never written, and query rows past a short last block give
+  // logits that add_softmax_rows does not read, so neither is cleared again.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keys_t(d * n_pad), logits(kBlockRows * n_pad), queries(kBlockRows * d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      std::fill(keys_t.begin(), keys_t.end(), 0.f);
       for (int64_t j = 0; j < N; ++j) {
         const scalar_t* k_row = k_ptr + b * ks0 + j * ks1 + h * ks2;
         for (int64_t c = 0; c < d; ++c) keys_t[c * n_pad + j] = static_cast<float>(k_row[c]);
@@ -223,7 +219,6 @@ void attention_received_kernel(const at::Tensor& q, const at::Tensor& k, float s
       for (int64_t i0 = 0; i0 < N; i0 += kBlockRows) {
         const int64_t rows = std::min(kBlockRows, N - i0);
         const int64_t tiled_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
-        std::fill(queries.begin(), queries.begin() + tiled_rows * d, 0.f);
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* q_row = q_ptr + b * qs0 + (i0 + r) * qs1 + h * qs2;
           for (int64_t c = 0; c < d; ++c) queries[r * d + c] = static_cast<float>(q_row[c]) * scale;

@@ -75,9 +75,7 @@ at::Tensor dominant_topk_impl(const char* op, const at::Tensor& scores, int64_t 
 // sims[0..k_pad) = m . targets_t[:, i] for one member. No reduction in the inner loop, so it
 // vectorises; the AVX2 clone (picked at run time, no FMA contraction) gives the same bits as the
 // baseline one because every lane sums over c in the same order.
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+VZ_AVX2_CLONE
 void member_similarities(const float* __restrict m, const float* __restrict targets_t, int64_t d,
                          int64_t k_pad, float* __restrict sims) {
   // Eight targets at a time, accumulated in a local array the compiler keeps in registers.

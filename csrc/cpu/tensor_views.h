@@ -1,7 +1,16 @@
-// Small helpers for the CPU kernels: strided row views with a unit-stride last dim.
+// Small helpers for the CPU kernels: strided row views with a unit-stride last dim, and the
+// attribute that gives a hot loop an AVX2 clone.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+// An AVX2 clone of the function beside the baseline one, picked at run time. Neither enables FMA,
+// so a loop of separate multiplies and adds gives the same bits in both.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VZ_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define VZ_AVX2_CLONE
+#endif
 
 namespace visionzip::cpu {
 
