@@ -104,6 +104,28 @@ void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
   check_positive_sizes(op, "k", k);
 }
 
+void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool keep_cls) {
+  constexpr const char* op = "scores_and_metric";
+  check_rank(op, "q", q, 4, "[B, M, H, d]");
+  check_rank(op, "k", k, 4, "[B, N, H, d]");
+  check_float(op, "q", q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op,
+                   ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
+  check_same_device(op, "k", k, "q", q);
+  check_dim(op, "k", k, 0, "q", q.size(0), "the batch size");
+  check_dim(op, "k", k, 2, "q", q.size(2), "the head count");
+  check_dim(op, "k", k, 3, "q", q.size(3), "the head dim");
+  check_positive_sizes(op, "k", k);
+  if (keep_cls) {
+    check_positive_sizes(op, "q", q);
+  } else {
+    // Without a CLS token every token is a query.
+    TORCH_CHECK_VALUE(q.size(1) == k.size(1), "visionzip.", op,
+                      ": with keep_cls=False q.size(1) must equal the token count of k (", k.size(1),
+                      "), got ", q.size(1));
+  }
+}
+
 void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls) {
   constexpr const char* op = "dominant_topk";
   check_rank(op, "scores", scores, 2, "[B, N]");

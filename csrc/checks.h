@@ -8,6 +8,7 @@ namespace visionzip {
 
 void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k);
 void check_attention_received_args(const at::Tensor& q, const at::Tensor& k);
+void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool keep_cls);
 void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls);
 void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric,
                                  const at::Tensor& keep, int64_t contextual);

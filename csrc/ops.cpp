@@ -8,6 +8,12 @@ TORCH_LIBRARY(visionzip, m) {
   m.def("cls_attention(Tensor q_cls, Tensor k, float scale) -> Tensor");
   // [B,N,H,d] x2 -> [B,N] fp32: attention each token receives, mean over heads and queries.
   m.def("attention_received(Tensor q, Tensor k, float scale) -> Tensor");
+  // q [B,M,H,d], k [B,N,H,d] -> (scores [B,N] fp32, metric [B,N,d] in k's dtype), k read once for
+  // both: keep_cls=True gives cls_attention of q[:, 0] (M >= 1), keep_cls=False attention_received
+  // (M = N); the metric is k averaged over heads.
+  m.def(
+      "scores_and_metric(Tensor q, Tensor k, float scale, bool keep_cls=True)"
+      " -> (Tensor scores, Tensor metric)");
   // [B,N] -> keep [B,D] int64, ascending.
   m.def("dominant_topk(Tensor scores, int dominant, bool keep_cls=True) -> Tensor");
   // [B,N,C], [B,N,d], [B,D] -> [B,D+K,C].

@@ -61,6 +61,17 @@ def assert_within_torch_error(actual: torch.Tensor, exact: torch.Tensor, torch_n
         )
 
 
+def assert_metric_is_head_mean(metric: torch.Tensor, k: torch.Tensor, name: str = "metric") -> None:
+    """The merge metric against an oracle computed the way upstream does (``k.mean`` over heads, in
+    float64 here): within one rounding step of ``k.dtype`` plus the fp32 summation error of H terms."""
+    exact = k.double().mean(dim=2)
+    H = k.shape[2]
+    accumulated = torch.finfo(torch.float32).eps * H * k.double().abs().amax().item()
+    rtol = torch.finfo(k.dtype).eps if k.dtype != torch.float32 else 1e-6
+    assert metric.dtype == k.dtype and metric.shape == exact.shape
+    assert_close_verbose(metric, exact, atol=accumulated, rtol=rtol, name=name)
+
+
 def assert_equal_verbose(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     diff = actual.cpu() != expected.cpu()

@@ -24,6 +24,7 @@ B, N, C, H, d, D, K = 2, 17, 8, 2, 4, 5, 3
 SIGNATURES = {
     "cls_attention": ("q_cls", "k", "scale"),
     "attention_received": ("q", "k", "scale"),
+    "scores_and_metric": ("q", "k", "scale", "keep_cls"),
     "dominant_topk": ("scores", "dominant", "keep_cls"),
     "contextual_merge": ("hidden", "metric", "keep", "contextual"),
     "contextual_merge_backward": ("grad_tokens", "metric", "keep", "num_tokens"),
@@ -135,6 +136,8 @@ RANK_CASES = [
     ("cls_attention", "k", lambda f: f(B, N, H * d)),
     ("attention_received", "q", lambda f: f(B, N, H * d)),
     ("attention_received", "k", lambda f: f(B, N, H, d, 1)),
+    ("scores_and_metric", "q", lambda f: f(B, H, d)),
+    ("scores_and_metric", "k", lambda f: f(B, N, H * d)),
     ("dominant_topk", "scores", lambda f: f(B * N)),
     ("contextual_merge", "hidden", lambda f: f(B, N)),
     ("contextual_merge", "metric", lambda f: f(B, N, 1, d)),
@@ -168,6 +171,7 @@ DTYPE_CASES = [
     ("cls_attention", "q_cls", {"q_cls": lambda f: f(B, H, d, dtype=I32), "k": lambda f: f(B, N, H, d, dtype=I32)}),
     ("attention_received", "q", {"q": lambda f: f(B, N, H, d, dtype=torch.int64),
                                  "k": lambda f: f(B, N, H, d, dtype=torch.int64)}),
+    ("scores_and_metric", "q", {"q": lambda f: f(B, 1, H, d, dtype=I32), "k": lambda f: f(B, N, H, d, dtype=I32)}),
     ("dominant_topk", "scores", {"scores": lambda f: f(B, N, dtype=I32)}),
     ("contextual_merge", "hidden", {"hidden": lambda f: f(B, N, C, dtype=I32)}),
     ("contextual_merge", "metric", {"metric": lambda f: f(B, N, d, dtype=torch.bool)}),
@@ -201,6 +205,7 @@ QK_CASES = [
     ("cls_attention", "f16-f32", {"q_cls": lambda f: f(B, H, d, dtype=torch.float16)}),
     ("attention_received", "f16-f32", {"q": lambda f: f(B, N, H, d, dtype=torch.float16)}),
     ("attention_received", "f32-f64", {"k": lambda f: f(B, N, H, d, dtype=torch.float64)}),
+    ("scores_and_metric", "f32-f16", {"k": lambda f: f(B, N, H, d, dtype=torch.float16)}),
 ]
 
 
@@ -221,6 +226,10 @@ SIZE_CASES = [
     ("attention_received", "k.size(1)", {"q": lambda f: f(B, N + 1, H, d)}),
     ("attention_received", "k.size(2)", {"k": lambda f: f(B, N, H + 1, d)}),
     ("attention_received", "k.size(3)", {"k": lambda f: f(B, N, H, d - 1)}),
+    ("scores_and_metric", "k.size(0)", {"k": lambda f: f(B - 1, N, H, d)}),
+    ("scores_and_metric", "k.size(2)", {"q": lambda f: f(B, 1, H + 1, d)}),
+    ("scores_and_metric", "k.size(3)", {"k": lambda f: f(B, N, H, d + 2)}),
+    ("scores_and_metric", "q.size(1)", {"q": lambda f: f(B, 1, H, d), "keep_cls": False}),
     ("contextual_merge", "metric.size(0)", {"metric": lambda f: f(B + 1, N, d)}),
     ("contextual_merge", "metric.size(1)", {"metric": lambda f: f(B, N - 1, d)}),
     ("contextual_merge", "keep.size(0)", {"keep": lambda f: f.keep(b=B + 1)}),
@@ -394,6 +403,8 @@ EMPTY_CASES = [
     ("cls_attention", "k", {"k": lambda f: f(B, 0, H, d)}),
     ("cls_attention", "k", {"q_cls": lambda f: f(B, H, 0), "k": lambda f: f(B, N, H, 0)}),
     ("attention_received", "k", {"q": lambda f: f(B, N, 0, d), "k": lambda f: f(B, N, 0, d)}),
+    ("scores_and_metric", "k", {"k": lambda f: f(B, 0, H, d)}),
+    ("scores_and_metric", "q", {"q": lambda f: f(B, 0, H, d)}),
     ("dominant_topk", "scores", {"scores": lambda f: f(B, 0)}),
     ("contextual_merge", "hidden", {"hidden": lambda f: f(B, N, 0)}),
     ("contextual_merge", "hidden", {"hidden": lambda f: f(B, 0, C), "metric": lambda f: f(B, 0, d)}),
@@ -418,7 +429,7 @@ def test_empty_dims(op, arg, changes):
 # path, which must refuse it rather than compute shapes for tensors that cannot meet.
 
 DEVICE_CASES = [
-    ("cls_attention", "k"), ("attention_received", "k"), ("contextual_merge", "metric"),
+    ("cls_attention", "k"), ("attention_received", "k"), ("scores_and_metric", "k"), ("contextual_merge", "metric"),
     ("contextual_merge", "keep"), ("contextual_merge_backward", "metric"), ("contextual_merge_backward", "keep"),
     ("select_merge", "scores"), ("select_merge", "metric"),
 ]

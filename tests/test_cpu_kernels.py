@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import (
+    assert_metric_is_head_mean,
     DTYPES,
     FP32_ATOL,
     FP32_RTOL,
@@ -266,6 +267,40 @@ def test_attention_received(dtype, B, N, H, d, strided):
     assert_close_verbose(got.sum(dim=1), torch.ones(B), atol=1e-4, rtol=0, name="mean of rows sums to 1")
 
 
+# (dtype, B, N, H, d, strided, keep_cls); keep_cls=False is O(N^2) and keeps H small at large N.
+SCORES_AND_METRIC_SHAPES = [
+    (F32, 2, 577, 16, 64, True, True),
+    (F16, 3, 577, 16, 72, False, True),
+    (BF16, 1, 729, 16, 72, True, True),
+    (F16, 1, 2881, 16, 64, False, True),
+    (torch.float64, 2, 17, 3, 16, True, True),
+    (F32, 3, 17, 4, 72, False, False),
+    (F16, 1, 729, 4, 72, True, False),
+    (BF16, 2, 577, 2, 64, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype,B,N,H,d,strided,keep_cls", SCORES_AND_METRIC_SHAPES,
+                         ids=[cases_id(*s) for s in SCORES_AND_METRIC_SHAPES])
+def test_scores_and_metric(dtype, B, N, H, d, strided, keep_cls):
+    """The scores are the score op's bits; the metric is k's head mean, the reference's bits (fp32
+    sum in head order, one rounding) and within one rounding of the upstream-style oracle."""
+    case = make_case(B, N, 1, H=H, d=d, dtype=dtype, strided=strided)
+    # A CLS encoder may hand over its CLS query row alone, [B, 1, H, d].
+    q = case.q[:, :1] if keep_cls and B > 1 else case.q
+    scores, metric = ops.scores_and_metric(q, case.k, case.scale, keep_cls)
+    if keep_cls:
+        expected_scores = ops.cls_attention(case.q[:, 0], case.k, case.scale)
+    else:
+        expected_scores = ops.attention_received(case.q, case.k, case.scale)
+    assert_equal_verbose(scores, expected_scores, "scores vs the score op")
+    ref_scores, ref_metric = reference.scores_and_metric(q, case.k, case.scale, keep_cls)
+    assert_close_verbose(scores, ref_scores, atol=1e-9, rtol=FP32_RTOL, name="scores vs reference")
+    assert_equal_verbose(metric, ref_metric, "metric vs reference")
+    assert_metric_is_head_mean(metric, case.k, "metric vs oracle")
+    assert_metric_is_head_mean(ref_metric, case.k, "reference metric vs oracle")
+
+
 def test_score_ops_with_a_last_dim_strided_k():
     """A k whose last dim is not the fastest (the ops copy it) still gives the reference's answer."""
     case = make_case(2, 577, 1, H=4, d=64)
@@ -355,7 +390,8 @@ def test_autograd_with_an_expanded_gradient():
 # ---------------------------------------------------------------------------------------------
 # Determinism: the same bits whatever the thread count (and the reference's answer).
 
-DETERMINISM = ["select_merge_B1", "select_merge_B3", "backward", "cls_attention", "attention_received"]
+DETERMINISM = ["select_merge_B1", "select_merge_B3", "backward", "cls_attention", "attention_received",
+               "scores_and_metric"]
 
 
 def _run_for_determinism(name: str):
@@ -373,6 +409,10 @@ def _run_for_determinism(name: str):
         _assert_grad_close(out, reference.contextual_merge_backward(g, metric, keep, 577), name)
         return out
     case = make_case(3, 577, 1, H=4, d=64, strided=True)
+    if name == "scores_and_metric":
+        scores, metric = ops.scores_and_metric(case.q, case.k, case.scale, True)
+        assert_equal_verbose(metric, reference.head_mean(case.k), name)
+        return torch.cat([scores, metric.flatten(1)], dim=1)
     if name == "cls_attention":
         out = ops.cls_attention(case.q[:, 0], case.k, case.scale)
         expected = reference.cls_attention(case.q[:, 0], case.k, case.scale)

@@ -29,8 +29,11 @@ def _merge(dtype=torch.float32, strided=False, B=2, N=33, C=24, D=6, K=5):
 
 def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
     """(args, kwargs) for one opcheck call; requires_grad only on the differentiable argument."""
-    if op in ("cls_attention", "attention_received"):
+    if op in ("cls_attention", "attention_received", "scores_and_metric"):
         case = make_case(2, 33, 1, H=3, d=8, dtype=dtype, strided=strided)
+        if op == "scores_and_metric":
+            # bf16 also covers keep_cls=False
+            return (case.q, case.k, case.scale), {"keep_cls": dtype == torch.float32}
         q = case.q[:, 0] if op == "cls_attention" else case.q
         return (q, case.k, case.scale), {}
     hidden, scores, metric, keep, D, K = _merge(dtype, strided)
@@ -46,7 +49,7 @@ def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
     raise AssertionError(op)
 
 
-ALL_OPS = ["cls_attention", "attention_received", "dominant_topk", "contextual_merge",
+ALL_OPS = ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge",
            "contextual_merge_backward", "select_merge"]
 DIFFERENTIABLE = {"contextual_merge", "contextual_merge_backward", "select_merge"}
 OPCHECK_CASES = (
@@ -190,6 +193,7 @@ def _empty_batch_calls(device: str):
     return {
         "cls_attention": (("cls_attention", (z(H, d), z(N, H, d), 0.5)), (0, N)),
         "attention_received": (("attention_received", (z(N, H, d), z(N, H, d), 0.5)), (0, N)),
+        "scores_and_metric": (("scores_and_metric", (z(1, H, d), z(N, H, d), 0.5, True)), ((0, N), (0, N, d))),
         "dominant_topk": (("dominant_topk", (z(N), D, True)), (0, D)),
         "contextual_merge": (("contextual_merge", (z(N, C), z(N, d), keep, K)), (0, D + K, C)),
         "contextual_merge_backward": (("contextual_merge_backward", (z(D + K, C), z(N, d), keep, N)), (0, N, C)),
@@ -205,7 +209,7 @@ def test_empty_batch(op, device):
     # The reference runs on CPU tensors of the same shapes.
     ref = getattr(reference, name)(*(torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
                                      for a in args))
-    outs, refs, shapes = (out, ref, shape) if op == "select_merge" else ((out,), (ref,), (shape,))
+    outs, refs, shapes = (out, ref, shape) if isinstance(out, tuple) else ((out,), (ref,), (shape,))
     for o, r, s in zip(outs, refs, shapes):
         assert tuple(o.shape) == s == tuple(r.shape), f"{op}: {tuple(o.shape)}, reference {tuple(r.shape)}, want {s}"
         assert o.dtype == r.dtype and o.device.type == device

@@ -15,6 +15,7 @@ from .ops import (
     contextual_merge,
     contextual_merge_backward,
     dominant_topk,
+    scores_and_metric,
     select_merge,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "dominant_topk",
     "ops",
     "reference",
+    "scores_and_metric",
     "select_merge",
 ]
 __version__ = "0.1.0"

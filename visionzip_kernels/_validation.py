@@ -101,6 +101,25 @@ def attention_received_args(q: torch.Tensor, k: torch.Tensor) -> None:
     check_not_empty(op, "k", k)
 
 
+def scores_and_metric_args(q: torch.Tensor, k: torch.Tensor, keep_cls: bool) -> None:
+    op = "scores_and_metric"
+    check_rank(op, "q", q, 4, "[B, M, H, d]")
+    check_rank(op, "k", k, 4, "[B, N, H, d]")
+    check_float(op, "q", q)
+    if k.dtype != q.dtype:
+        _fail(op, f"k must have the dtype of q ({q.dtype}), got {k.dtype}", TypeError)
+    check_same_device(op, "k", k, "q", q)
+    check_dim(op, "k", k, 0, "q", q.shape[0], "the batch size")
+    check_dim(op, "k", k, 2, "q", q.shape[2], "the head count")
+    check_dim(op, "k", k, 3, "q", q.shape[3], "the head dim")
+    check_not_empty(op, "k", k)
+    if keep_cls:
+        check_not_empty(op, "q", q)
+    elif q.shape[1] != k.shape[1]:
+        # Without a CLS token every token is a query.
+        _fail(op, f"with keep_cls=False q.size(1) must equal the token count of k ({k.shape[1]}), got {q.shape[1]}")
+
+
 def dominant_topk_args(scores: torch.Tensor, dominant: int, keep_cls: bool) -> None:
     op = "dominant_topk"
     check_rank(op, "scores", scores, 2, "[B, N]")

@@ -1,10 +1,10 @@
 """Which kernels serve which device.
 
 - CPU tensors: the C++ kernels (csrc/cpu), always registered by ``_C``.
-- CUDA tensors: cls_attention, attention_received and dominant_topk run the Triton kernels in
+- CUDA tensors: cls_attention, attention_received, scores_and_metric and dominant_topk run the Triton kernels in
   triton_ops/, registered here under the CUDA key of the same ops (so the C++-defined schemas, the
   Python fake kernels, opcheck and torch.compile all keep working).
-- ``VISIONZIP_BACKEND=triton`` (read once, at import) also routes CPU tensors of those three ops
+- ``VISIONZIP_BACKEND=triton`` (read once, at import) also routes CPU tensors of those four ops
   through Triton. That needs ``TRITON_INTERPRET=1`` in the environment before the import; it is how
   the tests, and anyone without a GPU, check the Triton kernels.
 
@@ -21,7 +21,7 @@ import warnings
 import torch
 
 BACKEND_ENV = "VISIONZIP_BACKEND"
-TRITON_OPS = ("cls_attention", "attention_received", "dominant_topk")
+TRITON_OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk")
 
 
 def triton_available() -> bool:
@@ -40,6 +40,13 @@ def _attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     return triton_ops.attention_received(q, k, scale)
 
 
+def _scores_and_metric(q: torch.Tensor, k: torch.Tensor, scale: float,
+                       keep_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    import triton_ops
+
+    return triton_ops.scores_and_metric(q, k, scale, keep_cls)
+
+
 def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
     import triton_ops
 
@@ -47,7 +54,7 @@ def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -
 
 
 _LAUNCHERS = {"cls_attention": _cls_attention, "attention_received": _attention_received,
-              "dominant_topk": _dominant_topk}
+              "scores_and_metric": _scores_and_metric, "dominant_topk": _dominant_topk}
 
 
 def requested_cpu_backend() -> str:

@@ -13,6 +13,7 @@ from . import _validation as check
 __all__ = [
     "cls_attention",
     "attention_received",
+    "scores_and_metric",
     "dominant_topk",
     "contextual_merge",
     "contextual_merge_backward",
@@ -36,6 +37,15 @@ def _cls_attention_fake(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> t
 def _attention_received_fake(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     check.attention_received_args(q, k)
     return k.new_empty(k.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("visionzip::scores_and_metric")
+def _scores_and_metric_fake(
+    q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check.scores_and_metric_args(q, k, keep_cls)
+    B, N, _, d = k.shape
+    return k.new_empty((B, N), dtype=torch.float32), k.new_empty((B, N, d))
 
 
 @torch.library.register_fake("visionzip::dominant_topk")
@@ -156,6 +166,26 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.
         ever materialised.
     """
     return _ops.attention_received(q, k, scale)
+
+
+def scores_and_metric(
+    q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token scores and the merge metric from one read of ``k``.
+
+    Args:
+        q: [B, M, H, d] queries. With ``keep_cls`` only the CLS row ``q[:, 0]`` is used (M >= 1, so a
+            [B, 1, H, d] CLS row is enough); without it M = N and every row is a query.
+        k: [B, N, H, d] keys; the last dim must be the fastest, any other strides are read in place.
+        scale: the softmax scale, usually d ** -0.5.
+        keep_cls: True: scores = :func:`cls_attention` of ``q[:, 0]``; False: scores =
+            :func:`attention_received`.
+
+    Returns:
+        (scores [B, N] float32, metric [B, N, d] in ``k.dtype``): the metric is ``k`` averaged over
+        heads (summed in float32 in head order, divided by H, rounded once).
+    """
+    return _ops.scores_and_metric(q, k, scale, keep_cls)
 
 
 def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:

@@ -45,6 +45,21 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: b
     return (received.mean(dim=1) / N).float()
 
 
+def head_mean(k: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    """[B,N,H,d] -> [B,N,d] in k.dtype: the merge metric, k averaged over heads."""
+    return k.to(_compute_dtype(k.dtype, upcast)).mean(dim=2).to(k.dtype)
+
+
+def scores_and_metric(
+    q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool = True, upcast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,M,H,d], [B,N,H,d] -> (scores [B,N] float32, metric [B,N,d]): CLS attention of q[:, 0]
+    (keep_cls) or the attention received, and the head-mean keys."""
+    check.scores_and_metric_args(q, k, keep_cls)
+    scores = cls_attention(q[:, 0], k, scale, upcast) if keep_cls else attention_received(q, k, scale, upcast)
+    return scores, head_mean(k, upcast)
+
+
 def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
     """[B,N] -> keep [B,D] int64 ascending; token 0 always kept when keep_cls; ties to the lower index."""
     check.dominant_topk_args(scores, dominant, keep_cls)
