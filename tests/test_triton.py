@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -23,6 +24,8 @@ import triton_ops  # noqa: E402
 from helpers import (  # noqa: E402
     assert_close_verbose,
     assert_equal_verbose,
+    assert_metric_is_head_mean,
+    assert_within_torch_error,
     full_attention,
     make_case,
     topk_is_separated,
@@ -31,6 +34,11 @@ from visionzip_kernels import reference  # noqa: E402
 
 ops = torch.ops.visionzip
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton runs on CPU tensors only under its interpreter, which conftest.py turns on where CUDA is
+# absent; on a GPU machine the CPU-tensor cases skip and the CUDA ones run.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 "
+                                       "(set by conftest.py on machines without CUDA)")
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-7
 
 # (dtype, B, N, H, d, strided k): every N, H, d, layout and B of the issue appears; each dtype meets
@@ -46,7 +54,7 @@ SCORE_CASES = [
 
 
 def _device_marks(device: str):
-    return pytest.param(device, marks=pytest.mark.cuda) if device == "cuda" else device
+    return pytest.param(device, marks=pytest.mark.cuda if device == "cuda" else needs_interpreter)
 
 
 @pytest.mark.parametrize("device", [_device_marks(d) for d in DEVICES])
@@ -86,6 +94,7 @@ def test_topk_with_ties_and_signs(N, dominant, keep_cls, device):
     assert_equal_verbose(keep, ops.dominant_topk(scores, dominant, keep_cls), "keep vs C++")
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_topk_low_precision_scores(dtype):
     scores = (torch.randperm(300).float() / 4 - 30).to(dtype).view(2, 150)
@@ -105,6 +114,52 @@ def test_attention_received_vs_full_map(dtype, B, N, H, d, device):
     assert_close_verbose(got.sum(dim=1), torch.ones(B, device=got.device), atol=1e-5, rtol=0, name="sums to 1")
 
 
+# (dtype, B, N, H, d, strided, keep_cls): small grids for the interpreter; d = 72 and 80 are split
+# into two column tiles, 64 into one.
+SCORES_AND_METRIC_CASES = [
+    (torch.float32, 1, 17, 2, 64, False, True),
+    (torch.float16, 1, 577, 16, 64, True, True),
+    (torch.bfloat16, 2, 129, 3, 72, False, True),
+    (torch.float16, 2, 40, 2, 80, True, False),
+    (torch.bfloat16, 1, 65, 3, 72, True, False),
+]
+
+
+@pytest.mark.parametrize("device", [_device_marks(d) for d in DEVICES])
+@pytest.mark.parametrize("dtype,B,N,H,d,strided,keep_cls", SCORES_AND_METRIC_CASES)
+def test_scores_and_metric_vs_reference_and_cpp(dtype, B, N, H, d, strided, keep_cls, device):
+    case = make_case(B, N, 8, H=H, d=d, dtype=dtype, seed=N + H, strided=strided, device=device)
+    q = case.q[:, :1] if keep_cls else case.q
+    scores, metric = triton_ops.scores_and_metric(q, case.k, case.scale, keep_cls)
+    cpp_scores, cpp_metric = ops.scores_and_metric(q.cpu(), case.k.cpu(), case.scale, keep_cls)
+    ref_scores, _ = reference.scores_and_metric(q.cpu(), case.k.cpu(), case.scale, keep_cls)
+    assert_close_verbose(scores, ref_scores, atol=SCORE_ATOL, rtol=SCORE_RTOL, name="scores vs reference")
+    assert_close_verbose(scores, cpp_scores, atol=SCORE_ATOL, rtol=SCORE_RTOL, name="scores vs C++")
+    if dtype == torch.bfloat16 and INTERPRETED:
+        # The interpreter's bf16 stores truncate where the GPU's round: one bf16 step at most.
+        assert_close_verbose(metric, cpp_metric, atol=0, rtol=torch.finfo(dtype).eps, name="metric vs C++")
+    else:
+        assert_equal_verbose(metric, cpp_metric, "metric vs C++ (fp32 sum in head order, one rounding)")
+    assert_metric_is_head_mean(metric.cpu(), case.k.cpu(), "metric vs oracle")
+
+
+@pytest.mark.parametrize("device", [_device_marks(d) for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_received_error_within_sdpa_error(dtype, device):
+    """The tensor-core kernel against an fp64 oracle, bounded by 2x the error PyTorch makes doing the
+    same in dtype through SDPA (with V = identity, its output is the probability map)."""
+    B, N, H, d = 1, 129, 2, 72
+    case = make_case(B, N, 8, H=H, d=d, dtype=dtype, seed=11, device=device)
+    exact = full_attention(case.q.double(), case.k.double(), case.scale).mean(dim=2).mean(dim=1)
+    identity = torch.eye(N, dtype=dtype, device=device).expand(B, H, N, N)
+    probs = F.scaled_dot_product_attention(case.q.transpose(1, 2), case.k.transpose(1, 2), identity,
+                                           scale=case.scale)
+    native = probs.float().mean(dim=2).mean(dim=1)
+    got = triton_ops.attention_received(case.q, case.k, case.scale)
+    assert_within_torch_error(got, exact, native, name=f"attention_received {dtype}")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype,N,d,strided", [(torch.float32, 577, 72, True), (torch.bfloat16, 1025, 64, False),
                                                (torch.float16, 2881, 64, True)])
 def test_attention_received_vs_cpp(dtype, N, d, strided):
@@ -114,13 +169,18 @@ def test_attention_received_vs_cpp(dtype, N, d, strided):
                          name="attention_received vs C++")
 
 
+@needs_interpreter
 def test_empty_batch():
     k = torch.randn(0, 9, 2, 16)
     assert triton_ops.cls_attention(k[:, 0], k, 0.25).shape == (0, 9)
     assert triton_ops.attention_received(k, k, 0.25).shape == (0, 9)
+    for keep_cls in (True, False):
+        scores, metric = triton_ops.scores_and_metric(k, k, 0.25, keep_cls)
+        assert scores.shape == (0, 9) and metric.shape == (0, 9, 16)
     assert triton_ops.dominant_topk(torch.randn(0, 9), 3).shape == (0, 3)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_scores_rejected_before_launch(bad):
     scores = torch.rand(2, 30)
@@ -159,8 +219,12 @@ _DISPATCH_SCRIPT = textwrap.dedent(
     assert_close_verbose(ops.attention_received(case.q, case.k, case.scale),
                          reference.attention_received(case.q, case.k, case.scale), atol=1e-7, rtol=1e-5, name="recv")
     assert_equal_verbose(ops.dominant_topk(scores, 7), reference.dominant_topk(scores, 7), "keep")
+    sm_scores, sm_metric = ops.scores_and_metric(case.q, case.k, case.scale, True)
+    assert_close_verbose(sm_scores, scores, atol=1e-7, rtol=1e-5, name="scores_and_metric")
+    assert_equal_verbose(sm_metric, reference.head_mean(case.k), "metric")
     for op, args in (("cls_attention", (case.q[:, 0], case.k, case.scale)),
-                     ("attention_received", (case.q, case.k, case.scale)), ("dominant_topk", (scores, 7, True))):
+                     ("attention_received", (case.q, case.k, case.scale)),
+                     ("scores_and_metric", (case.q, case.k, case.scale, False)), ("dominant_topk", (scores, 7, True))):
         result = torch.library.opcheck(getattr(ops, op).default, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
     compiled = torch.compile(lambda q, k: vz.dominant_topk(vz.cls_attention(q, k, 0.25), 7), fullgraph=True)
@@ -195,7 +259,9 @@ def test_cuda_ops_dispatch_to_triton_and_conform():
     assert_close_verbose(scores, reference.cls_attention(case.q[:, 0], case.k, case.scale), atol=SCORE_ATOL,
                          rtol=SCORE_RTOL, name="scores")
     for op, args in (("cls_attention", (case.q[:, 0], case.k, case.scale)),
-                     ("attention_received", (case.q, case.k, case.scale)), ("dominant_topk", (scores, 54, True))):
+                     ("attention_received", (case.q, case.k, case.scale)),
+                     ("scores_and_metric", (case.q, case.k, case.scale, True)),
+                     ("scores_and_metric", (case.q, case.k, case.scale, False)), ("dominant_topk", (scores, 54, True))):
         torch.library.opcheck(getattr(ops, op).default, args)
     compiled = torch.compile(lambda q, k: ops.dominant_topk(ops.cls_attention(q, k, case.scale), 54), fullgraph=True)
     assert_equal_verbose(compiled(case.q[:, 0], case.k), reference.dominant_topk(scores, 54), "compiled keep")

@@ -2,6 +2,8 @@
 
 - :func:`cls_attention` / :func:`cls_attention_topk`: head-mean CLS attention from q/k, optionally
   fused with the top-k selection of the dominant tokens (triton_ops/cls_attention_topk.py).
+- :func:`scores_and_metric`: the scores above and the merge metric (head-mean k) from one read of k
+  (triton_ops/scores_and_metric.py).
 - :func:`dominant_topk`: the top-k selection alone, for scores from elsewhere (triton_ops/topk.py).
 - :func:`attention_received`: flash-style attention each token receives, never N x N
   (triton_ops/attention_received.py).
@@ -12,6 +14,7 @@ when they run. visionzip_kernels imports it lazily, at the first Triton launch.
 
 from .attention_received import attention_received
 from .cls_attention_topk import cls_attention, cls_attention_topk
+from .scores_and_metric import scores_and_metric
 from .topk import dominant_topk
 
-__all__ = ["attention_received", "cls_attention", "cls_attention_topk", "dominant_topk"]
+__all__ = ["attention_received", "cls_attention", "cls_attention_topk", "dominant_topk", "scores_and_metric"]

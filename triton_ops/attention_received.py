@@ -1,12 +1,24 @@
-"""Flash-style attention received: mean over heads and queries of softmax(q k^T) per key token.
+"""Flash-style attention received on tensor cores: mean over heads and queries of softmax(q k^T) per
+key token, never an N x N map, deterministic (fixed reduction orders, no atomics).
 
-Pass 1 (grid: image*head, query block): each query row's softmax max and sum, online over the key
-blocks. Pass 2 (grid: image*head, key block): the column sums of the normalised probabilities,
-looping over the query blocks in order. No float atomics, never an N x N map; the last reduction
-over heads is a fixed-order torch sum.
+- Pass 1, ``_row_stats_kernel`` (grid: image*head, query block): each query row's softmax max and
+  sum, online over the key blocks.
+- Pass 2, ``_column_sums_kernel`` (grid: image*head, key block): the column sums of the normalised
+  probabilities, looping over the query blocks in order.
+- ``_head_mean_kernel`` (grid: image, token block): the sum over heads, in head order, / (H * N).
+
+The logits are ``tl.dot``s of the fp16/bf16 inputs with fp32 accumulation (products of fp16/bf16
+values are exact in fp32, so this loses nothing against upcasting first); fp32 inputs use IEEE fp32
+dots, fp64 inputs are computed in fp32. A head dim that is not a power of two is split into two
+power-of-two column tiles (72 -> 64 + 16) rather than padded to the next power (128). The softmax
+runs in base 2: logits are scaled by ``scale * log2(e)`` once and exponentiated with exp2.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import os
 
 import torch
 import triton
@@ -14,86 +26,151 @@ import triton.language as tl
 
 from visionzip_kernels import _validation as check
 
-from ._launch import device_context, head_block, unit_last_stride
+from ._launch import device_context, head_split, unit_last_stride
 
-BLOCK_M = 64
-BLOCK_N = 64
-
-
-@triton.jit
-def _load_rows(ptr, offs_rows, row_mask, stride_row, offs_d, d_mask):
-    return tl.load(ptr + offs_rows[:, None] * stride_row + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
-                   other=0.0).to(tl.float32)
+HEAD_MEAN_BLOCK = 256
+LOG2_E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _row_stats_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, n_tokens, n_heads, head_dim, scale,
+def _load_tile(ptr, offs_rows, row_mask, stride_row, col0, head_dim, COLS: tl.constexpr, OPERAND: tl.constexpr):
+    offs_c = col0 + tl.arange(0, COLS)
+    tile = tl.load(ptr + offs_rows[:, None] * stride_row + offs_c[None, :],
+                   mask=row_mask[:, None] & (offs_c < head_dim)[None, :], other=0.0)
+    return tile.to(OPERAND)
+
+
+@triton.jit
+def _logits(q_lo, q_hi, k_ptr, offs_n, n_mask, stride_kn, head_dim, D_LO: tl.constexpr, D_HI: tl.constexpr,
+            OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+    """[rows of q, BLOCK of k] fp32 = q . k^T over both column tiles, unscaled: the dot runs on the
+    operands as stored (scaling q first would round it again) and the caller scales the fp32 logits."""
+    k_lo = _load_tile(k_ptr, offs_n, n_mask, stride_kn, 0, head_dim, D_LO, OPERAND)
+    acc = tl.dot(q_lo, tl.trans(k_lo), input_precision=PRECISION, out_dtype=tl.float32)
+    if D_HI > 0:
+        k_hi = _load_tile(k_ptr, offs_n, n_mask, stride_kn, D_LO, head_dim, D_HI, OPERAND)
+        acc = tl.dot(q_hi, tl.trans(k_hi), acc, input_precision=PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _row_tiles(ptr, offs_rows, row_mask, stride_row, head_dim, D_LO: tl.constexpr, D_HI: tl.constexpr,
+               OPERAND: tl.constexpr):
+    """A block of rows as its two column tiles (the second a dummy when D_HI == 0)."""
+    lo = _load_tile(ptr, offs_rows, row_mask, stride_row, 0, head_dim, D_LO, OPERAND)
+    hi = lo
+    if D_HI > 0:
+        hi = _load_tile(ptr, offs_rows, row_mask, stride_row, D_LO, head_dim, D_HI, OPERAND)
+    return lo, hi
+
+
+@triton.jit
+def _row_stats_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, n_tokens, n_heads, head_dim, qk_scale,
                       stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                      OPERAND: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // n_heads
     h = bh % n_heads
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_tokens
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask)
+    q_lo, q_hi = _row_tiles(q_ptr + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qn, head_dim, D_LO, D_HI,
+                            OPERAND)
+    k_head = k_ptr + b * stride_kb + h * stride_kh
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, n_tokens, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_tokens
-        k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask)
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        logits = _logits(q_lo, q_hi, k_head, offs_n, n_mask, stride_kn, head_dim, D_LO, D_HI, OPERAND,
+                         PRECISION) * qk_scale
         logits = tl.where(n_mask[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), axis=1)
         row_max = new_max
     tl.store(max_ptr + bh * n_tokens + offs_m, row_max, mask=m_mask)
-    tl.store(sum_ptr + bh * n_tokens + offs_m, row_sum, mask=m_mask)
+    tl.store(sum_ptr + bh * n_tokens + offs_m, 1.0 / row_sum, mask=m_mask)
 
 
 @triton.jit
-def _column_sums_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, out_ptr, n_tokens, n_heads, head_dim, scale,
+def _column_sums_kernel(q_ptr, k_ptr, max_ptr, inv_sum_ptr, out_ptr, n_tokens, n_heads, head_dim, qk_scale,
                         stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                        OPERAND: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // n_heads
     h = bh % n_heads
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_tokens
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask)
+    k_head = k_ptr + b * stride_kb + h * stride_kh
+    q_head = q_ptr + b * stride_qb + h * stride_qh
+    # k^T is the fixed operand here: logits^T [BLOCK_N, BLOCK_M] = k . q^T, so the column sums are
+    # row sums of the tile.
+    k_lo, k_hi = _row_tiles(k_head, offs_n, n_mask, stride_kn, head_dim, D_LO, D_HI, OPERAND)
     received = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(0, n_tokens, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_tokens
-        q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask)
         row_max = tl.load(max_ptr + bh * n_tokens + offs_m, mask=m_mask, other=0.0)
-        row_sum = tl.load(sum_ptr + bh * n_tokens + offs_m, mask=m_mask, other=1.0)
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        probs = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
-        probs = tl.where(m_mask[:, None] & n_mask[None, :], probs, 0.0)
-        received += tl.sum(probs, axis=0)
+        inv_sum = tl.load(inv_sum_ptr + bh * n_tokens + offs_m, mask=m_mask, other=0.0)
+        logits_t = _logits(k_lo, k_hi, q_head, offs_m, m_mask, stride_qn, head_dim, D_LO, D_HI, OPERAND,
+                           PRECISION) * qk_scale
+        probs_t = tl.exp2(logits_t - row_max[None, :]) * inv_sum[None, :]
+        received += tl.sum(tl.where(m_mask[None, :], probs_t, 0.0), axis=1)
     tl.store(out_ptr + bh * n_tokens + offs_n, received, mask=n_mask)
+
+
+@triton.jit
+def _head_mean_kernel(per_head_ptr, out_ptr, n_tokens, divisor, NUM_HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_tokens
+    total = tl.zeros([BLOCK], tl.float32)
+    for h in range(NUM_HEADS):
+        total += tl.load(per_head_ptr + (b * NUM_HEADS + h) * n_tokens + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + b * n_tokens + offs, total / divisor, mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def tile_config(dtype: torch.dtype, head_dim: int, interpreted: bool) -> dict:
+    """Constexprs and warps of both passes for one dtype and head dim.
+
+    fp16/bf16 run on tensor cores as stored, on 64 x 64 tiles. fp32 (and fp64, computed in fp32) run
+    IEEE fp32 dots on 32 x 32 tiles: larger ones spill registers on sm_90 (tests/test_triton_compile.py
+    compiles every configuration and checks). The interpreter's dot is numpy's, which cannot
+    multiply bf16: there bf16 operands are widened to fp32, exactly.
+    """
+    d_lo, d_hi = head_split(head_dim)
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted):
+        operand = tl.float16 if dtype == torch.float16 else tl.bfloat16
+        return dict(BLOCK_M=64, BLOCK_N=64, D_LO=d_lo, D_HI=d_hi, OPERAND=operand, PRECISION="tf32", num_warps=4)
+    return dict(BLOCK_M=32, BLOCK_N=32, D_LO=d_lo, D_HI=d_hi, OPERAND=tl.float32, PRECISION="ieee", num_warps=4)
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """q, k [B,N,H,d] -> [B,N] fp32: mean over heads and queries of the attention each key receives."""
     check.attention_received_args(q, k)
-    q, k = unit_last_stride(q), unit_last_stride(k)
+    return received_scores(unit_last_stride(q), unit_last_stride(k), scale)
+
+
+def received_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The launches of :func:`attention_received`, for validated q/k with unit-stride last dims."""
     B, N, H, d = k.shape
+    out = torch.empty(B, N, dtype=torch.float32, device=k.device)
     if B == 0:
-        return torch.empty(0, N, dtype=torch.float32, device=k.device)
+        return out
     row_max = torch.empty(B * H, N, dtype=torch.float32, device=k.device)
-    row_sum = torch.empty_like(row_max)
+    inv_sum = torch.empty_like(row_max)
     per_head = torch.empty_like(row_max)
+    tiles = tile_config(k.dtype, d, os.environ.get("TRITON_INTERPRET") == "1")
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    blocks = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_block(d))
+    qk_scale = float(scale) * LOG2_E
     with device_context(k):
-        _row_stats_kernel[(B * H, triton.cdiv(N, BLOCK_M))](q, k, row_max, row_sum, N, H, d, float(scale), *strides,
-                                                            **blocks)
-        _column_sums_kernel[(B * H, triton.cdiv(N, BLOCK_N))](q, k, row_max, row_sum, per_head, N, H, d,
-                                                              float(scale), *strides, **blocks)
-    return per_head.view(B, H, N).sum(dim=1) / (H * N)
+        _row_stats_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_M"]))](q, k, row_max, inv_sum, N, H, d, qk_scale,
+                                                                     *strides, **tiles)
+        # Pass 2 swaps the roles: its fixed tile is a key block, its loop runs over query blocks.
+        _column_sums_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_N"]))](q, k, row_max, inv_sum, per_head, N, H, d,
+                                                                       qk_scale, *strides, **tiles)
+        block = min(HEAD_MEAN_BLOCK, triton.next_power_of_2(N))
+        _head_mean_kernel[(B, triton.cdiv(N, block))](per_head, out, N, float(H * N), NUM_HEADS=H, BLOCK=block)
+    return out

@@ -1,12 +1,22 @@
-"""Head-mean CLS attention from q/k, optionally fused with the top-k of the dominant tokens.
+"""Head-mean CLS attention from q/k, optionally fused with the top-k of the dominant tokens, and the
+merge metric (k averaged over heads) from the same read of k.
 
-One program per image loops over the heads in order (deterministic, no atomics). Per head: a pass
-over the key blocks for the softmax's max and sum (online), then a pass that adds the normalised
-probabilities into the image's output row. Only the CLS query row is ever formed: O(H*N*d) work and
-no N x N map. With top-k fused, the same program then selects keep from the finished row.
+Two launches, parallel over images and token blocks, deterministic (fixed reduction orders, no
+atomics), never more than the CLS query row:
+
+1. ``_cls_logits_kernel``, grid (image, token block): reads the block's keys once, head by head (the
+   heads unrolled, so their loads are all in flight together). Per head it writes the logits
+   ``scale * q_cls . k`` and the block's softmax statistics (max, sum of exp); it also sums the keys
+   over heads, in head order, for the metric.
+2. ``_cls_normalize_kernel``, grid (image, token block): combines each head's block statistics into
+   the row's max and sum (a fixed-order reduction over the blocks), normalises its block's logits
+   and averages over heads. With top-k fused it runs one program per image over the whole row and
+   then selects keep from the finished scores in registers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -14,88 +24,145 @@ import triton.language as tl
 
 from visionzip_kernels import _validation as check
 
-from ._launch import device_context, head_block, unit_last_stride
+from ._launch import accumulator_dtype, device_context, head_block, multiprocessor_count, unit_last_stride
 from .topk import check_topk_size, select_topk_row
 
-BLOCK_N = 64
+# Token blocks of the logits pass, largest first: the largest that still gives every SM two programs
+# and keeps one head's [block, head dim] key tile within 4 KiB (the unrolled heads' loads are in
+# flight together; larger tiles push sm_90 to 230+ registers, and fp32 ones spill on sm_80).
+TOKEN_BLOCKS = (32, 16, 8)
+TILE_BYTES = 4096
+NORMALIZE_BLOCK = 256
 
 
 @triton.jit
-def _cls_logits(q, k_ptr, offs_n, n_mask, offs_d, d_mask, stride_kn, scale):
-    k = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                other=0.0).to(tl.float32)
-    logits = tl.sum(k * q[None, :], axis=1) * scale
-    return tl.where(n_mask, logits, float("-inf"))
-
-
-@triton.jit
-def _cls_attention_kernel(q_ptr, k_ptr, out_ptr, keep_ptr, n_tokens, n_heads, head_dim, scale, dominant,
-                          stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_ob, stride_keepb,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL: tl.constexpr,
-                          FUSE_TOPK: tl.constexpr, KEEP_CLS: tl.constexpr):
+def _cls_logits_kernel(q_ptr, k_ptr, logits_ptr, stats_ptr, metric_ptr, n_tokens, head_dim, scale,
+                       stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_mb, stride_mn,
+                       NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       WITH_LOGITS: tl.constexpr, WITH_METRIC: tl.constexpr, ACC_DTYPE: tl.constexpr):
     b = tl.program_id(0)
+    block = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_tokens
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    offs = tl.arange(0, BLOCK_N)
-    out_row = out_ptr + b * stride_ob
-    for n0 in range(0, n_tokens, BLOCK_N):
-        tl.store(out_row + n0 + offs, tl.zeros([BLOCK_N], tl.float32), mask=n0 + offs < n_tokens)
-    for h in range(0, n_heads):
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        k_head = k_ptr + b * stride_kb + h * stride_kh
-        row_max = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
-        row_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
-        for n0 in range(0, n_tokens, BLOCK_N):
-            offs_n = n0 + offs
-            logits = _cls_logits(q, k_head, offs_n, offs_n < n_tokens, offs_d, d_mask, stride_kn, scale)
-            new_max = tl.maximum(row_max, tl.max(logits, axis=0))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0)
-            row_max = new_max
-        for n0 in range(0, n_tokens, BLOCK_N):
-            offs_n = n0 + offs
-            n_mask = offs_n < n_tokens
-            logits = _cls_logits(q, k_head, offs_n, n_mask, offs_d, d_mask, stride_kn, scale)
-            acc = tl.load(out_row + offs_n, mask=n_mask, other=0.0)
-            tl.store(out_row + offs_n, acc + tl.exp(logits - row_max) / row_sum, mask=n_mask)
-    for n0 in range(0, n_tokens, BLOCK_N):
-        offs_n = n0 + offs
-        n_mask = offs_n < n_tokens
-        tl.store(out_row + offs_n, tl.load(out_row + offs_n, mask=n_mask, other=0.0) / n_heads, mask=n_mask)
+    tile_mask = n_mask[:, None] & d_mask[None, :]
+    k_rows = k_ptr + b * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :]
+    key_sum = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    if WITH_LOGITS:
+        for h in tl.static_range(NUM_HEADS):
+            k = tl.load(k_rows + h * stride_kh, mask=tile_mask, other=0.0)
+            if WITH_METRIC:
+                key_sum += k.to(ACC_DTYPE)  # head order, as the C++ kernel sums
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            logits = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+            logits = tl.where(n_mask, logits, float("-inf"))
+            row = b * NUM_HEADS + h
+            tl.store(logits_ptr + row * n_tokens + offs_n, logits, mask=n_mask)
+            block_max = tl.max(logits, axis=0)
+            stats = stats_ptr + (row * n_blocks + block) * 2
+            tl.store(stats, block_max)
+            tl.store(stats + 1, tl.sum(tl.exp(logits - block_max), axis=0))
+    else:
+        # The metric alone: a loop, not unrolled (sixteen hoisted tiles spill on sm_90).
+        for h in range(NUM_HEADS):
+            key_sum += tl.load(k_rows + h * stride_kh, mask=tile_mask, other=0.0).to(ACC_DTYPE)
+    if WITH_METRIC:
+        metric = key_sum / NUM_HEADS
+        tl.store(metric_ptr + b * stride_mb + offs_n[:, None] * stride_mn + offs_d[None, :],
+                 metric.to(metric_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _cls_normalize_kernel(logits_ptr, stats_ptr, out_ptr, keep_ptr, n_tokens, n_stat_blocks, dominant,
+                          stride_keepb, NUM_HEADS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STATS: tl.constexpr,
+                          FUSE_TOPK: tl.constexpr, KEEP_CLS: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_tokens
+    offs_s = tl.arange(0, BLOCK_STATS)
+    s_mask = offs_s < n_stat_blocks
+    probs = tl.zeros([BLOCK], tl.float32)
+    for h in range(NUM_HEADS):
+        row = b * NUM_HEADS + h
+        stats = stats_ptr + (row * n_stat_blocks + offs_s) * 2
+        block_max = tl.load(stats, mask=s_mask, other=float("-inf"))
+        block_sum = tl.load(stats + 1, mask=s_mask, other=0.0)
+        row_max = tl.max(block_max, axis=0)
+        row_sum = tl.sum(block_sum * tl.exp(block_max - row_max), axis=0)
+        logits = tl.load(logits_ptr + row * n_tokens + offs, mask=mask, other=float("-inf"))
+        probs += tl.exp(logits - row_max) / row_sum
+    scores = probs / NUM_HEADS
+    tl.store(out_ptr + b * n_tokens + offs, scores, mask=mask)
     if FUSE_TOPK:
-        tl.debug_barrier()  # the row was written by every thread of the program
-        offs_all = tl.arange(0, BLOCK_ALL)
-        scores = tl.load(out_row + offs_all, mask=offs_all < n_tokens, other=0.0)
-        select_topk_row(scores, offs_all, n_tokens, dominant, keep_ptr + b * stride_keepb, KEEP_CLS)
+        select_topk_row(tl.where(mask, scores, 0.0), offs, n_tokens, dominant, keep_ptr + b * stride_keepb, KEEP_CLS)
 
 
-def _launch(q_cls: torch.Tensor, k: torch.Tensor, scale: float, dominant: int, keep_cls: bool, fuse_topk: bool):
-    q_cls, k = unit_last_stride(q_cls), unit_last_stride(k)
+@functools.lru_cache(maxsize=256)
+def token_block(batch: int, n_tokens: int, head_dim: int, element_size: int, processors: int) -> int:
+    """BLOCK_N of the logits pass for a shape on a device with ``processors`` SMs."""
+    fitting = [b for b in TOKEN_BLOCKS if b * head_block(head_dim) * element_size <= TILE_BYTES] or [TOKEN_BLOCKS[-1]]
+    for block in fitting:
+        if batch * triton.cdiv(n_tokens, block) >= 2 * processors:
+            return block
+    return fitting[-1]
+
+
+def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant: int, keep_cls: bool,
+            fuse_topk: bool, metric: torch.Tensor | None):
+    """Scores (when q_cls is given), keep (when fused) and the metric (when given, written in place)."""
     B, N, H, d = k.shape
-    out = torch.empty(B, N, dtype=torch.float32, device=k.device)
+    with_logits = q_cls is not None
+    out = torch.empty(B, N if with_logits else 0, dtype=torch.float32, device=k.device)
     keep = torch.empty(B, dominant if fuse_topk else 0, dtype=torch.int64, device=k.device)
     if B == 0:
         return out, keep
+    block_n = token_block(B, N, d, k.element_size(), multiprocessor_count(k.device))
+    n_blocks = triton.cdiv(N, block_n)
+    if with_logits:
+        logits = torch.empty(B * H, N, dtype=torch.float32, device=k.device)
+        stats = torch.empty(B * H, n_blocks, 2, dtype=torch.float32, device=k.device)
+        q_strides = (q_cls.stride(0), q_cls.stride(1))
+    else:
+        logits = stats = k  # placeholders: the kernel touches neither without WITH_LOGITS
+        q_cls, q_strides = k, (0, 0)
+    metric_strides = (metric.stride(0), metric.stride(1)) if metric is not None else (0, 0)
     with device_context(k):
-        _cls_attention_kernel[(B,)](
-            q_cls, k, out, keep, N, H, d, float(scale), dominant,
-            q_cls.stride(0), q_cls.stride(1), k.stride(0), k.stride(1), k.stride(2), out.stride(0),
-            max(keep.stride(0), 1),
-            BLOCK_N=BLOCK_N, BLOCK_D=head_block(d), BLOCK_ALL=triton.next_power_of_2(N) if fuse_topk else 16,
-            FUSE_TOPK=fuse_topk, KEEP_CLS=keep_cls, num_warps=4,
+        _cls_logits_kernel[(B, n_blocks)](
+            q_cls, k, logits, stats, metric if metric is not None else k, N, d, float(scale),
+            *q_strides, k.stride(0), k.stride(1), k.stride(2), *metric_strides,
+            NUM_HEADS=H, BLOCK_N=block_n, BLOCK_D=head_block(d), WITH_LOGITS=with_logits,
+            WITH_METRIC=metric is not None, ACC_DTYPE=accumulator_dtype(k.dtype), num_warps=4,
         )
+        if with_logits:
+            block = triton.next_power_of_2(N) if fuse_topk else min(NORMALIZE_BLOCK, triton.next_power_of_2(N))
+            _cls_normalize_kernel[(B, triton.cdiv(N, block))](
+                logits, stats, out, keep, N, n_blocks, dominant, max(keep.stride(0), 1),
+                NUM_HEADS=H, BLOCK=block, BLOCK_STATS=triton.next_power_of_2(n_blocks), FUSE_TOPK=fuse_topk,
+                KEEP_CLS=keep_cls, num_warps=8 if fuse_topk else 4,
+            )
     return out, keep
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """q_cls [B,H,d], k [B,N,H,d] (last dim unit-stride, any other strides) -> [B,N] fp32."""
     check.cls_attention_args(q_cls, k)
-    return _launch(q_cls, k, scale, 0, True, fuse_topk=False)[0]
+    return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale, 0, True, False, None)[0]
 
 
 def cls_attention_topk(q_cls: torch.Tensor, k: torch.Tensor, scale: float, dominant: int,
                        keep_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and keep in one launch: -> (scores [B,N] fp32, keep [B,D] int64 ascending)."""
+    """Scores and keep in two launches: -> (scores [B,N] fp32, keep [B,D] int64 ascending)."""
     check.cls_attention_args(q_cls, k)
     check.check_budget("cls_attention_topk", k.shape[1], dominant, 0, keep_cls)
     check_topk_size("cls_attention_topk", k.shape[1])
-    return _launch(q_cls, k, scale, dominant, keep_cls, fuse_topk=True)
+    return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale, dominant, keep_cls, True, None)
+
+
+def cls_scores_and_metric(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS scores [B,N] fp32 (empty [B,0] when q_cls is None) and metric [B,N,d] in k.dtype, from one
+    read of k. Arguments are validated by the caller and have unit-stride last dims."""
+    metric = torch.empty(k.shape[0], k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
+    scores = _launch(q_cls, k, scale, 0, True, False, metric)[0]
+    return scores, metric
