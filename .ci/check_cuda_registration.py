@@ -14,7 +14,7 @@ import torch
 
 import visionzip_kernels
 
-OPS = ("cls_attention", "attention_received", "dominant_topk", "contextual_merge", "contextual_merge_backward",
+OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge", "contextual_merge_backward",
        "select_merge")
 
 assert torch.version.cuda, "this check needs the CUDA build of torch"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import attention_received, cls_attention, select_merge
+from .ops import attention_received, cls_attention, scores_and_metric, select_merge
 
 # The paper's budgets (dominant + contextual) for 576-patch LLaVA-1.5 images.
 BUDGETS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
@@ -31,7 +31,8 @@ def compress(
             Needed unless both ``scores`` and ``metric`` are given.
         scores: [B, N] precomputed token scores; default: ``cls_attention`` of token 0 when
             ``keep_cls``, else ``attention_received``.
-        metric: [B, N, d] merge metric; default: ``k`` averaged over heads.
+        metric: [B, N, d] merge metric; default: ``k`` averaged over heads. When neither is given,
+            both come from one :func:`scores_and_metric` call (one read of ``k``).
         keep_cls: the encoder has a CLS token at index 0 (CLIP: True; SigLIP: False).
         scale: softmax scale; default ``d ** -0.5``.
 
@@ -41,14 +42,17 @@ def compress(
     if scores is None or metric is None:
         if k is None:
             raise ValueError("visionzip.compress: k is required unless both scores and metric are given")
-    if scores is None:
-        if q is None:
-            raise ValueError("visionzip.compress: q is required unless scores is given")
-        if scale is None:
-            scale = q.shape[-1] ** -0.5
-        scores = cls_attention(q[:, 0], k, scale) if keep_cls else attention_received(q, k, scale)
-    if metric is None:
         if k.dim() != 4:
             raise ValueError(f"visionzip.compress: k must be a 4-D tensor [B, N, H, d], got shape {list(k.shape)}")
+    if scores is None and q is None:
+        raise ValueError("visionzip.compress: q is required unless scores is given")
+    if scale is None and q is not None:
+        scale = q.shape[-1] ** -0.5
+    if scores is None and metric is None:
+        # One read of k for both.
+        scores, metric = scores_and_metric(q, k, scale, keep_cls)
+    elif scores is None:
+        scores = cls_attention(q[:, 0], k, scale) if keep_cls else attention_received(q, k, scale)
+    elif metric is None:
         metric = k.mean(dim=2)
     return select_merge(hidden, scores, metric, dominant, contextual, keep_cls)

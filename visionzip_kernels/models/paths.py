@@ -61,12 +61,12 @@ def capture_qk(model, layer: int = -2):
 def cls_scores(model, pixel_values: torch.Tensor, layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS-encoder (CLIP, DINOv2) scores [B, N] (``cls_attention``, head mean) and merge metric
     [B, N, d] (head-mean keys) of layer ``layer``, from one forward of the unpatched model."""
-    from ..ops import cls_attention
+    from ..ops import scores_and_metric
 
     with torch.no_grad(), capture_qk(model, layer) as qk:
         model(pixel_values=pixel_values)
     q, k = qk["q"], qk["k"]
-    return cls_attention(q[:, 0], k, q.shape[-1] ** -0.5), k.mean(dim=2)
+    return scores_and_metric(q, k, q.shape[-1] ** -0.5, True)
 
 
 def top_decile_count(patches: int) -> int:

@@ -16,9 +16,9 @@ How a patched encoder runs (:class:`EncoderPatch`):
    decorators (which only use ``try/finally`` to reset their state) to the wrapper of step 1, which
    catches its own instance and nothing else. The layers after L, the final layer norm and any
    pooling head never run.
-4. The wrapper computes the scores (``cls_attention`` of the CLS row, or ``attention_received``
-   without CLS), the metric (head-mean of k) and calls ``select_merge``. It returns a
-   :class:`VisionZipOutput`.
+4. The wrapper computes the scores (CLS attention of the CLS row, or the attention received without
+   CLS) and the metric (head-mean of k) in one ``scores_and_metric`` call, and calls ``select_merge``.
+   It returns a :class:`VisionZipOutput`.
 
 The hooks do nothing unless the wrapper armed them, so calling a submodule directly (e.g. the
 encoder) behaves as unpatched. :meth:`EncoderPatch.remove` removes the three hooks and puts back the
@@ -211,10 +211,8 @@ class EncoderPatch:
         # (SPEC "Gradients"); detaching keeps autograd away from the score ops.
         q, k = q.detach(), k.detach()
         if self.keep_cls:
-            scores = ops.cls_attention(q, k, self.scale)
-        else:
-            scores = ops.attention_received(q, k, self.scale)
-        metric = k.mean(dim=2)
+            q = q.unsqueeze(1)  # the CLS row as a one-query [B, 1, H, d]
+        scores, metric = ops.scores_and_metric(q, k, self.scale, self.keep_cls)
         return ops.select_merge(hidden, scores, metric, self.dominant, self.contextual, self.keep_cls)
 
     # -- removal ---------------------------------------------------------------------------------
