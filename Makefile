@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.9.0
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench gpu-check setup clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -33,6 +33,10 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,min,max --benchmark-sort=name
+
+# On a machine with an NVIDIA GPU: build for its arch, CUDA/Triton tests, GPU benchmarks (logs in out/gpu-check).
+gpu-check:
+	bash .ci/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info visionzip_kernels/_C*.so

@@ -11,8 +11,12 @@ import triton.language as tl
 
 
 def device_context(t: torch.Tensor):
-    """Launch under the tensor's own device (explicit, as flash-attention does); a no-op on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch under the tensor's own device (explicit, as flash-attention does). Entering a device
+    context costs microseconds a launch, so it is skipped where that device is already current (and
+    on CPU)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:

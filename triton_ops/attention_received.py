@@ -69,7 +69,7 @@ def _row_stats_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, n_tokens, n_heads, head_di
                       stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
                       OPERAND: tl.constexpr, PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets exceed int32 for batches over 2**31 elements
     b = bh // n_heads
     h = bh % n_heads
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,7 +97,7 @@ def _column_sums_kernel(q_ptr, k_ptr, max_ptr, inv_sum_ptr, out_ptr, n_tokens, n
                         stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
                         OPERAND: tl.constexpr, PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets exceed int32 for batches over 2**31 elements
     b = bh // n_heads
     h = bh % n_heads
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,7 +122,7 @@ def _column_sums_kernel(q_ptr, k_ptr, max_ptr, inv_sum_ptr, out_ptr, n_tokens, n
 
 @triton.jit
 def _head_mean_kernel(per_head_ptr, out_ptr, n_tokens, divisor, NUM_HEADS: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
     total = tl.zeros([BLOCK], tl.float32)

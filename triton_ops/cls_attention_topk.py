@@ -40,7 +40,7 @@ def _cls_logits_kernel(q_ptr, k_ptr, logits_ptr, stats_ptr, metric_ptr, n_tokens
                        stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_mb, stride_mn,
                        NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        WITH_LOGITS: tl.constexpr, WITH_METRIC: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # image offsets exceed int32 for batches over 2**31 elements
     block = tl.program_id(1)
     n_blocks = tl.num_programs(1)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,7 +78,7 @@ def _cls_logits_kernel(q_ptr, k_ptr, logits_ptr, stats_ptr, metric_ptr, n_tokens
 def _cls_normalize_kernel(logits_ptr, stats_ptr, out_ptr, keep_ptr, n_tokens, n_stat_blocks, dominant,
                           stride_keepb, NUM_HEADS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STATS: tl.constexpr,
                           FUSE_TOPK: tl.constexpr, KEEP_CLS: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
     offs_s = tl.arange(0, BLOCK_STATS)
@@ -115,14 +115,16 @@ def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant:
     B, N, H, d = k.shape
     with_logits = q_cls is not None
     out = torch.empty(B, N if with_logits else 0, dtype=torch.float32, device=k.device)
-    keep = torch.empty(B, dominant if fuse_topk else 0, dtype=torch.int64, device=k.device)
+    # keep only exists when fused; otherwise the kernels get a placeholder they never touch.
+    keep = torch.empty(B, dominant, dtype=torch.int64, device=k.device) if fuse_topk else out
     if B == 0:
         return out, keep
     block_n = token_block(B, N, d, k.element_size(), multiprocessor_count(k.device))
     n_blocks = triton.cdiv(N, block_n)
     if with_logits:
-        logits = torch.empty(B * H, N, dtype=torch.float32, device=k.device)
-        stats = torch.empty(B * H, n_blocks, 2, dtype=torch.float32, device=k.device)
+        # One allocation for the logits [B*H, N] and the block statistics [B*H, n_blocks, 2].
+        workspace = torch.empty(B * H * (N + 2 * n_blocks), dtype=torch.float32, device=k.device)
+        logits, stats = workspace[: B * H * N], workspace[B * H * N :]
         q_strides = (q_cls.stride(0), q_cls.stride(1))
     else:
         logits = stats = k  # placeholders: the kernel touches neither without WITH_LOGITS
@@ -138,7 +140,7 @@ def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant:
         if with_logits:
             block = triton.next_power_of_2(N) if fuse_topk else min(NORMALIZE_BLOCK, triton.next_power_of_2(N))
             _cls_normalize_kernel[(B, triton.cdiv(N, block))](
-                logits, stats, out, keep, N, n_blocks, dominant, max(keep.stride(0), 1),
+                logits, stats, out, keep, N, n_blocks, dominant, max(keep.stride(0), 1) if fuse_topk else 1,
                 NUM_HEADS=H, BLOCK=block, BLOCK_STATS=triton.next_power_of_2(n_blocks), FUSE_TOPK=fuse_topk,
                 KEEP_CLS=keep_cls, num_warps=8 if fuse_topk else 4,
             )
