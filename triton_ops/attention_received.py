@@ -29,6 +29,8 @@ from visionzip_kernels import _validation as check
 from ._launch import device_context, head_split, unit_last_stride
 
 HEAD_MEAN_BLOCK = 256
+# Read once, at import, as triton itself reads it (the @triton.jit decorators below depend on it).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2_E = 1.0 / math.log(2.0)
 
 
@@ -159,18 +161,18 @@ def received_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     out = torch.empty(B, N, dtype=torch.float32, device=k.device)
     if B == 0:
         return out
-    row_max = torch.empty(B * H, N, dtype=torch.float32, device=k.device)
-    inv_sum = torch.empty_like(row_max)
-    per_head = torch.empty_like(row_max)
-    tiles = tile_config(k.dtype, d, os.environ.get("TRITON_INTERPRET") == "1")
+    # One allocation for the row maxima, the inverse row sums and the per-head column sums.
+    workspace = torch.empty(3, B * H, N, dtype=torch.float32, device=k.device)
+    row_max, inv_sum, per_head = workspace[0], workspace[1], workspace[2]
+    tiles = tile_config(k.dtype, d, INTERPRETED)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     qk_scale = float(scale) * LOG2_E
+    block = min(HEAD_MEAN_BLOCK, triton.next_power_of_2(N))
     with device_context(k):
-        _row_stats_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_M"]))](q, k, row_max, inv_sum, N, H, d, qk_scale,
-                                                                     *strides, **tiles)
+        _row_stats_kernel[(B * H, -(-N // tiles["BLOCK_M"]))](q, k, row_max, inv_sum, N, H, d, qk_scale, *strides,
+                                                              **tiles)
         # Pass 2 swaps the roles: its fixed tile is a key block, its loop runs over query blocks.
-        _column_sums_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_N"]))](q, k, row_max, inv_sum, per_head, N, H, d,
-                                                                       qk_scale, *strides, **tiles)
-        block = min(HEAD_MEAN_BLOCK, triton.next_power_of_2(N))
-        _head_mean_kernel[(B, triton.cdiv(N, block))](per_head, out, N, float(H * N), NUM_HEADS=H, BLOCK=block)
+        _column_sums_kernel[(B * H, -(-N // tiles["BLOCK_N"]))](q, k, row_max, inv_sum, per_head, N, H, d, qk_scale,
+                                                                *strides, **tiles)
+        _head_mean_kernel[(B, -(-N // block))](per_head, out, N, float(H * N), NUM_HEADS=H, BLOCK=block)
     return out

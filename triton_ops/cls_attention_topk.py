@@ -17,6 +17,7 @@ atomics), never more than the CLS query row:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -104,9 +105,39 @@ def token_block(batch: int, n_tokens: int, head_dim: int, element_size: int, pro
     """BLOCK_N of the logits pass for a shape on a device with ``processors`` SMs."""
     fitting = [b for b in TOKEN_BLOCKS if b * head_block(head_dim) * element_size <= TILE_BYTES] or [TOKEN_BLOCKS[-1]]
     for block in fitting:
-        if batch * triton.cdiv(n_tokens, block) >= 2 * processors:
+        if batch * -(-n_tokens // block) >= 2 * processors:
             return block
     return fitting[-1]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Grids and constexprs of one shape's launches, computed once per shape (the host path then
+    only validates, allocates and launches)."""
+
+    logits_grid: tuple[int, int]
+    logits_meta: dict
+    n_blocks: int
+    normalize_grid: tuple[int, int]
+    normalize_meta: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(B: int, N: int, H: int, d: int, element_size: int, accumulator, processors: int, fuse_topk: bool,
+          keep_cls: bool, with_logits: bool, with_metric: bool) -> _Plan:
+    block_n = token_block(B, N, d, element_size, processors)
+    n_blocks = -(-N // block_n)
+    padded = triton.next_power_of_2(N)
+    block = padded if fuse_topk else min(NORMALIZE_BLOCK, padded)
+    return _Plan(
+        logits_grid=(B, n_blocks),
+        logits_meta=dict(NUM_HEADS=H, BLOCK_N=block_n, BLOCK_D=head_block(d), WITH_LOGITS=with_logits,
+                         WITH_METRIC=with_metric, ACC_DTYPE=accumulator, num_warps=4),
+        n_blocks=n_blocks,
+        normalize_grid=(B, -(-N // block)),
+        normalize_meta=dict(NUM_HEADS=H, BLOCK=block, BLOCK_STATS=triton.next_power_of_2(n_blocks),
+                            FUSE_TOPK=fuse_topk, KEEP_CLS=keep_cls, num_warps=8 if fuse_topk else 4),
+    )
 
 
 def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant: int, keep_cls: bool,
@@ -119,11 +150,11 @@ def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant:
     keep = torch.empty(B, dominant, dtype=torch.int64, device=k.device) if fuse_topk else out
     if B == 0:
         return out, keep
-    block_n = token_block(B, N, d, k.element_size(), multiprocessor_count(k.device))
-    n_blocks = triton.cdiv(N, block_n)
+    plan = _plan(B, N, H, d, k.element_size(), accumulator_dtype(k.dtype), multiprocessor_count(k.device),
+                 fuse_topk, keep_cls, with_logits, metric is not None)
     if with_logits:
         # One allocation for the logits [B*H, N] and the block statistics [B*H, n_blocks, 2].
-        workspace = torch.empty(B * H * (N + 2 * n_blocks), dtype=torch.float32, device=k.device)
+        workspace = torch.empty(B * H * (N + 2 * plan.n_blocks), dtype=torch.float32, device=k.device)
         logits, stats = workspace[: B * H * N], workspace[B * H * N :]
         q_strides = (q_cls.stride(0), q_cls.stride(1))
     else:
@@ -131,18 +162,14 @@ def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant:
         q_cls, q_strides = k, (0, 0)
     metric_strides = (metric.stride(0), metric.stride(1)) if metric is not None else (0, 0)
     with device_context(k):
-        _cls_logits_kernel[(B, n_blocks)](
+        _cls_logits_kernel[plan.logits_grid](
             q_cls, k, logits, stats, metric if metric is not None else k, N, d, float(scale),
-            *q_strides, k.stride(0), k.stride(1), k.stride(2), *metric_strides,
-            NUM_HEADS=H, BLOCK_N=block_n, BLOCK_D=head_block(d), WITH_LOGITS=with_logits,
-            WITH_METRIC=metric is not None, ACC_DTYPE=accumulator_dtype(k.dtype), num_warps=4,
+            *q_strides, k.stride(0), k.stride(1), k.stride(2), *metric_strides, **plan.logits_meta,
         )
         if with_logits:
-            block = triton.next_power_of_2(N) if fuse_topk else min(NORMALIZE_BLOCK, triton.next_power_of_2(N))
-            _cls_normalize_kernel[(B, triton.cdiv(N, block))](
-                logits, stats, out, keep, N, n_blocks, dominant, max(keep.stride(0), 1) if fuse_topk else 1,
-                NUM_HEADS=H, BLOCK=block, BLOCK_STATS=triton.next_power_of_2(n_blocks), FUSE_TOPK=fuse_topk,
-                KEEP_CLS=keep_cls, num_warps=8 if fuse_topk else 4,
+            _cls_normalize_kernel[plan.normalize_grid](
+                logits, stats, out, keep, N, plan.n_blocks, dominant, keep.stride(0) if fuse_topk else 1,
+                **plan.normalize_meta,
             )
     return out, keep
 
