@@ -73,21 +73,25 @@ void check_keep(const char* op, const at::Tensor& keep, const at::Tensor& metric
                     keep.size(1));
 }
 
+// A query tensor [B, ..., H, d] against k [B, N, H, d]: ranks, dtypes, device, batch, heads, head dim.
+void check_query_key(const char* op, const char* q_name, const at::Tensor& q, int64_t q_rank,
+                     const char* q_layout, const at::Tensor& k) {
+  check_rank(op, q_name, q, q_rank, q_layout);
+  check_rank(op, "k", k, 4, "[B, N, H, d]");
+  check_float(op, q_name, q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op, ": k must have the dtype of ",
+                   q_name, " (", q.scalar_type(), "), got ", k.scalar_type());
+  check_same_device(op, "k", k, q_name, q);
+  check_dim(op, "k", k, 0, q_name, q.size(0), "the batch size");
+  check_dim(op, "k", k, 2, q_name, q.size(-2), "the head count");
+  check_dim(op, "k", k, 3, q_name, q.size(-1), "the head dim");
+  check_positive_sizes(op, "k", k);
+}
+
 }  // namespace
 
 void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k) {
-  constexpr const char* op = "cls_attention";
-  check_rank(op, "q_cls", q_cls, 3, "[B, H, d]");
-  check_rank(op, "k", k, 4, "[B, N, H, d]");
-  check_float(op, "q_cls", q_cls);
-  TORCH_CHECK_TYPE(k.scalar_type() == q_cls.scalar_type(), "visionzip.", op,
-                   ": k must have the dtype of q_cls (", q_cls.scalar_type(), "), got ",
-                   k.scalar_type());
-  check_same_device(op, "k", k, "q_cls", q_cls);
-  check_dim(op, "k", k, 0, "q_cls", q_cls.size(0), "the batch size");
-  check_dim(op, "k", k, 2, "q_cls", q_cls.size(1), "the head count");
-  check_dim(op, "k", k, 3, "q_cls", q_cls.size(2), "the head dim");
-  check_positive_sizes(op, "k", k);
+  check_query_key("cls_attention", "q_cls", q_cls, 3, "[B, H, d]", k);
 }
 
 void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
@@ -106,16 +110,7 @@ void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
 
 void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool keep_cls) {
   constexpr const char* op = "scores_and_metric";
-  check_rank(op, "q", q, 4, "[B, M, H, d]");
-  check_rank(op, "k", k, 4, "[B, N, H, d]");
-  check_float(op, "q", q);
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op,
-                   ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
-  check_same_device(op, "k", k, "q", q);
-  check_dim(op, "k", k, 0, "q", q.size(0), "the batch size");
-  check_dim(op, "k", k, 2, "q", q.size(2), "the head count");
-  check_dim(op, "k", k, 3, "q", q.size(3), "the head dim");
-  check_positive_sizes(op, "k", k);
+  check_query_key(op, "q", q, 4, "[B, M, H, d]", k);
   if (keep_cls) {
     check_positive_sizes(op, "q", q);
   } else {

@@ -74,18 +74,22 @@ def _check_keep(op: str, keep: torch.Tensor, metric: torch.Tensor) -> None:
         _fail(op, f"keep.size(1) (D) must be between 1 and N ({metric.shape[1]}), got {keep.shape[1]}")
 
 
-def cls_attention_args(q_cls: torch.Tensor, k: torch.Tensor) -> None:
-    op = "cls_attention"
-    check_rank(op, "q_cls", q_cls, 3, "[B, H, d]")
+def _check_query_key(op: str, q_name: str, q: torch.Tensor, q_rank: int, q_layout: str, k: torch.Tensor) -> None:
+    """A query tensor [B, ..., H, d] against k [B, N, H, d]: ranks, dtypes, device, batch, heads, head dim."""
+    check_rank(op, q_name, q, q_rank, q_layout)
     check_rank(op, "k", k, 4, "[B, N, H, d]")
-    check_float(op, "q_cls", q_cls)
-    if k.dtype != q_cls.dtype:
-        _fail(op, f"k must have the dtype of q_cls ({q_cls.dtype}), got {k.dtype}", TypeError)
-    check_same_device(op, "k", k, "q_cls", q_cls)
-    check_dim(op, "k", k, 0, "q_cls", q_cls.shape[0], "the batch size")
-    check_dim(op, "k", k, 2, "q_cls", q_cls.shape[1], "the head count")
-    check_dim(op, "k", k, 3, "q_cls", q_cls.shape[2], "the head dim")
+    check_float(op, q_name, q)
+    if k.dtype != q.dtype:
+        _fail(op, f"k must have the dtype of {q_name} ({q.dtype}), got {k.dtype}", TypeError)
+    check_same_device(op, "k", k, q_name, q)
+    check_dim(op, "k", k, 0, q_name, q.shape[0], "the batch size")
+    check_dim(op, "k", k, 2, q_name, q.shape[-2], "the head count")
+    check_dim(op, "k", k, 3, q_name, q.shape[-1], "the head dim")
     check_not_empty(op, "k", k)
+
+
+def cls_attention_args(q_cls: torch.Tensor, k: torch.Tensor) -> None:
+    _check_query_key("cls_attention", "q_cls", q_cls, 3, "[B, H, d]", k)
 
 
 def attention_received_args(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -103,16 +107,7 @@ def attention_received_args(q: torch.Tensor, k: torch.Tensor) -> None:
 
 def scores_and_metric_args(q: torch.Tensor, k: torch.Tensor, keep_cls: bool) -> None:
     op = "scores_and_metric"
-    check_rank(op, "q", q, 4, "[B, M, H, d]")
-    check_rank(op, "k", k, 4, "[B, N, H, d]")
-    check_float(op, "q", q)
-    if k.dtype != q.dtype:
-        _fail(op, f"k must have the dtype of q ({q.dtype}), got {k.dtype}", TypeError)
-    check_same_device(op, "k", k, "q", q)
-    check_dim(op, "k", k, 0, "q", q.shape[0], "the batch size")
-    check_dim(op, "k", k, 2, "q", q.shape[2], "the head count")
-    check_dim(op, "k", k, 3, "q", q.shape[3], "the head dim")
-    check_not_empty(op, "k", k)
+    _check_query_key(op, "q", q, 4, "[B, M, H, d]", k)
     if keep_cls:
         check_not_empty(op, "q", q)
     elif q.shape[1] != k.shape[1]:
