@@ -80,6 +80,35 @@ void head_mean_row(const scalar_t* k_row, int64_t H, int64_t d, int64_t head_str
   for (int64_t c = 0; c < d; ++c) metric_row[c] = static_cast<scalar_t>(acc[c] / heads);
 }
 
+// One token: its CLS logit for every head (dot_lanes' lane order, so the same bits) and the head sum
+// of its key rows in head order into acc (zeroed by the caller), each key row read once.
+template <typename scalar_t>
+void token_logits_and_key_sum(const float* __restrict queries, const scalar_t* __restrict k_row,
+                              int64_t H, int64_t d, int64_t head_stride, float scale,
+                              float* __restrict logits, int64_t logits_head_stride,
+                              metric_acc_t<scalar_t>* __restrict acc) {
+  using acc_t = metric_acc_t<scalar_t>;
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* __restrict k_head = k_row + h * head_stride;
+    const float* __restrict q = queries + h * d;
+    float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+      for (int j = 0; j < 8; ++j) {
+        lanes[j] += q[c + j] * static_cast<float>(k_head[c + j]);
+        acc[c + j] += static_cast<acc_t>(k_head[c + j]);
+      }
+    }
+    for (int j = 0; c < d; ++c, ++j) {
+      lanes[j] += q[c] * static_cast<float>(k_head[c]);
+      acc[c] += static_cast<acc_t>(k_head[c]);
+    }
+    const float dot =
+        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    logits[h * logits_head_stride] = dot * scale;
+  }
+}
+
 // One pass over k, token-major (each key row is read once, contiguously): the CLS logits
 // logits[b, h, j] = scale * q_cls[b, h] . k[b, j, h], and, when metric is given, the head-mean key.
 // Tasks are (image, token chunk); every output element is written by one task.
@@ -105,10 +134,18 @@ void cls_logits_and_metric(const scalar_t* q_ptr, int64_t qs0, int64_t qs1, cons
       }
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* k_row = k_ptr + b * ks0 + j * ks1;
-        for (int64_t h = 0; h < H; ++h) {
-          logits[(b * H + h) * N + j] = dot_lanes(queries.data() + h * d, k_row + h * ks2, d) * scale;
+        if (metric == nullptr) {
+          for (int64_t h = 0; h < H; ++h) {
+            logits[(b * H + h) * N + j] = dot_lanes(queries.data() + h * d, k_row + h * ks2, d) * scale;
+          }
+          continue;
         }
-        if (metric != nullptr) head_mean_row(k_row, H, d, ks2, acc.data(), metric + (b * N + j) * d);
+        std::fill(acc.begin(), acc.end(), metric_acc_t<scalar_t>(0));
+        token_logits_and_key_sum(queries.data(), k_row, H, d, ks2, scale, logits + b * H * N + j, N,
+                                 acc.data());
+        scalar_t* metric_row = metric + (b * N + j) * d;
+        const auto heads = static_cast<metric_acc_t<scalar_t>>(H);
+        for (int64_t c = 0; c < d; ++c) metric_row[c] = static_cast<scalar_t>(acc[c] / heads);
       }
     }
   });
