@@ -1,6 +1,7 @@
 // The one schema block of the visionzip library. Backends register kernels with TORCH_LIBRARY_IMPL
-// (csrc/cpu, csrc/cuda); fake kernels and autograd are registered from Python
-// (visionzip_kernels/ops.py), as in pytorch/extension-cpp.
+// (csrc/cpu, csrc/cuda); autograd is registered in C++ (csrc/autograd.cpp) so that inference calls
+// run no Python, and the fake kernels from Python (visionzip_kernels/ops.py), as pytorch/extension-cpp
+// shows both.
 #include <torch/library.h>
 
 TORCH_LIBRARY(visionzip, m) {

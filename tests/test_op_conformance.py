@@ -4,6 +4,8 @@ against eager and the reference, and empty batches (B = 0)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -66,6 +68,28 @@ OPCHECK_CASES = (
 def test_opcheck(op, dtype, strided, requires_grad):
     args, kwargs = _samples(op, dtype, strided, requires_grad)
     torch.library.opcheck(getattr(ops, op).default, args, kwargs)
+
+
+@pytest.mark.parametrize("op", sorted(DIFFERENTIABLE))
+def test_inference_calls_run_no_python(op):
+    """With no input requiring grad, a differentiable op goes from torch's op object to the kernel
+    without a Python frame: its autograd is registered in C++ (csrc/autograd.cpp)."""
+    args, kwargs = _samples(op, torch.float32, False, requires_grad=False)
+    frames = []
+
+    def record(frame, event, arg):
+        if event == "call":
+            frames.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    overload = getattr(ops, op).default
+    sys.setprofile(record)
+    try:
+        overload(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    # OpOverload.__call__ itself is Python (torch/_ops.py); nothing else may run.
+    others = [f for f in frames if not f.replace("\\", "/").endswith("torch/_ops.py:__call__")]
+    assert others == [], f"{op} ran Python on the inference path: {others}"
 
 
 def test_every_op_is_opchecked():

@@ -1,7 +1,7 @@
 """visionzip-kernels: VisionZip token selection and merging as fused torch.ops.visionzip.* ops.
 
-Importing the package loads the compiled kernels (``_C``) first, then registers the fake kernels and
-autograd for the ops it defines, then the Triton kernels for CUDA tensors (see ``backends``).
+Importing the package loads the compiled kernels and their autograd (``_C``) first, then registers
+the fake kernels for the ops it defines, then the Triton kernels for CUDA tensors (see ``backends``).
 """
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)

@@ -1,7 +1,7 @@
-"""Fake kernels, autograd and typed Python wrappers for the torch.ops.visionzip.* ops.
+"""Fake kernels and typed Python wrappers for the torch.ops.visionzip.* ops.
 
-The schemas and the C++ kernels live in csrc/ (one TORCH_LIBRARY block); this module is imported
-after visionzip_kernels._C has been loaded.
+The schemas, the C++ kernels and the autograd formulas live in csrc/ (one TORCH_LIBRARY block;
+csrc/autograd.cpp); this module is imported after visionzip_kernels._C has been loaded.
 """
 
 from __future__ import annotations
@@ -82,58 +82,9 @@ def _select_merge_fake(
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd. tokens is linear in hidden once keep and the assignment are fixed (SPEC "Gradients"):
-# the backward recomputes the assignment from (metric, keep), which costs O(N*K*d) against the
-# O(N*C) gradient pass, instead of keeping plan tensors alive between forward and backward.
-
-
-def _merge_setup_context(ctx, inputs, output) -> None:
-    hidden, metric, keep, _contextual = inputs
-    ctx.save_for_backward(metric, keep)
-    ctx.num_tokens = hidden.shape[1]
-
-
-def _merge_backward(ctx, grad_tokens: torch.Tensor):
-    metric, keep = ctx.saved_tensors
-    grad_hidden = _ops.contextual_merge_backward(grad_tokens, metric, keep, ctx.num_tokens)
-    return grad_hidden, None, None, None
-
-
-def _select_merge_setup_context(ctx, inputs, output) -> None:
-    hidden, _scores, metric = inputs[:3]
-    _tokens, keep = output
-    ctx.save_for_backward(metric, keep)
-    ctx.num_tokens = hidden.shape[1]
-
-
-def _select_merge_backward(ctx, grad_tokens: torch.Tensor, _grad_keep):
-    metric, keep = ctx.saved_tensors
-    grad_hidden = _ops.contextual_merge_backward(grad_tokens, metric, keep, ctx.num_tokens)
-    return grad_hidden, None, None, None, None, None
-
-
-# The backward is linear too, and its adjoint is the forward merge: double backward is one
-# contextual_merge of the incoming gradient.
-def _merge_backward_setup_context(ctx, inputs, output) -> None:
-    grad_tokens, metric, keep, _num_tokens = inputs
-    ctx.save_for_backward(metric, keep)
-    ctx.contextual = grad_tokens.shape[1] - keep.shape[1]
-
-
-def _merge_backward_backward(ctx, grad_grad_hidden: torch.Tensor):
-    metric, keep = ctx.saved_tensors
-    return _ops.contextual_merge(grad_grad_hidden, metric, keep, ctx.contextual), None, None, None
-
-
-torch.library.register_autograd(
-    "visionzip::contextual_merge", _merge_backward, setup_context=_merge_setup_context
-)
-torch.library.register_autograd(
-    "visionzip::select_merge", _select_merge_backward, setup_context=_select_merge_setup_context
-)
-torch.library.register_autograd(
-    "visionzip::contextual_merge_backward", _merge_backward_backward, setup_context=_merge_backward_setup_context
-)
+# Autograd of contextual_merge, contextual_merge_backward and select_merge is registered in C++
+# (csrc/autograd.cpp), so that inference calls never enter Python; the score ops and dominant_topk
+# are not differentiable (SPEC "Gradients").
 
 
 # --------------------------------------------------------------------------------------------
