@@ -437,3 +437,22 @@ def test_deterministic_across_thread_counts(name, num_threads):
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits, so that -0.0 vs 0.0 or differing NaN payloads count as differences."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=cases_id)
+def test_every_half_value_is_widened_exactly(dtype):
+    """The merge widens fp16/bf16 from the raw bits (csrc/cpu/tensor_views.h): every finite value,
+    subnormals and both zeros included, must come out as the reference's exact fp32 widening."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[torch.isfinite(values.float())]
+    hidden = torch.zeros(1, 3, values.numel(), dtype=dtype)
+    hidden[0, 2] = values
+    metric = torch.ones(1, 3, 4, dtype=dtype)
+    keep = torch.tensor([[0]])
+    # rest = [1, 2], K = 1: the contextual row is token 1 (zeros) + the mean of its one member, token 2.
+    got = ops.contextual_merge(hidden, metric, keep, 1)
+    expected = reference.contextual_merge(hidden, metric, keep, 1)
+    assert_equal_verbose(got.view(torch.int16), expected.view(torch.int16), f"{dtype} bits")
+    grad = ops.contextual_merge_backward(got, metric, keep, 3)
+    assert_equal_verbose(grad.view(torch.int16), reference.contextual_merge_backward(got, metric, keep, 3)
+                         .view(torch.int16), f"{dtype} gradient bits")

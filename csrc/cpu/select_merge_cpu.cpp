@@ -224,8 +224,9 @@ void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64
         if (role[n] == kDominant) {
           std::copy(src, src + width, out_img + row[n] * C);
         } else if (role[n] == kMember) {
-          acc_t* acc = sums.data() + (row[n] - D) * chunk;
-          for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<acc_t>(src[c]);
+          acc_t* __restrict acc = sums.data() + (row[n] - D) * chunk;
+          const scalar_t* __restrict row_src = src;
+          for (int64_t c = 0; c < width; ++c) acc[c] += widen(row_src[c]);
         }
       }
       for (int64_t i = 0; i < K; ++i) {
@@ -234,7 +235,7 @@ void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64
         const acc_t* acc = sums.data() + i * chunk;
         scalar_t* dst = out_img + (D + i) * C;
         for (int64_t c = 0; c < width; ++c) {
-          dst[c] = static_cast<scalar_t>(static_cast<acc_t>(target[c]) + acc[c] / divisor);
+          dst[c] = static_cast<scalar_t>(widen(target[c]) + acc[c] / divisor);
         }
       }
     }
@@ -288,7 +289,7 @@ void merge_backward_kernel(const at::Tensor& grad, const MergePlan& plan, int64_
       }
       const acc_t divisor = member_divisor(count_ptr[b * K + (r - D)]);
       for (int64_t c = 0; c < C; ++c) {
-        dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) / divisor);
+        dst[c] = static_cast<scalar_t>(widen(src[c]) / divisor);
       }
     }
   });
