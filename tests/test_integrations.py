@@ -42,15 +42,17 @@ ASSIGN_MARGIN = 2e-6
 # Model builders (random init, peaked attention)
 
 
-def _peak_qk_(layers, attention, hidden_size: int, seed: int = 0, logit_std: float = 2.5) -> None:
-    """Re-initialise every layer's q_proj/k_proj with N(0, s), biases zero, where s makes the
-    attention logits' std about ``logit_std`` (s = sqrt(logit_std / C) for layer-normed inputs)."""
+def _peak_qk_(model, hidden_size: int, seed: int = 0, logit_std: float = 2.5) -> None:
+    """Re-initialise every layer's q/k projections (found through the integration's registry) with
+    N(0, s), biases zero, where s makes the attention logits' std about ``logit_std``
+    (s = sqrt(logit_std / C) for layer-normed inputs)."""
+    family = vzt.encoder_family(model)
     std = (logit_std / hidden_size) ** 0.5
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in layers:
-            attn = attention(layer)
-            for proj in (attn.q_proj, attn.k_proj):
+        for layer in family.layers(model):
+            query_key = family.query_key(layer)
+            for proj in (query_key.q_proj, query_key.k_proj):
                 proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * std)
                 if proj.bias is not None:
                     proj.bias.zero_()
@@ -71,7 +73,7 @@ def clip_tower(num_layers=3, hidden=1024, heads=16, image=336, patch=14, interme
         image_size=image, patch_size=patch, hidden_act="quick_gelu", layer_norm_eps=1e-5,
     )
     model = _build(transformers.CLIPVisionModel, config, seed)
-    _peak_qk_(model.encoder.layers, lambda layer: layer.self_attn, hidden, seed)
+    _peak_qk_(model, hidden, seed)
     return model
 
 
@@ -82,7 +84,7 @@ def siglip_tower(num_layers=3, seed=0):
         image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
     )
     model = _build(transformers.SiglipVisionModel, config, seed)
-    _peak_qk_(model.encoder.layers, lambda layer: layer.self_attn, 1152, seed)
+    _peak_qk_(model, 1152, seed)
     return model
 
 
@@ -93,7 +95,7 @@ def dinov2_model(num_layers=3, seed=0):
         patch_size=14, layerscale_value=0.5,
     )
     model = _build(transformers.Dinov2Model, config, seed)
-    _peak_qk_(model.encoder.layer, lambda layer: layer.attention, 384, seed)
+    _peak_qk_(model, 384, seed)
     return model
 
 
@@ -114,7 +116,7 @@ def tiny_llava(seed=0, image_token_id=99):
     config.vision_config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = "sdpa"
     model = _build(transformers.LlavaForConditionalGeneration, config, seed)
-    _peak_qk_(model.model.vision_tower.encoder.layers, lambda layer: layer.self_attn, 64, seed)
+    _peak_qk_(model.model.vision_tower, 64, seed)
     return model
 
 
@@ -141,13 +143,17 @@ def upstream_way(model, layers_of, attention, x, **forward_kwargs):
     handles = []
     for i, layer in enumerate(layers):
         attn = attention(layer)
-        heads = attn.q_proj.out_features // attn.head_dim
+        # The test's own look-up, independent of the integration's registry: transformers 5.17's
+        # DINOv2 keeps the key projection one level down (attention.attention.key).
+        k_proj = attn.k_proj if hasattr(attn, "k_proj") else attn.attention.key
+        head_dim = attn.head_dim if hasattr(attn, "head_dim") else attn.attention.attention_head_size
+        heads = k_proj.out_features // head_dim
 
         def hook(module, args, out, i=i, heads=heads):
             B, N, _ = out.shape
             metrics[i] = out.view(B, N, heads, -1).mean(dim=2)
 
-        handles.append(attn.k_proj.register_forward_hook(hook))
+        handles.append(k_proj.register_forward_hook(hook))
     try:
         with torch.no_grad():
             out = eager_model(x, output_attentions=True, output_hidden_states=True, **forward_kwargs)

@@ -26,7 +26,7 @@ import torch
 from ..api import compress
 from ..profiling import peak_memory_bytes
 from ..upstream import upstream_select_merge
-from .towers import attention_module, encoder_layers, has_cls
+from .towers import encoder_layers, has_cls, query_key
 
 
 def _layer_index(model, layer: int) -> int:
@@ -40,17 +40,16 @@ def _layer_index(model, layer: int) -> int:
 def capture_qk(model, layer: int = -2):
     """Hooks on layer ``layer``'s q_proj / k_proj; yields a dict that receives ``q`` and ``k``
     as [B, N, H, d] after each forward."""
-    attn = attention_module(encoder_layers(model)[_layer_index(model, layer)])
-    heads = model.config.num_attention_heads
+    projections = query_key(model, encoder_layers(model)[_layer_index(model, layer)])
     store: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def fn(module, inputs, output):
-            B, N, HD = output.shape
-            store[name] = output.view(B, N, heads, HD // heads)
+            store[name] = output.unflatten(-1, (-1, projections.head_dim))
         return fn
 
-    handles = [attn.q_proj.register_forward_hook(hook("q")), attn.k_proj.register_forward_hook(hook("k"))]
+    handles = [projections.q_proj.register_forward_hook(hook("q")),
+               projections.k_proj.register_forward_hook(hook("k"))]
     try:
         yield store
     finally:

@@ -46,23 +46,17 @@ def tower_config(name: str, num_layers: int | None = None, attn_implementation: 
 
 
 def encoder_layers(model) -> torch.nn.ModuleList:
-    """The encoder's layer list of a CLIP / SigLIP vision model (flat or nested) or a Dinov2Model."""
-    for owner in (model, getattr(model, "vision_model", None), getattr(model, "vision_tower", None)):
-        encoder = getattr(owner, "encoder", None)
-        if encoder is not None:
-            for attr in ("layers", "layer"):
-                if isinstance(getattr(encoder, attr, None), torch.nn.ModuleList):
-                    return getattr(encoder, attr)
-    raise TypeError(f"{type(model).__name__}: no encoder layer list found")
+    """The encoder's layer list, from the transformers integration's registry of model structure."""
+    from ..integrations.transformers import encoder_family
+
+    return encoder_family(model).layers(model)
 
 
-def attention_module(layer: torch.nn.Module) -> torch.nn.Module:
-    """The self-attention module (with ``q_proj`` / ``k_proj``) of one encoder layer."""
-    for attr in ("self_attn", "attention"):
-        module = getattr(layer, attr, None)
-        if module is not None and hasattr(module, "q_proj"):
-            return module
-    raise TypeError(f"{type(layer).__name__}: no attention module with q_proj/k_proj")
+def query_key(model, layer: torch.nn.Module):
+    """One layer's q/k projections, head dim and scale, from the integration's registry."""
+    from ..integrations.transformers import encoder_family
+
+    return encoder_family(model).query_key(layer)
 
 
 def peak_attention_(model, qk_std: float = DEFAULT_QK_STD, seed: int = 0) -> None:
@@ -70,8 +64,8 @@ def peak_attention_(model, qk_std: float = DEFAULT_QK_STD, seed: int = 0) -> Non
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in encoder_layers(model):
-            attn = attention_module(layer)
-            for proj in (attn.q_proj, attn.k_proj):
+            projections = query_key(model, layer)
+            for proj in (projections.q_proj, projections.k_proj):
                 proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * qk_std)
                 if proj.bias is not None:
                     proj.bias.zero_()

@@ -12,7 +12,7 @@ outputs are q and k before scaling (the scale, d^-0.5, is passed to the attentio
 
 from __future__ import annotations
 
-from .common import EncoderFamily
+from .common import EncoderFamily, separate_projections
 
 
 def _model_class():
@@ -27,5 +27,5 @@ FAMILY = EncoderFamily(
     model_class=_model_class,
     keep_cls=True,
     layers=lambda model: model.encoder.layers,
-    attention=lambda layer: layer.self_attn,
+    query_key=lambda layer: separate_projections(layer.self_attn),
 )

@@ -6,7 +6,8 @@ How a patched encoder runs (:class:`EncoderPatch`):
    slot and calls the forward that was there before (the class's own, or whatever another library
    had set on the instance), so the model runs its own code with its own attention implementation
    (SDPA, FlashAttention, ...). Nothing of transformers' ``forward`` code is copied.
-2. Forward hooks on layer L's ``q_proj`` and ``k_proj`` (``nn.Linear``) store their outputs: the
+2. Forward hooks on layer L's query and key projections (``nn.Linear``; where they are is the
+   family's ``query_key``, e.g. ``q_proj`` / ``k_proj``) store their outputs: the
    query and key projections after the bias, before the 1/sqrt(d) scaling, as SPEC.md defines q and
    k. For CLS encoders only the CLS query row is kept (a [B, H, d] copy), so the full q is freed
    with the layer; k is kept as a [B, N, H, d] view of the projection output.
@@ -64,6 +65,23 @@ class VisionZipOutput(BaseModelOutputWithPooling):
 
 
 @dataclass(frozen=True)
+class QueryKey:
+    """Where one encoder layer's q and k come from (SPEC: after the bias, before any scaling)."""
+
+    q_proj: torch.nn.Module  # its output is q, [B, N, H * head_dim]
+    k_proj: torch.nn.Module  # its output is k, [B, N, H * head_dim]
+    head_dim: int
+    scale: float  # the softmax scale the model uses
+
+
+def separate_projections(attention: torch.nn.Module) -> QueryKey:
+    """An attention module with ``q_proj`` / ``k_proj`` (``nn.Linear``) and ``head_dim``, as
+    transformers 5.x's CLIP, SigLIP and (5.2x) DINOv2 attentions have."""
+    head_dim = int(attention.head_dim)
+    return QueryKey(attention.q_proj, attention.k_proj, head_dim, _softmax_scale(attention, head_dim))
+
+
+@dataclass(frozen=True)
 class EncoderFamily:
     """What the plumbing needs to know about one encoder family (one per module: clip, siglip, dinov2)."""
 
@@ -72,7 +90,7 @@ class EncoderFamily:
     model_class: Callable[[], type]  # the supported class (a subclass also matches), imported lazily
     keep_cls: bool  # CLS token at index 0: cls_attention + keep_cls=True; else attention_received
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # the encoder's layer list
-    attention: Callable[[torch.nn.Module], torch.nn.Module]  # one layer's self-attention (q_proj/k_proj)
+    query_key: Callable[[torch.nn.Module], QueryKey]  # one layer's q/k projections, head dim and scale
 
 
 class _StopEncoder(Exception):
@@ -123,13 +141,13 @@ class EncoderPatch:
         self.layer_index = layer % n
         self.num_layers = n
         layer_module = layers[self.layer_index]
-        attn = family.attention(layer_module)
-        self.head_dim = int(attn.head_dim)
-        self.scale = _softmax_scale(attn, self.head_dim)
+        query_key = family.query_key(layer_module)
+        self.head_dim = query_key.head_dim
+        self.scale = query_key.scale
         self._local = threading.local()
         self._handles = [
-            attn.q_proj.register_forward_hook(self._q_hook),
-            attn.k_proj.register_forward_hook(self._k_hook),
+            query_key.q_proj.register_forward_hook(self._q_hook),
+            query_key.k_proj.register_forward_hook(self._k_hook),
             layer_module.register_forward_hook(self._stop_hook),
         ]
         self._saved_forward = model.__dict__.get("forward", _MISSING)

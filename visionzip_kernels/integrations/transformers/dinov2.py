@@ -5,15 +5,18 @@ A CLS encoder like CLIP (``cls_attention``, ``keep_cls=True``). Layout in transf
 ``Dinov2Layer`` computes ``h = h + layer_scale1(attention(norm1(h)))`` then
 ``h = h + layer_scale2(mlp(norm2(h)))`` and returns ``h``: the layer's output already includes both
 layer scales and residuals, and no norm is pending, so the captured output is exactly
-``hidden_states[i + 1]``. The attention module is ``layer.attention`` with ``q_proj`` / ``k_proj``
-(``nn.Linear``) and ``scaling`` = d^-0.5. Position embeddings are interpolated, so N follows the
+``hidden_states[i + 1]``. The projections are ``layer.attention.q_proj`` / ``k_proj`` (``nn.Linear``)
+with ``scaling`` = d^-0.5 on transformers 5.2x; 5.17 has them one level down, as
+``layer.attention.attention.query`` / ``key`` with ``attention_head_size``: both are recognised. Position embeddings are interpolated, so N follows the
 input size (1 + (size / 14)^2); the budget is checked against the actual N at run time.
 ``Dinov2WithRegisters`` (model_type ``dinov2_with_registers``) is not supported.
 """
 
 from __future__ import annotations
 
-from .common import EncoderFamily
+import torch
+
+from .common import EncoderFamily, QueryKey, separate_projections
 
 
 def _model_class():
@@ -22,11 +25,20 @@ def _model_class():
     return Dinov2Model
 
 
+def _query_key(layer: torch.nn.Module) -> QueryKey:
+    attention = layer.attention
+    if hasattr(attention, "q_proj"):
+        return separate_projections(attention)
+    inner = attention.attention  # transformers 5.17: Dinov2SelfAttention with query / key / value
+    head_dim = int(inner.attention_head_size)
+    return QueryKey(inner.query, inner.key, head_dim, float(getattr(inner, "scaling", head_dim**-0.5)))
+
+
 FAMILY = EncoderFamily(
     name="DINOv2",
     model_types=("dinov2",),
     model_class=_model_class,
     keep_cls=True,
     layers=lambda model: model.encoder.layer,
-    attention=lambda layer: layer.attention,
+    query_key=_query_key,
 )

@@ -10,7 +10,7 @@ the compressed tokens are layer L's raw output, i.e. ``hidden_states[i + 1]``.
 
 from __future__ import annotations
 
-from .common import EncoderFamily
+from .common import EncoderFamily, separate_projections
 
 
 def _model_class():
@@ -25,5 +25,5 @@ FAMILY = EncoderFamily(
     model_class=_model_class,
     keep_cls=False,
     layers=lambda model: model.encoder.layers,
-    attention=lambda layer: layer.self_attn,
+    query_key=lambda layer: separate_projections(layer.self_attn),
 )
