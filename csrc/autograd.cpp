@@ -157,6 +157,12 @@ std::tuple<at::Tensor, at::Tensor> select_merge_autograd(const at::Tensor& hidde
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
+  // The score ops and the top-k are not differentiable (SPEC "Gradients": q, k, scores and metric get
+  // no gradient; the selection is discrete): falling through the autograd key, their outputs never
+  // require grad, whatever their inputs do, and backward never meets them.
+  for (const char* op : {"cls_attention", "attention_received", "scores_and_metric", "dominant_topk"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
   m.impl("contextual_merge", &contextual_merge_autograd);
   m.impl("contextual_merge_backward", &contextual_merge_backward_autograd);
   m.impl("select_merge", &select_merge_autograd);

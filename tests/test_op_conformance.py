@@ -5,6 +5,7 @@ against eager and the reference, and empty batches (B = 0)."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -90,6 +91,20 @@ def test_inference_calls_run_no_python(op):
     # OpOverload.__call__ itself is Python (torch/_ops.py); nothing else may run.
     others = [f for f in frames if not f.replace("\\", "/").endswith("torch/_ops.py:__call__")]
     assert others == [], f"{op} ran Python on the inference path: {others}"
+
+
+@pytest.mark.parametrize("op", ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk"])
+def test_non_differentiable_ops_never_require_grad(op):
+    """SPEC "Gradients": q, k, scores and metric get no gradient. Inputs that require grad give
+    outputs that do not (no graph, no "autograd kernel was not registered" warning)."""
+    args, kwargs = _samples(op, torch.float32, False, requires_grad=False)
+    args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = getattr(ops, op)(*args, **kwargs)
+    for t in out if isinstance(out, tuple) else (out,):
+        assert not t.requires_grad and t.grad_fn is None, f"{op} output requires grad"
 
 
 def test_every_op_is_opchecked():
