@@ -1,4 +1,4 @@
-// Autograd of the differentiable ops (SPEC "Gradients"), registered in C++ under the Autograd key so
+// Autograd of the differentiable ops (docs/SPEC.md "Gradients"), registered in C++ under the Autograd key so
 // that a call with no input requiring grad goes from the dispatcher to the kernel without entering
 // Python (a Python autograd kernel costs microseconds a call). Device-agnostic: the kernels below
 // are reached through the dispatcher, so CPU and CUDA share these formulas.
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> select_merge_autograd(const at::Tensor& hidde
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
-  // The score ops and the top-k are not differentiable (SPEC "Gradients": q, k, scores and metric get
+  // The score ops and the top-k are not differentiable (docs/SPEC.md "Gradients": q, k, scores and metric get
   // no gradient; the selection is discrete): falling through the autograd key, their outputs never
   // require grad, whatever their inputs do, and backward never meets them.
   for (const char* op : {"cls_attention", "attention_received", "scores_and_metric", "dominant_topk"}) {

@@ -25,7 +25,7 @@ enum TokenRole : int8_t {
   kDropped = 3,   // not kept and K == 0: contributes nothing
 };
 
-// Spacing of the K targets inside the M not-kept tokens (SPEC: step = max(1, M // K)).
+// Spacing of the K targets inside the M not-kept tokens (docs/SPEC.md: step = max(1, M // K)).
 VZ_HOST_DEVICE int64_t target_step(int64_t num_rest, int64_t contextual) {
   const int64_t step = contextual > 0 ? num_rest / contextual : 1;
   return step > 1 ? step : 1;

@@ -15,7 +15,7 @@ from visionzip_kernels import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# fp32 kernels vs the fp32 reference: SPEC allows 1e-5 relative.
+# fp32 kernels vs the fp32 reference: docs/SPEC.md allows 1e-5 relative.
 FP32_RTOL = 1e-5
 FP32_ATOL = 1e-6
 
@@ -46,7 +46,7 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_within_torch_error(actual: torch.Tensor, exact: torch.Tensor, torch_native: torch.Tensor, name: str = "") -> None:
-    """Low-precision bound (SPEC): the error of ``actual`` against the exact (float64) result is at
+    """Low-precision bound (docs/SPEC.md): the error of ``actual`` against the exact (float64) result is at
     most 2x the error PyTorch makes doing the same computation in the low-precision dtype, plus one
     rounding step of the output dtype for elements PyTorch happens to round exactly."""
     ulp = torch.finfo(actual.dtype).eps * exact.detach().double().abs().cpu()
@@ -242,7 +242,7 @@ def merge_inputs(
 def assert_tokens_match_reference(
     tokens: torch.Tensor, hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int, name: str = ""
 ) -> None:
-    """SPEC tolerances for kernel tokens against the reference merge of (hidden, metric, keep).
+    """docs/SPEC.md tolerances for kernel tokens against the reference merge of (hidden, metric, keep).
     fp32/fp64: rtol 1e-5. fp16/bf16: at most one output rounding step from the fp32 reference, and
     within 2x PyTorch's own error doing the merge in that dtype (same assignment, from fp32 metric)."""
     expected = reference.contextual_merge(hidden, metric, keep, contextual)

@@ -3,7 +3,7 @@
 Shapes are a covering set, not the cartesian product: every value of every axis of issue 2
 (B in {1,3,8}, N in {17,577,729,2881}, C in {64,1024,1152}, D/K in {54/10,108/20,162/30,1/0},
 contiguous / strided) appears, and each of fp32/fp16/bf16 meets the realistic N = 577/729/2881 and
-C = 1024/1152 (checked by ``test_the_shape_table_covers_every_axis``). Tolerances are SPEC's, via
+C = 1024/1152 (checked by ``test_the_shape_table_covers_every_axis``). Tolerances are docs/SPEC.md's, via
 ``helpers.assert_tokens_match_reference``; keep must be identical.
 """
 
@@ -122,7 +122,7 @@ def test_dominant_topk_non_contiguous_scores():
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=cases_id)
 def test_assignment_ties_go_to_the_first_target(dtype):
     """Targets with identical (or parallel) metric rows tie exactly for every member: the first
-    maximum wins (SPEC "Merging" step 3), in the kernel as in the reference."""
+    maximum wins (docs/SPEC.md "Merging" step 3), in the kernel as in the reference."""
     B, N, C, D, K = 2, 64, 16, 4, 6
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(B, N, C, generator=g).to(dtype)

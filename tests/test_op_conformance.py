@@ -95,7 +95,7 @@ def test_inference_calls_run_no_python(op):
 
 @pytest.mark.parametrize("op", ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk"])
 def test_non_differentiable_ops_never_require_grad(op):
-    """SPEC "Gradients": q, k, scores and metric get no gradient. Inputs that require grad give
+    """docs/SPEC.md "Gradients": q, k, scores and metric get no gradient. Inputs that require grad give
     outputs that do not (no graph, no "autograd kernel was not registered" warning)."""
     args, kwargs = _samples(op, torch.float32, False, requires_grad=False)
     args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()

@@ -7,7 +7,7 @@ rows. Scores come from each path's own score op (cls_attention with keep_cls, at
 without), the oracle takes them from the full map. Inputs are drawn without near-ties in the
 top-k and in the assignment; that precondition is asserted, never skipped.
 
-Tolerances (SPEC "Precision"):
+Tolerances (docs/SPEC.md "Precision"):
 - fp32: the oracle in fp32, rtol 1e-5.
 - fp16 / bf16: the oracle computed in fp32 then cast (at most one rounding step apart), and
   ``assert_within_torch_error``: the error against the float64 oracle is at most twice PyTorch's own

@@ -84,7 +84,7 @@ def _select_merge_fake(
 # --------------------------------------------------------------------------------------------
 # Autograd of contextual_merge, contextual_merge_backward and select_merge is registered in C++
 # (csrc/autograd.cpp), so that inference calls never enter Python; the score ops and dominant_topk
-# are not differentiable (SPEC "Gradients").
+# are not differentiable (docs/SPEC.md "Gradients").
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
 
 
 def contextual_merge(hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int) -> torch.Tensor:
-    """Dominant rows followed by K contextual tokens merged from the rest (SPEC "Merging").
+    """Dominant rows followed by K contextual tokens merged from the rest (docs/SPEC.md "Merging").
 
     Args:
         hidden: [B, N, C] hidden states of the chosen layer.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every visionzip op (SPEC.md), used by the correctness tests.
+"""Pure-PyTorch reference of every visionzip op (docs/SPEC.md), used by the correctness tests.
 
 Each function takes ``upcast``: True (default) computes in float32 whatever the input dtype, as the
 kernels do; False computes in the input dtype, which measures PyTorch's own error in that dtype and

@@ -3,7 +3,7 @@
     from visionzip_kernels.visualize import token_groups, Panel, save_png
 
 :func:`token_groups` recomputes, from layer L's merge metric and ``keep``, which contextual group each
-token was merged into (SPEC.md "Merging"; the ops return only the merged tokens). :func:`save_png`
+token was merged into (docs/SPEC.md "Merging"; the ops return only the merged tokens). :func:`save_png`
 draws, for each image, the CLS attention heat map and the selection: dominant patches at full
 brightness with a white outline, every other patch tinted with the colour of its contextual group
 (the group's target marked with a dot). matplotlib makes the figure when it is installed; otherwise

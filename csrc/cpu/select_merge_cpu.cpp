@@ -91,7 +91,7 @@ void member_similarities(const float* __restrict m, const float* __restrict targ
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merge plan: what every token becomes (SPEC "Merging"), built per image from keep and metric.
+// Merge plan: what every token becomes (docs/SPEC.md "Merging"), built per image from keep and metric.
 
 struct MergePlan {
   at::Tensor role;     // [B, N] int8 TokenRole
@@ -154,7 +154,7 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
       }
       if (K == 0) continue;
       // Targets sit at positions 0, step, ..., (K-1)*step of the ascending not-kept tokens; their
-      // metric is normalised as m / max(||m||, eps) (SPEC step 1).
+      // metric is normalised as m / max(||m||, eps) (docs/SPEC.md "Merging" step 1).
       std::fill(targets_t.begin(), targets_t.end(), 0.f);
       for (int64_t n = 0, pos = 0; n < N; ++n) {
         if (role[n] == kDominant) continue;
@@ -258,7 +258,7 @@ at::Tensor merge_forward(const at::Tensor& hidden_in, const at::Tensor& metric,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward (SPEC "Gradients"): each token row of grad_hidden is written once.
+// Backward (docs/SPEC.md "Gradients"): each token row of grad_hidden is written once.
 
 template <typename scalar_t>
 void merge_backward_kernel(const at::Tensor& grad, const MergePlan& plan, int64_t D, int64_t K,

@@ -13,7 +13,7 @@
 //   2. merge_forward_kernel: dominant rows gathered in keep order; contextual row i = target +
 //      (sum of its members in list order) / max(count, 1): no float atomics, a fixed order, fp32
 //      (fp64 for fp64) accumulation, 16-byte loads along C.
-//   3. merge_backward_kernel: each token row of grad_hidden written once (SPEC "Gradients").
+//   3. merge_backward_kernel: each token row of grad_hidden written once (docs/SPEC.md "Gradients").
 // The per-element arithmetic (target_step, target_index, clamped_norm, add_product, score_key,
 // member_divisor) is csrc/merge_math.h, shared with the C++ CPU kernels, and it is applied in the
 // same order, so keep, tokens and gradients equal the CPU kernels' bit for bit in every dtype.

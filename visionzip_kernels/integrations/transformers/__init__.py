@@ -30,7 +30,7 @@ Anything else raises ``TypeError`` naming the supported types.
 
 Output contract of a patched encoder (``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Dinov2Model``):
 ``model(...)`` returns a :class:`VisionZipOutput` with ``last_hidden_state`` [B, D+K, C] = the
-compressed tokens read from layer ``layer``'s output (before any final layer norm; SPEC.md order:
+compressed tokens read from layer ``layer``'s output (before any final layer norm; docs/SPEC.md order:
 dominant tokens in ascending token order, then the K contextual tokens), ``keep`` [B, D] int64
 ascending, ``pooler_output = hidden_states = attentions = None``; ``return_dict=False`` gives
 ``(last_hidden_state, keep)``. A patched LLaVA's ``get_image_features`` returns the projected

@@ -8,7 +8,7 @@ How a patched encoder runs (:class:`EncoderPatch`):
    (SDPA, FlashAttention, ...). Nothing of transformers' ``forward`` code is copied.
 2. Forward hooks on layer L's query and key projections (``nn.Linear``; where they are is the
    family's ``query_key``, e.g. ``q_proj`` / ``k_proj``) store their outputs: the
-   query and key projections after the bias, before the 1/sqrt(d) scaling, as SPEC.md defines q and
+   query and key projections after the bias, before the 1/sqrt(d) scaling, as docs/SPEC.md defines q and
    k. For CLS encoders only the CLS query row is kept (a [B, H, d] copy), so the full q is freed
    with the layer; k is kept as a [B, N, H, d] view of the projection output.
 3. A forward hook on layer L itself stores the layer's output (layer L's hidden states, with the
@@ -52,7 +52,7 @@ class VisionZipOutput(BaseModelOutputWithPooling):
     Attributes:
         last_hidden_state: [B, D+K, C] the compressed tokens, read from layer L's output (before any
             final layer norm): the D dominant tokens in ascending token order (CLS first for CLS
-            encoders), then the K contextual tokens in target order (SPEC.md).
+            encoders), then the K contextual tokens in target order (docs/SPEC.md).
         keep: [B, D] int64, ascending: the token indices (into layer L's N tokens, CLS = 0) of the
             dominant tokens.
         pooler_output: ``None`` for a patched encoder (the final layers and pooling head do not run).
@@ -66,7 +66,7 @@ class VisionZipOutput(BaseModelOutputWithPooling):
 
 @dataclass(frozen=True)
 class QueryKey:
-    """Where one encoder layer's q and k come from (SPEC: after the bias, before any scaling)."""
+    """Where one encoder layer's q and k come from (docs/SPEC.md: after the bias, before any scaling)."""
 
     q_proj: torch.nn.Module  # its output is q, [B, N, H * head_dim]
     k_proj: torch.nn.Module  # its output is k, [B, N, H * head_dim]
@@ -226,7 +226,7 @@ class EncoderPatch:
         ``q`` is the CLS row [B, H, d] for CLS encoders, else [B, N, H, d]; ``k`` is [B, N, H, d].
         """
         # The selection and the assignment are discrete: no gradient flows to q, k, scores or metric
-        # (SPEC "Gradients"); detaching keeps autograd away from the score ops.
+        # (docs/SPEC.md "Gradients"); detaching keeps autograd away from the score ops.
         q, k = q.detach(), k.detach()
         if self.keep_cls:
             q = q.unsqueeze(1)  # the CLS row as a one-query [B, 1, H, d]
