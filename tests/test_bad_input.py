@@ -460,3 +460,44 @@ def test_valid_call_after_rejections():
     tokens, got_keep = ops.select_merge(hidden, scores, metric, D, K, True)
     assert torch.equal(got_keep, keep)
     assert_tokens_match_reference(tokens, hidden, metric, keep, K, "after rejections")
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed wrappers (visionzip_kernels.*) and compress check Python types the dispatcher would
+# convert silently (True -> 1, tensor(5) -> 5) or reject in its own words (2**63).
+
+WRAPPER_TYPE_CASES = [
+    ("select_merge", "dominant", {"dominant": True}, TypeError),
+    ("select_merge", "dominant", {"dominant": torch.tensor(5)}, TypeError),
+    ("select_merge", "contextual", {"contextual": 3.0}, TypeError),
+    ("select_merge", "keep_cls", {"keep_cls": 2}, TypeError),
+    ("select_merge", "dominant", {"dominant": 2**63}, ValueError),
+    ("dominant_topk", "dominant", {"dominant": False}, TypeError),
+    ("dominant_topk", "keep_cls", {"keep_cls": 1}, TypeError),
+    ("contextual_merge", "contextual", {"contextual": torch.tensor(3)}, TypeError),
+    ("contextual_merge_backward", "num_tokens", {"num_tokens": -(2**64)}, ValueError),
+    ("scores_and_metric", "keep_cls", {"keep_cls": "yes"}, TypeError),
+]
+
+
+@pytest.mark.parametrize("op,arg,changes,error", WRAPPER_TYPE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(WRAPPER_TYPE_CASES)])
+def test_wrappers_reject_wrong_python_types_by_name(op, arg, changes, error):
+    import visionzip_kernels
+
+    args = make_args(op, "cpu", changes)
+    with pytest.raises(error, match=rf"visionzip\.{op}: {arg} must"):
+        getattr(visionzip_kernels, op)(*args)
+
+
+def test_compress_names_the_layout_it_expects():
+    from visionzip_kernels import compress
+
+    f = Factory("cpu")
+    hidden, q, k = f(B, N, C), f(B, N, H, d), f(B, N, H, d)
+    with pytest.raises(ValueError, match=r"k must be \[B, N, H, d\] with N = hidden.size\(1\) \(17\).*transpose\(1, 2\)"):
+        compress(hidden, dominant=D, contextual=K, q=q, k=k.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"q must be \[B, N, H, d\]"):
+        compress(hidden, dominant=D, contextual=K, q=q.transpose(1, 2), k=k, keep_cls=False)
+    tokens, keep = compress(hidden, dominant=D, contextual=K, q=q[:, :1], k=k)  # the CLS row alone is enough
+    assert tokens.shape == (B, D + K, C) and keep.shape == (B, D)

@@ -42,8 +42,15 @@ def compress(
     if scores is None or metric is None:
         if k is None:
             raise ValueError("visionzip.compress: k is required unless both scores and metric are given")
-        if k.dim() != 4:
-            raise ValueError(f"visionzip.compress: k must be a 4-D tensor [B, N, H, d], got shape {list(k.shape)}")
+        for name, t in (("q", q), ("k", k)):
+            # [B, H, N, d] (heads before tokens, as attention kernels take them) is the likely mix-up.
+            # With a CLS token, q may be the CLS row alone, [B, 1, H, d].
+            rows = (hidden.shape[1], 1) if name == "q" and keep_cls else (hidden.shape[1],)
+            if t is not None and (t.dim() != 4 or t.shape[1] not in rows):
+                raise ValueError(f"visionzip.compress: {name} must be [B, N, H, d] with N = hidden.size(1) "
+                                 f"({hidden.shape[1]}), got shape {list(t.shape)}"
+                                 + ("; a [B, H, N, d] tensor needs .transpose(1, 2)"
+                                    if t.dim() == 4 and t.shape[2] == hidden.shape[1] else ""))
     if scores is None and q is None:
         raise ValueError("visionzip.compress: q is required unless scores is given")
     if scale is None and q is not None:

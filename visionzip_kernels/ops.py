@@ -89,6 +89,22 @@ def _select_merge_fake(
 
 # --------------------------------------------------------------------------------------------
 # Typed wrappers with docstrings; each calls the dispatcher op, so any registered backend runs.
+# They also check the Python types of the int and bool arguments, which the dispatcher's parser
+# would convert silently (True -> 1, tensor(5) -> 5) or reject with its own words (2**63).
+
+
+def _int_arg(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"visionzip.{op}: {name} must be an int, got {type(value).__name__}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"visionzip.{op}: {name} must fit in 64 bits, got {value}")
+    return value
+
+
+def _bool_arg(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"visionzip.{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -136,7 +152,7 @@ def scores_and_metric(
         (scores [B, N] float32, metric [B, N, d] in ``k.dtype``): the metric is ``k`` averaged over
         heads (summed in float32 in head order, divided by H, rounded once).
     """
-    return _ops.scores_and_metric(q, k, scale, keep_cls)
+    return _ops.scores_and_metric(q, k, scale, _bool_arg("scores_and_metric", "keep_cls", keep_cls))
 
 
 def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
@@ -150,7 +166,8 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     Returns:
         keep [B, D] int64 in ascending order; ties go to the lower index.
     """
-    return _ops.dominant_topk(scores, dominant, keep_cls)
+    op = "dominant_topk"
+    return _ops.dominant_topk(scores, _int_arg(op, "dominant", dominant), _bool_arg(op, "keep_cls", keep_cls))
 
 
 def contextual_merge(hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int) -> torch.Tensor:
@@ -165,13 +182,14 @@ def contextual_merge(hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Ten
     Returns:
         [B, D + K, C] in ``hidden.dtype``; differentiable w.r.t. ``hidden``.
     """
-    return _ops.contextual_merge(hidden, metric, keep, contextual)
+    return _ops.contextual_merge(hidden, metric, keep, _int_arg("contextual_merge", "contextual", contextual))
 
 
 def contextual_merge_backward(
     grad_tokens: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
     """Gradient of :func:`contextual_merge` w.r.t. ``hidden``: [B, D+K, C] -> [B, N, C]."""
+    num_tokens = _int_arg("contextual_merge_backward", "num_tokens", num_tokens)
     return _ops.contextual_merge_backward(grad_tokens, metric, keep, num_tokens)
 
 
@@ -189,4 +207,6 @@ def select_merge(
     Returns:
         (tokens [B, D+K, C] in ``hidden.dtype``, keep [B, D] int64 ascending).
     """
-    return _ops.select_merge(hidden, scores, metric, dominant, contextual, keep_cls)
+    op = "select_merge"
+    return _ops.select_merge(hidden, scores, metric, _int_arg(op, "dominant", dominant),
+                             _int_arg(op, "contextual", contextual), _bool_arg(op, "keep_cls", keep_cls))
