@@ -389,6 +389,14 @@ NON_FINITE = [
 ]
 
 
+@pytest.mark.parametrize("op", ["dominant_topk", "select_merge"])
+@pytest.mark.parametrize("value", [1e300, -1e300])
+def test_fp64_scores_beyond_float32_are_named(op, value):
+    message = assert_rejected(op, {"scores": _scores_with(value, torch.float64)}, ValueError, "scores",
+                              metadata_rule=False, reference_message="type")
+    assert "outside float32's range" in message and "e+300" in message, message
+
+
 @pytest.mark.parametrize("op,name,value,dtype", NON_FINITE, ids=[c[0] + "-" + c[1] for c in NON_FINITE])
 def test_non_finite_scores(op, name, value, dtype):
     message = assert_rejected(op, {"scores": _scores_with(value, dtype)}, ValueError, "scores", metadata_rule=False,

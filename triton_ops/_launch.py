@@ -59,7 +59,10 @@ def check_finite_on_host(op: str, scores: torch.Tensor) -> None:
     never read out of bounds; checking there would need a host sync."""
     if scores.is_cuda or scores.numel() == 0:
         return
-    finite = torch.isfinite(scores)
+    finite = torch.isfinite(scores.float())
     if not bool(finite.all()):
         b, j = (~finite).nonzero()[0].tolist()
+        if bool(torch.isfinite(scores[b, j])):  # finite in fp64, beyond fp32's range
+            raise ValueError(f"visionzip.{op}: scores[{b}, {j}] = {scores[b, j].item()} is outside float32's range "
+                             "(scores are ranked in float32)")
         raise ValueError(f"visionzip.{op}: scores must be finite, got scores[{b}, {j}] = {scores[b, j].item()}")

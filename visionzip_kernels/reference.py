@@ -65,8 +65,11 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     check.dominant_topk_args(scores, dominant, keep_cls)
     s = scores.float()
     if not bool(torch.isfinite(s).all()):
-        bad = (~torch.isfinite(s)).nonzero()[0].tolist()
-        raise ValueError(f"visionzip.dominant_topk: scores must be finite, got scores[{bad[0]}, {bad[1]}] = {s[bad[0], bad[1]]}")
+        b, j = (~torch.isfinite(s)).nonzero()[0].tolist()
+        if bool(torch.isfinite(scores[b, j])):  # finite in fp64, beyond fp32's range
+            raise ValueError(f"visionzip.dominant_topk: scores[{b}, {j}] = {scores[b, j].item()} is outside "
+                             "float32's range (scores are ranked in float32)")
+        raise ValueError(f"visionzip.dominant_topk: scores must be finite, got scores[{b}, {j}] = {s[b, j]}")
     first = 1 if keep_cls else 0
     # A stable descending sort keeps equal scores in index order: ties go to the lower index.
     ranked = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices[:, : dominant - first] + first
