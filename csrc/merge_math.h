@@ -48,6 +48,26 @@ VZ_HOST_DEVICE float clamped_norm(float sum_of_squares) {
   return norm > kNormEps ? norm : kNormEps;
 }
 
+// The assignment's argmax order, as torch.argmax: a NaN similarity beats every number (the first
+// NaN wins), otherwise the first maximum wins.
+VZ_HOST_DEVICE bool beats(float candidate, float best) {
+  return candidate > best || (candidate != candidate && best == best);
+}
+
+// |v| is a finite float (false for +-inf and NaN).
+VZ_HOST_DEVICE bool finite_value(float v) { return fabsf(v) <= 3.40282347e38f; }
+
+// The power of two a member's metric is multiplied by before its similarities are summed: it brings
+// max |m| into [1, 2) when smaller (capped at 2^126), 1 otherwise. Multiplying by a power of two is
+// exact, so the K similarities are scaled alike and the argmax is unchanged; what it prevents is
+// their underflow for tiny metrics (|m| ~ 1e-30), where the reference, which normalises every member
+// first, still tells the targets apart.
+VZ_HOST_DEVICE float member_scale(float max_abs) {
+  if (!(max_abs > 0.f) || max_abs >= 1.f) return 1.f;
+  const int exponent = ilogbf(max_abs);  // max_abs = f * 2^exponent, f in [1, 2)
+  return ldexpf(1.f, -exponent < 126 ? -exponent : 126);
+}
+
 // acc + a * b, rounded twice and never contracted into an FMA, so that the CUDA kernels pick the
 // same assignment as the CPU kernels bit for bit (x86-64 builds here emit no FMA either).
 VZ_HOST_DEVICE float add_product(float acc, float a, float b) {

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-from helpers import assert_equal_verbose, assert_tokens_match_reference, merge_inputs
+from helpers import assert_close_verbose, assert_equal_verbose, assert_tokens_match_reference, merge_inputs
 from visionzip_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,3 +218,47 @@ def test_exact_similarity_ties_go_to_the_first_target(emu):
     expected = hidden[0, targets[0]] + hidden[0, members].sum(0) / len(members)
     torch.testing.assert_close(tokens[0, D], expected)
     assert torch.equal(tokens[0, D + 1 :], hidden[0, targets[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics the plain formulas get wrong: tiny rows (their similarities would underflow; members are
+# scaled by a power of two, merge_math.h's member_scale) and non-finite rows (torch.argmax's order:
+# the first NaN wins; a non-finite member goes to target 0). CPU kernel against the reference, and
+# the emulated CUDA kernels against the CPU kernel bit for bit.
+
+
+@pytest.mark.parametrize("magnitude", [1e-28, 1e-31, 1e-34])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiny_metrics_are_assigned_as_in_float64(emu, magnitude, seed):
+    B, N, C, d, D, K = 2, 120, 16, 16, 10, 6
+    hidden, scores, metric, _ = merge_inputs(B, N, C, D, K, d=d, seed=seed)
+    metric = metric * magnitude
+    tokens, keep = ops.select_merge(hidden, scores, metric, D, K, True)
+    # In float64 the reference's normalised similarities do not underflow: it is the oracle here.
+    expected = reference.contextual_merge(hidden.double(), metric.double(), keep, K)
+    assert_close_verbose(tokens.double(), expected, atol=1e-6, rtol=1e-5, name=f"CPU, |metric| ~ {magnitude}")
+    emu_tokens, emu_keep = emu_merge(emu, hidden, metric, D, K, scores=scores)
+    assert_equal_verbose(emu_keep, keep, "keep")
+    assert_equal_verbose(emu_tokens, tokens, "emulated tokens vs CPU kernel")
+
+
+def _rest_and_targets(keep_row: torch.Tensor, N: int, K: int) -> tuple[list[int], list[int]]:
+    kept = set(keep_row.tolist())
+    rest = [n for n in range(N) if n not in kept]
+    step = max(1, len(rest) // K)
+    return rest, rest[: K * step : step]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_metric_rows_follow_the_reference(emu, bad):
+    B, N, C, d, D, K = 2, 80, 16, 8, 8, 5
+    hidden, scores, metric, keep = merge_inputs(B, N, C, D, K, d=d, seed=3)
+    rest, targets = _rest_and_targets(keep[0], N, K)
+    members = [n for n in rest if n not in targets]
+    metric[0, targets[2], 3] = bad  # a non-finite target: every member of image 0 joins it (NaN first)
+    metric[1, members[4], 0] = bad  # a non-finite member of image 1: target 0, as its NaN row says
+    tokens, got_keep = ops.select_merge(hidden, scores, metric, D, K, True)
+    assert_equal_verbose(got_keep, keep, "keep")
+    assert_tokens_match_reference(tokens, hidden, metric, keep, K, f"CPU, a {bad} metric")
+    emu_tokens, _ = emu_merge(emu, hidden, metric, D, K, scores=scores)
+    assert_equal_verbose(emu_tokens, tokens, "emulated tokens vs CPU kernel")

@@ -144,7 +144,7 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
   // copy of the unit targets, so the inner loop has no reduction and vectorises.
   const int64_t k_pad = (K + 7) / 8 * 8;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> targets_t(d * k_pad), sims(k_pad);
+    std::vector<float> targets_t(d * k_pad), sims(k_pad), scaled(d);
     for (int64_t b = begin; b < end; ++b) {
       int8_t* role = role_ptr + b * N;
       int32_t* row = row_ptr + b * N;
@@ -177,14 +177,30 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
         }
         ++pos;
       }
-      // Each member goes to its most cosine-similar target, the first maximum winning. Dividing
-      // by the member's own norm scales all K similarities alike, so the argmax skips it.
+      // Each member goes to its most cosine-similar target (merge_math.h's beats: NaN first, then
+      // the first maximum). Dividing by the member's own norm scales all K similarities alike, so
+      // the argmax skips it; a power of two (member_scale) keeps tiny metrics from underflowing, and
+      // a member with a non-finite metric goes to target 0, where the reference's all-NaN row sends it.
       for (int64_t n = 0; n < N; ++n) {
         if (role[n] != kMember) continue;
-        member_similarities(m_img + n * d, targets_t.data(), d, k_pad, sims.data());
+        const float* m = m_img + n * d;
+        float max_abs = 0.f;
+        bool finite = true;
+        for (int64_t c = 0; c < d; ++c) {
+          finite = finite && finite_value(m[c]);
+          max_abs = std::max(max_abs, std::fabs(m[c]));
+        }
         int64_t best = 0;
-        for (int64_t i = 1; i < K; ++i) {
-          if (sims[i] > sims[best]) best = i;
+        if (finite) {
+          const float scale = member_scale(max_abs);
+          if (scale != 1.f) {
+            for (int64_t c = 0; c < d; ++c) scaled[c] = m[c] * scale;
+            m = scaled.data();
+          }
+          member_similarities(m, targets_t.data(), d, k_pad, sims.data());
+          for (int64_t i = 1; i < K; ++i) {
+            if (beats(sims[i], sims[best])) best = i;
+          }
         }
         row[n] = static_cast<int32_t>(D + best);
         counts[best] += 1;

@@ -319,12 +319,32 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
   // Each member to its most cosine-similar target, the first maximum winning. A warp takes 32
   // consecutive tokens; their metric is staged through shared memory 32 channels at a time
   // (coalesced loads), and each lane sums m[c] * unit[c, i] over c in ascending order, as the CPU
-  // kernel does. The member's own norm scales all K similarities alike, so it is skipped.
+  // kernel does. The member's own norm scales all K similarities alike, so it is skipped; a first
+  // pass over the chunks finds each token's max |m| for member_scale (tiny metrics must not
+  // underflow) and whether it is finite (a non-finite member goes to target 0), as the CPU does.
   float(*tile)[kWarp + 1] = tiles[warp];
   for (int64_t g0 = static_cast<int64_t>(warp) * kWarp; g0 < N; g0 += kPlanThreads) {
     const int64_t n = g0 + lane;
     const bool is_member = n < N && role[n] == kMember;
     if (!__any_sync(kFullMask, is_member)) continue;  // warp-uniform
+    float max_abs = 0.f;
+    bool finite = true;
+    for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
+      __syncwarp();  // the previous chunk has been read
+      const int64_t c = c0 + lane;
+      for (int r = 0; r < kWarp; ++r) {
+        const int64_t t = g0 + r;
+        tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
+      }
+      __syncwarp();
+      const int64_t width = d - c0 < kWarp ? d - c0 : kWarp;
+      for (int64_t cc = 0; cc < width; ++cc) {
+        const float v = tile[cc][lane];
+        finite = finite && finite_value(v);
+        max_abs = fmaxf(max_abs, fabsf(v));
+      }
+    }
+    const float scale = member_scale(max_abs);
     int64_t best = 0;
     float best_sim = 0.f;
     for (int64_t i0 = 0; i0 < K; i0 += kTargetTile) {
@@ -341,7 +361,7 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
         __syncwarp();
         const int64_t width = d - c0 < kWarp ? d - c0 : kWarp;
         for (int64_t cc = 0; cc < width; ++cc) {
-          const float mc = tile[cc][lane];
+          const float mc = tile[cc][lane] * scale;
           const float* u = unit + (c0 + cc) * k_pad + i0;
 #pragma unroll
           for (int j = 0; j < kTargetTile; ++j) acc[j] = add_product(acc[j], mc, u[j]);
@@ -350,12 +370,13 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
 #pragma unroll
       for (int j = 0; j < kTargetTile; ++j) {
         const int64_t i = i0 + j;
-        if (i < K && (i == 0 || acc[j] > best_sim)) {
+        if (i < K && (i == 0 || beats(acc[j], best_sim))) {
           best_sim = acc[j];
           best = i;
         }
       }
     }
+    if (!finite) best = 0;  // the reference's similarities of a non-finite member are all NaN
     if (is_member) {
       row[n] = static_cast<int32_t>(D + best);
       atomicAdd(counts + best, 1);  // integer: the total does not depend on the order
