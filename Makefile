@@ -42,7 +42,7 @@ setup: $(PY)
 	else echo "visionzip_kernels._C is up to date (csrc/, setup.py and torch $$torch_version unchanged)"; fi
 
 demo: setup
-	$(PY) -m visionzip_kernels.demo
+	$(PY) -m examples.demo
 
 test: setup
 	$(PY) -m pytest tests -q -p no:cacheprovider

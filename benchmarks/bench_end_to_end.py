@@ -13,7 +13,7 @@ Three paths per group (model, B), side by side in the same run:
   should be no slower than.
 - **upstream**: eager attention with ``output_attentions=True`` (and ``output_hidden_states=True``)
   in every layer, the full encoder, then upstream's op sequence on ``attentions[-2]`` /
-  ``hidden_states[-2]`` (:func:`visionzip_kernels.models.paths.upstream_forward`).
+  ``hidden_states[-2]`` (:func:`examples.models.paths.upstream_forward`).
 
 Geometries, random init from the configs (q/k drawn with a larger std so attention is peaked; timing
 and memory do not depend on the weights):
@@ -32,7 +32,7 @@ Devices:
   resident-set high-water mark above the level at entry. Targets (B = 8): upstream / ours time and
   peak-memory ratios, as before.
 
-In both, peak memory comes from :func:`visionzip_kernels.profiling.peak_memory_bytes`, so the
+In both, peak memory comes from :func:`examples.profiling.peak_memory_bytes`, so the
 weights and the input, allocated before, are excluded. Each group's baseline is ``ours``: the
 pytest summary's ratio column reads "times slower than ours"; a per-group table at the end gives the
 stock and upstream times, the ratios stock / ours and upstream / ours, the peak memories and the
@@ -60,9 +60,9 @@ import visionzip_kernels as vz  # noqa: E402
 
 if not hasattr(vz, "apply"):
     pytest.skip("visionzip_kernels.apply (the transformers integration) is not available", allow_module_level=True)
-from visionzip_kernels.models import towers  # noqa: E402
-from visionzip_kernels.models.paths import attn_implementation, upstream_forward  # noqa: E402
-from visionzip_kernels.profiling import format_bytes  # noqa: E402
+from examples.models import towers  # noqa: E402
+from examples.models.paths import attn_implementation, upstream_forward  # noqa: E402
+from examples.profiling import format_bytes  # noqa: E402
 
 DEVICE = os.environ.get("VZ_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = torch.device(DEVICE).type == "cuda"

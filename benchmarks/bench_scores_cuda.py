@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from helpers import Case, make_case
 from visionzip_kernels import cls_attention, dominant_topk, reference
-from visionzip_kernels.profiling import format_bytes, peak_memory_bytes
+from examples.profiling import format_bytes, peak_memory_bytes
 from visionzip_kernels.upstream import full_attention
 
 ON_CPU = os.environ.get("VZ_BENCH_SCORES_CPU") == "1"

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from visionzip_kernels.profiling import format_bytes, peak_memory_bytes  # noqa: E402
+from examples.profiling import format_bytes, peak_memory_bytes  # noqa: E402
 
 _RESULTS = pytest.StashKey[dict]()
 

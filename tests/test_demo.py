@@ -1,4 +1,4 @@
-"""The main job (`python -m visionzip_kernels.demo`) on tiny settings: it prints the side-by-side
+"""The main job (`python -m examples.demo`) on tiny settings: it prints the side-by-side
 tables and writes the PNG. Also its --help, image loading and the PNG's PIL fallback."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import visionzip_kernels
-from visionzip_kernels import demo
+from examples import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,7 +69,7 @@ def test_load_images_from_files(tmp_path):
 def test_png_backends(tmp_path, backend):
     if backend == "matplotlib":
         pytest.importorskip("matplotlib")
-    from visionzip_kernels.visualize import Panel, save_png, token_groups
+    from examples.visualize import Panel, save_png, token_groups
 
     g = torch.Generator().manual_seed(0)
     N, grid = 1 + 6 * 6, (6, 6)
@@ -92,7 +92,7 @@ def test_quick_demo_prints_tables_and_writes_png(tmp_path, capsys, monkeypatch):
     pytest.importorskip("skimage")
     if not hasattr(visionzip_kernels, "apply"):
         pytest.skip("visionzip_kernels.apply (the transformers integration) is not available")
-    from visionzip_kernels.models import dinov2_onnx
+    from examples.models import dinov2_onnx
 
     try:
         dinov2_onnx.find_onnx()
@@ -123,7 +123,7 @@ def test_clip_checkpoint_section(tmp_path, capsys):
     pytest.importorskip("skimage")
     if not hasattr(visionzip_kernels, "apply"):
         pytest.skip("visionzip_kernels.apply (the transformers integration) is not available")
-    from visionzip_kernels.models import towers
+    from examples.models import towers
 
     config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                            num_attention_heads=4, image_size=56, patch_size=14)

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 
-from visionzip_kernels.models import dinov2_onnx  # noqa: E402
+from examples.models import dinov2_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ def test_no_tracked_file_points_outside_the_repository():
     outside = re.compile(r"\.\./shared\b|/work/")
     offenders = []
     for path in _tracked_files():
+        if path == Path(__file__).resolve():
+            continue  # this file names the patterns
         try:
             text = path.read_text()
         except (UnicodeDecodeError, FileNotFoundError):

@@ -1,4 +1,4 @@
-"""DINOv2 (``Dinov2Model``; e.g. the DINOv2-S/14 converted by :mod:`visionzip_kernels.models.dinov2_onnx`).
+"""DINOv2 (``Dinov2Model``; e.g. the DINOv2-S/14 converted by :mod:`examples.models.dinov2_onnx`).
 
 A CLS encoder like CLIP (``cls_attention``, ``keep_cls=True``). Layout in transformers 5.23:
 ``embeddings -> encoder.layer[i] -> layernorm`` (the final layer norm applies to every token). Each

