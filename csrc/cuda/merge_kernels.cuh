@@ -233,6 +233,20 @@ __device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool 
 // targets live in dynamic shared memory when unit_in_shared (plan_unit_bytes fits), else in
 // plan.unit. build_lists: the forward needs the member lists, the backward only the counts.
 
+// Stages channels [c0, c0 + 32) of the 32 tokens from g0 into the warp's tile, transposed
+// (tile[channel][token]; coalesced loads along the channels), zeros past N and d.
+template <typename metric_t>
+__device__ __forceinline__ void stage_metric_chunk(float (*tile)[kWarp + 1], const metric_t* m_img, int64_t metric_sn,
+                                                   int64_t g0, int64_t c0, int64_t N, int64_t d, int lane) {
+  __syncwarp();  // the previous chunk has been read
+  const int64_t c = c0 + lane;
+  for (int r = 0; r < kWarp; ++r) {
+    const int64_t t = g0 + r;
+    tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
+  }
+  __syncwarp();
+}
+
 template <typename metric_t>
 __global__ void __launch_bounds__(kPlanThreads)
 plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
@@ -330,13 +344,7 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
     float max_abs = 0.f;
     bool finite = true;
     for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
-      __syncwarp();  // the previous chunk has been read
-      const int64_t c = c0 + lane;
-      for (int r = 0; r < kWarp; ++r) {
-        const int64_t t = g0 + r;
-        tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
-      }
-      __syncwarp();
+      stage_metric_chunk(tile, m_img, metric_sn, g0, c0, N, d, lane);
       const int64_t width = d - c0 < kWarp ? d - c0 : kWarp;
       for (int64_t cc = 0; cc < width; ++cc) {
         const float v = tile[cc][lane];
@@ -352,13 +360,7 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
 #pragma unroll
       for (int j = 0; j < kTargetTile; ++j) acc[j] = 0.f;
       for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
-        __syncwarp();  // the previous chunk has been read
-        const int64_t c = c0 + lane;
-        for (int r = 0; r < kWarp; ++r) {
-          const int64_t t = g0 + r;
-          tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
-        }
-        __syncwarp();
+        stage_metric_chunk(tile, m_img, metric_sn, g0, c0, N, d, lane);
         const int64_t width = d - c0 < kWarp ? d - c0 : kWarp;
         for (int64_t cc = 0; cc < width; ++cc) {
           const float mc = tile[cc][lane] * scale;
