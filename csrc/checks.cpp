@@ -16,7 +16,7 @@ void check_float(const char* op, const char* name, const at::Tensor& t) {
 void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank,
                 const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == rank, "visionzip.", op, ": ", name, " must be a ", rank,
-                    "-D tensor ", layout, ", got shape ", t.sizes());
+                    "-D tensor ", layout, ", got shape ", t.sym_sizes());
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
@@ -27,22 +27,24 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 }
 
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
-               const char* ref_name, int64_t expected, const char* what) {
-  TORCH_CHECK_VALUE(t.size(dim) == expected, "visionzip.", op, ": ", name, ".size(", dim,
+               const char* ref_name, const c10::SymInt& expected, const char* what) {
+  TORCH_CHECK_VALUE(t.sym_size(dim) == expected, "visionzip.", op, ": ", name, ".size(", dim,
                     ") must equal ", what, " of ", ref_name, " (", expected, "), got ",
-                    t.size(dim));
+                    t.sym_size(dim));
 }
 
 void check_positive_sizes(const char* op, const char* name, const at::Tensor& t) {
   // Dim 0 is the batch: B == 0 is allowed and gives empty outputs. Every other dim must be > 0.
   for (int64_t i = 1; i < t.dim(); ++i) {
-    TORCH_CHECK_VALUE(t.size(i) > 0, "visionzip.", op, ": ", name, " must not be empty, got shape ",
-                      t.sizes());
+    TORCH_CHECK_VALUE(t.sym_size(i) > 0, "visionzip.", op, ": ", name,
+                      " must not be empty, got shape ", t.sym_sizes());
   }
 }
 
-void check_budget(const char* op, int64_t num_tokens, int64_t dominant, int64_t contextual,
-                  bool keep_cls) {
+}  // namespace
+
+void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
+                  const c10::SymInt& contextual, bool keep_cls) {
   TORCH_CHECK_VALUE(dominant >= 1, "visionzip.", op, ": dominant must be >= 1",
                     keep_cls ? " (keep_cls=True always keeps token 0)" : "", ", got ", dominant);
   TORCH_CHECK_VALUE(dominant <= num_tokens, "visionzip.", op, ": dominant must be <= N (",
@@ -53,6 +55,8 @@ void check_budget(const char* op, int64_t num_tokens, int64_t dominant, int64_t 
                     ": contextual must be <= N - dominant (", num_tokens, " - ", dominant, " = ",
                     num_tokens - dominant, "), got ", contextual);
 }
+
+namespace {
 
 void check_metric(const char* op, const at::Tensor& metric, const char* ref_name,
                   const at::Tensor& ref) {
@@ -67,10 +71,10 @@ void check_keep(const char* op, const at::Tensor& keep, const at::Tensor& metric
   TORCH_CHECK_TYPE(keep.scalar_type() == at::kLong, "visionzip.", op,
                    ": keep must be int64, got ", keep.scalar_type());
   check_same_device(op, "keep", keep, "metric", metric);
-  check_dim(op, "keep", keep, 0, "metric", metric.size(0), "the batch size");
-  TORCH_CHECK_VALUE(keep.size(1) >= 1 && keep.size(1) <= metric.size(1), "visionzip.", op,
-                    ": keep.size(1) (D) must be between 1 and N (", metric.size(1), "), got ",
-                    keep.size(1));
+  check_dim(op, "keep", keep, 0, "metric", metric.sym_size(0), "the batch size");
+  TORCH_CHECK_VALUE(keep.sym_size(1) >= 1 && keep.sym_size(1) <= metric.sym_size(1), "visionzip.", op,
+                    ": keep.size(1) (D) must be between 1 and N (", metric.sym_size(1), "), got ",
+                    keep.sym_size(1));
 }
 
 // A query tensor [B, ..., H, d] against k [B, N, H, d]: ranks, dtypes, device, batch, heads, head dim.
@@ -82,9 +86,9 @@ void check_query_key(const char* op, const char* q_name, const at::Tensor& q, in
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op, ": k must have the dtype of ",
                    q_name, " (", q.scalar_type(), "), got ", k.scalar_type());
   check_same_device(op, "k", k, q_name, q);
-  check_dim(op, "k", k, 0, q_name, q.size(0), "the batch size");
-  check_dim(op, "k", k, 2, q_name, q.size(-2), "the head count");
-  check_dim(op, "k", k, 3, q_name, q.size(-1), "the head dim");
+  check_dim(op, "k", k, 0, q_name, q.sym_size(0), "the batch size");
+  check_dim(op, "k", k, 2, q_name, q.sym_size(-2), "the head count");
+  check_dim(op, "k", k, 3, q_name, q.sym_size(-1), "the head dim");
   check_positive_sizes(op, "k", k);
 }
 
@@ -103,7 +107,7 @@ void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
                    ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
   check_same_device(op, "k", k, "q", q);
   for (int64_t dim = 0; dim < 4; ++dim) {
-    check_dim(op, "k", k, dim, "q", q.size(dim), "the same size");
+    check_dim(op, "k", k, dim, "q", q.sym_size(dim), "the same size");
   }
   check_positive_sizes(op, "k", k);
 }
@@ -115,9 +119,9 @@ void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool
     check_positive_sizes(op, "q", q);
   } else {
     // Without a CLS token every token is a query.
-    TORCH_CHECK_VALUE(q.size(1) == k.size(1), "visionzip.", op,
-                      ": with keep_cls=False q.size(1) must equal the token count of k (", k.size(1),
-                      "), got ", q.size(1));
+    TORCH_CHECK_VALUE(q.sym_size(1) == k.sym_size(1), "visionzip.", op,
+                      ": with keep_cls=False q.size(1) must equal the token count of k (", k.sym_size(1),
+                      "), got ", q.sym_size(1));
   }
 }
 
@@ -126,7 +130,7 @@ void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool k
   check_rank(op, "scores", scores, 2, "[B, N]");
   check_float(op, "scores", scores);
   check_positive_sizes(op, "scores", scores);
-  check_budget(op, scores.size(1), dominant, 0, keep_cls);
+  check_budget(op, scores.sym_size(1), dominant, 0, keep_cls);
 }
 
 void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric,
@@ -136,10 +140,10 @@ void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& met
   check_float(op, "hidden", hidden);
   check_positive_sizes(op, "hidden", hidden);
   check_metric(op, metric, "hidden", hidden);
-  check_dim(op, "metric", metric, 0, "hidden", hidden.size(0), "the batch size");
-  check_dim(op, "metric", metric, 1, "hidden", hidden.size(1), "the token count");
+  check_dim(op, "metric", metric, 0, "hidden", hidden.sym_size(0), "the batch size");
+  check_dim(op, "metric", metric, 1, "hidden", hidden.sym_size(1), "the token count");
   check_keep(op, keep, metric);
-  check_budget(op, hidden.size(1), keep.size(1), contextual, /*keep_cls=*/false);
+  check_budget(op, hidden.sym_size(1), keep.sym_size(1), contextual, /*keep_cls=*/false);
 }
 
 void check_contextual_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& metric,
@@ -149,13 +153,13 @@ void check_contextual_merge_backward_args(const at::Tensor& grad_tokens, const a
   check_float(op, "grad_tokens", grad_tokens);
   check_positive_sizes(op, "grad_tokens", grad_tokens);
   check_metric(op, metric, "grad_tokens", grad_tokens);
-  check_dim(op, "metric", metric, 0, "grad_tokens", grad_tokens.size(0), "the batch size");
+  check_dim(op, "metric", metric, 0, "grad_tokens", grad_tokens.sym_size(0), "the batch size");
   check_dim(op, "metric", metric, 1, "num_tokens", num_tokens, "the value");
   check_keep(op, keep, metric);
-  const int64_t contextual = grad_tokens.size(1) - keep.size(1);
+  const c10::SymInt contextual = grad_tokens.sym_size(1) - keep.sym_size(1);
   TORCH_CHECK_VALUE(contextual >= 0, "visionzip.", op, ": grad_tokens.size(1) must be >= D (",
-                    keep.size(1), "), got ", grad_tokens.size(1));
-  check_budget(op, num_tokens, keep.size(1), contextual, /*keep_cls=*/false);
+                    keep.sym_size(1), "), got ", grad_tokens.sym_size(1));
+  check_budget(op, num_tokens, keep.sym_size(1), contextual, /*keep_cls=*/false);
 }
 
 void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
@@ -168,12 +172,12 @@ void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
   check_rank(op, "scores", scores, 2, "[B, N]");
   check_float(op, "scores", scores);
   check_same_device(op, "scores", scores, "hidden", hidden);
-  check_dim(op, "scores", scores, 0, "hidden", hidden.size(0), "the batch size");
-  check_dim(op, "scores", scores, 1, "hidden", hidden.size(1), "the token count");
+  check_dim(op, "scores", scores, 0, "hidden", hidden.sym_size(0), "the batch size");
+  check_dim(op, "scores", scores, 1, "hidden", hidden.sym_size(1), "the token count");
   check_metric(op, metric, "hidden", hidden);
-  check_dim(op, "metric", metric, 0, "hidden", hidden.size(0), "the batch size");
-  check_dim(op, "metric", metric, 1, "hidden", hidden.size(1), "the token count");
-  check_budget(op, hidden.size(1), dominant, contextual, keep_cls);
+  check_dim(op, "metric", metric, 0, "hidden", hidden.sym_size(0), "the batch size");
+  check_dim(op, "metric", metric, 1, "hidden", hidden.sym_size(1), "the token count");
+  check_budget(op, hidden.sym_size(1), dominant, contextual, keep_cls);
 }
 
 }  // namespace visionzip

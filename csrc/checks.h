@@ -1,14 +1,21 @@
-// Argument validation shared by every C++ backend (CPU, CUDA). Each check runs before any kernel and
-// names the argument and the rule it broke. The Python fake kernels mirror these shape rules.
+// Argument validation: every rule written once, here. The CPU and CUDA kernels call these; so do the
+// fake (meta) kernels, the Triton launchers and the reference, through visionzip_kernels._C
+// (csrc/python_module.cpp). Each check runs before any kernel and names the argument and the rule it
+// broke. Sizes are read as SymInts, so the fake kernels can check symbolic shapes under
+// torch.compile (a comparison then becomes a guard).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 
 namespace visionzip {
 
 void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k);
 void check_attention_received_args(const at::Tensor& q, const at::Tensor& k);
 void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool keep_cls);
+// 1 <= dominant <= N and 0 <= contextual <= N - dominant.
+void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
+                  const c10::SymInt& contextual, bool keep_cls);
 void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls);
 void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric,
                                  const at::Tensor& keep, int64_t contextual);

@@ -1,9 +1,64 @@
-// An empty Python module so that `import visionzip_kernels._C` loads the shared library, which runs
-// its static TORCH_LIBRARY registrations. Only setup.py compiles this file; the CMake build is a plain
-// libtorch library for torch.ops.load_library and needs no Python.
-#include <Python.h>
+// The Python module visionzip_kernels._C. Importing it loads the shared library, which runs its
+// static TORCH_LIBRARY registrations, and it exposes the argument checks of csrc/checks.cpp to Python
+// (visionzip_kernels.checks), so the fake kernels, the Triton launchers and the reference apply the
+// very rules, and messages, of the C++ kernels. Only setup.py compiles this file; the CMake build is
+// a plain libtorch library for torch.ops.load_library and needs no Python.
+#include <torch/extension.h>
 
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+#include <exception>
+#include <string>
+
+#include "checks.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  using at::Tensor;
+  // c10's ValueError / TypeError as Python's, with the message alone (no C++ backtrace); local to
+  // this module, so other extensions' exceptions are left alone.
+  py::register_local_exception_translator([](std::exception_ptr raised) {
+    try {
+      if (raised) std::rethrow_exception(raised);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    }
+  });
+  m.def("cls_attention_args",
+        [](const Tensor& q_cls, const Tensor& k) { visionzip::check_cls_attention_args(q_cls, k); },
+        py::arg("q_cls"), py::arg("k"));
+  m.def("attention_received_args",
+        [](const Tensor& q, const Tensor& k) { visionzip::check_attention_received_args(q, k); },
+        py::arg("q"), py::arg("k"));
+  m.def("scores_and_metric_args", [](const Tensor& q, const Tensor& k, bool keep_cls) {
+          visionzip::check_scores_and_metric_args(q, k, keep_cls);
+        },
+        py::arg("q"), py::arg("k"), py::arg("keep_cls"));
+  m.def("dominant_topk_args", [](const Tensor& scores, int64_t dominant, bool keep_cls) {
+          visionzip::check_dominant_topk_args(scores, dominant, keep_cls);
+        },
+        py::arg("scores"), py::arg("dominant"), py::arg("keep_cls"));
+  m.def("contextual_merge_args",
+        [](const Tensor& hidden, const Tensor& metric, const Tensor& keep, int64_t contextual) {
+          visionzip::check_contextual_merge_args(hidden, metric, keep, contextual);
+        },
+        py::arg("hidden"), py::arg("metric"), py::arg("keep"), py::arg("contextual"));
+  m.def("contextual_merge_backward_args",
+        [](const Tensor& grad_tokens, const Tensor& metric, const Tensor& keep, int64_t num_tokens) {
+          visionzip::check_contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens);
+        },
+        py::arg("grad_tokens"), py::arg("metric"), py::arg("keep"), py::arg("num_tokens"));
+  m.def("select_merge_args",
+        [](const Tensor& hidden, const Tensor& scores, const Tensor& metric, int64_t dominant,
+           int64_t contextual, bool keep_cls) {
+          visionzip::check_select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls);
+        },
+        py::arg("hidden"), py::arg("scores"), py::arg("metric"), py::arg("dominant"), py::arg("contextual"),
+        py::arg("keep_cls"));
+  m.def("budget", [](const std::string& op, int64_t num_tokens, int64_t dominant, int64_t contextual,
+                     bool keep_cls) {
+          visionzip::check_budget(op.c_str(), num_tokens, dominant, contextual, keep_cls);
+        },
+        py::arg("op"), py::arg("num_tokens"), py::arg("dominant"), py::arg("contextual"), py::arg("keep_cls"));
 }

@@ -3,9 +3,10 @@ value and device rules, TypeError for dtype rules) with a message that names the
 any kernel runs; nothing crashes and no input is modified.
 
 Shape and dtype rules are metadata-only, so each is also checked through the fake/meta path (the
-same op on ``device="meta"`` tensors runs the Python validation in visionzip_kernels/_validation.py)
-and through the reference: Python and C++ (csrc/checks.cpp) must give the same message. Value rules
-(keep indices, non-finite scores) need data and are checked on CPU only.
+same op on ``device="meta"`` tensors runs the fake kernel, which checks through visionzip_kernels.checks)
+and through the reference: all of them must give the same message, since every path runs the one
+set of rules in csrc/checks.cpp. Value rules (keep indices, non-finite scores) need data and are
+checked on CPU only.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import _validation as check
+from visionzip_kernels import checks as check
 
 from ._launch import device_context, head_split, unit_last_stride
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import _validation as check
+from visionzip_kernels import checks as check
 
 from ._launch import accumulator_dtype, device_context, head_block, multiprocessor_count, unit_last_stride
 from .topk import check_topk_size, select_topk_row
@@ -184,7 +184,7 @@ def cls_attention_topk(q_cls: torch.Tensor, k: torch.Tensor, scale: float, domin
                        keep_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and keep in two launches: -> (scores [B,N] fp32, keep [B,D] int64 ascending)."""
     check.cls_attention_args(q_cls, k)
-    check.check_budget("cls_attention_topk", k.shape[1], dominant, 0, keep_cls)
+    check.budget("cls_attention_topk", k.shape[1], dominant, 0, keep_cls)
     check_topk_size("cls_attention_topk", k.shape[1])
     return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale, dominant, keep_cls, True, None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from visionzip_kernels import _validation as check
+from visionzip_kernels import checks as check
 
 from ._launch import unit_last_stride
 from .attention_received import received_scores

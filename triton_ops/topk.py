@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import _validation as check
+from visionzip_kernels import checks as check
 
 from ._launch import check_finite_on_host, device_context
 

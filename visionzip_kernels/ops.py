@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validation as check
+from . import checks as check
 
 __all__ = [
     "cls_attention",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _validation as check
+from . import checks as check
 
 # The attention_received reference works on this many query rows at a time.
 _QUERY_CHUNK = 512

@@ -1,0 +1,22 @@
+"""Argument checks of every op, for Python callers: the fake (meta) kernels, the Triton launchers
+and the reference.
+
+The rules are written once, in C++ (csrc/checks.cpp), and reached here through ``_C``
+(csrc/python_module.cpp): the C++ kernels call the same functions, so every backend raises the same
+``ValueError`` (shapes, values, devices) or ``TypeError`` (dtypes), naming the argument and the rule,
+before any kernel runs. Sizes are read symbolically, so the checks also run under torch.compile.
+
+Each function takes the op's arguments and returns None or raises; ``budget(op, N, D, K, keep_cls)``
+checks 1 <= D <= N and 0 <= K <= N - D.
+"""
+
+from ._C import (  # noqa: F401  (re-exported)
+    attention_received_args,
+    budget,
+    cls_attention_args,
+    contextual_merge_args,
+    contextual_merge_backward_args,
+    dominant_topk_args,
+    scores_and_metric_args,
+    select_merge_args,
+)
