@@ -66,11 +66,13 @@ from collections.abc import Iterator
 
 import torch
 
-from . import clip, dinov2, siglip
-from .common import EncoderFamily, EncoderPatch, VisionZipOutput
+from . import clip, dinov2, llava, siglip
+from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
 from .llava import LlavaPatch, shrink_image_tokens, shrink_inputs
 
 __all__ = [
+    "COMPOSITE_FAMILIES",
+    "CompositeFamily",
     "ENCODER_FAMILIES",
     "EncoderPatch",
     "LlavaPatch",
@@ -84,9 +86,12 @@ __all__ = [
     "shrink_inputs",
 ]
 
+# The registry: every supported model type, and nothing about a model type outside it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY,)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, "llava")
+_COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_TYPE)
 
 # The attribute a patched model carries (a plain attribute: not a submodule, not in the state dict).
 _ATTR = "_visionzip_patch"
@@ -147,9 +152,11 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
     if previous is not None:
         remove(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
     try:
-        if model_type == "llava":
-            patch = LlavaPatch(model, encoder_family(_tower(model)), dominant, contextual, layer)
+        if composite is not None:
+            tower = composite.tower(model)
+            patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer)
         else:
             patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer)
     except Exception:
@@ -158,12 +165,6 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
         raise
     model.__dict__[_ATTR] = patch
     return model
-
-
-def _tower(model: torch.nn.Module) -> torch.nn.Module:
-    from .llava import llava_model
-
-    return llava_model(model).vision_tower
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:

@@ -93,6 +93,17 @@ class EncoderFamily:
     query_key: Callable[[torch.nn.Module], QueryKey]  # one layer's q/k projections, head dim and scale
 
 
+@dataclass(frozen=True)
+class CompositeFamily:
+    """A model that holds a supported vision encoder (its tower) and is patched around it (LLaVA)."""
+
+    name: str  # "LLaVA"
+    model_types: tuple[str, ...]  # config.model_type values
+    tower: Callable[[torch.nn.Module], torch.nn.Module]  # the vision encoder inside the model
+    # (model, the tower's EncoderFamily, dominant, contextual, layer) -> the patch
+    make_patch: Callable[..., object]
+
+
 class _StopEncoder(Exception):
     """Raised by the hook on layer L; caught by the wrapper of the patch that raised it."""
 

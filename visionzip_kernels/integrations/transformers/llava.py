@@ -40,7 +40,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .common import _MISSING, EncoderFamily, EncoderPatch, VisionZipOutput
+from .common import _MISSING, CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
 
 IGNORE_INDEX = -100  # transformers' label value for positions without a loss
 
@@ -308,3 +308,11 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
         return type(inputs)(data)
     except Exception:  # a mapping type that cannot be rebuilt from a dict
         return data
+
+
+FAMILY = CompositeFamily(
+    name="LLaVA",
+    model_types=("llava",),
+    tower=lambda model: llava_model(model).vision_tower,
+    make_patch=LlavaPatch,
+)
