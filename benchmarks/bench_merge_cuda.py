@@ -37,11 +37,8 @@ class _Summary:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _bandwidth_summary(request):
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("visionzip-bandwidth-summary"):
-        manager.register(_Summary(), "visionzip-bandwidth-summary")
-    yield
+def _bandwidth_summary(register_summary):
+    register_summary("visionzip-bandwidth-summary", _Summary())
 
 
 def _event_time(fn, iters: int = 50) -> float:

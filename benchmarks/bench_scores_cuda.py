@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from helpers import Case, make_case
 from visionzip_kernels import cls_attention, dominant_topk, reference
-from examples.profiling import format_bytes, peak_memory_bytes
+from examples.profiling import format_bytes, median_seconds, peak_memory_bytes
 from visionzip_kernels.upstream import full_attention
 
 ON_CPU = os.environ.get("VZ_BENCH_SCORES_CPU") == "1"
@@ -81,12 +81,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median of ``repeats`` calls: on CUDA issued back to back, each between two events, so a call
     whose launch takes longer than the GPU's work shows its host time; on CPU, perf_counter."""
     if ON_CPU:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, repeats)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     _sync()
     for start, end in events:
@@ -256,8 +251,5 @@ class _Summary:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _register_summary(request):
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("visionzip-scores-summary"):
-        manager.register(_Summary(), "visionzip-scores-summary")
-    yield
+def _register_summary(register_summary):
+    register_summary("visionzip-scores-summary", _Summary())

@@ -47,6 +47,18 @@ def side_by_side(request, benchmark):
     return run
 
 
+@pytest.fixture(scope="module")
+def register_summary(request):
+    """``register(name, plugin)`` registers a benchmark module's own summary plugin (an object with a
+    pytest_terminal_summary hook) once a run."""
+
+    def register(name: str, plugin: object) -> None:
+        if not request.config.pluginmanager.has_plugin(name):
+            request.config.pluginmanager.register(plugin, name)
+
+    return register
+
+
 def pytest_terminal_summary(terminalreporter, config) -> None:
     results = config.stash.get(_RESULTS, {})
     if not results:

@@ -80,12 +80,9 @@ class Measurement:
     peak_bytes: int | None
 
 
-def measure(fn: Callable[[], object], name: str = "", device: torch.device | str = "cpu", repeats: int = 5,
-            warmup: int = 1) -> Measurement:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup``, and its peak memory."""
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
+    """Median wall time of ``repeats`` calls of ``fn()``, each synchronised on ``device``."""
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
     times = []
     for _ in range(repeats):
         _synchronize(device)
@@ -93,7 +90,15 @@ def measure(fn: Callable[[], object], name: str = "", device: torch.device | str
         fn()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return Measurement(name, statistics.median(times), peak_memory_bytes(fn, device))
+    return statistics.median(times)
+
+
+def measure(fn: Callable[[], object], name: str = "", device: torch.device | str = "cpu", repeats: int = 5,
+            warmup: int = 1) -> Measurement:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup``, and its peak memory."""
+    for _ in range(warmup):
+        fn()
+    return Measurement(name, median_seconds(fn, repeats, device), peak_memory_bytes(fn, device))
 
 
 def format_bytes(n: int | None) -> str:

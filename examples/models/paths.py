@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from visionzip_kernels.api import compress
-from ..profiling import peak_memory_bytes
+from ..profiling import median_seconds, peak_memory_bytes
 from visionzip_kernels.upstream import upstream_select_merge
 from .towers import encoder_layers, has_cls, query_key
 
@@ -215,13 +215,8 @@ def measure_ours(model, pixel_values, dominant, contextual, layer=-2, repeats=1,
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    fn()  # warm-up
+    return median_seconds(fn, repeats)
 
 
 def agreement(ours: PathResult, upstream: PathResult) -> tuple[bool, float, int]:
