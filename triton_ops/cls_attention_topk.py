@@ -70,7 +70,12 @@ def _cls_logits_kernel(q_ptr, k_ptr, logits_ptr, stats_ptr, metric_ptr, n_tokens
         for h in range(NUM_HEADS):
             key_sum += tl.load(k_rows + h * stride_kh, mask=tile_mask, other=0.0).to(ACC_DTYPE)
     if WITH_METRIC:
-        metric = key_sum / NUM_HEADS
+        # IEEE division, so that the metric is the C++ kernel's bit for bit: fp32 `/` compiles to
+        # div.approx.f32 (fp64 `/` is already IEEE, and div_rn takes fp32 only).
+        if ACC_DTYPE == tl.float64:
+            metric = key_sum / NUM_HEADS
+        else:
+            metric = tl.math.div_rn(key_sum, tl.full([BLOCK_N, BLOCK_D], NUM_HEADS, ACC_DTYPE))
         tl.store(metric_ptr + b * stride_mb + offs_n[:, None] * stride_mn + offs_d[None, :],
                  metric.to(metric_ptr.dtype.element_ty), mask=tile_mask)
 
