@@ -1,6 +1,9 @@
 #include "checks.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 namespace visionzip {
 namespace {
@@ -178,6 +181,23 @@ void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
   check_dim(op, "metric", metric, 0, "hidden", hidden.sym_size(0), "the batch size");
   check_dim(op, "metric", metric, 1, "hidden", hidden.sym_size(1), "the token count");
   check_budget(op, hidden.sym_size(1), dominant, contextual, keep_cls);
+}
+
+void check_finite_scores(const char* op, const at::Tensor& scores, const at::Tensor& scores_f32) {
+  const int64_t B = scores_f32.size(0), N = scores_f32.size(1);
+  const float* s = scores_f32.const_data_ptr<float>();
+  for (int64_t i = 0; i < B * N; ++i) {
+    if (std::isfinite(s[i])) continue;
+    const double original = scores[i / N][i % N].item<double>();
+    TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", i / N, ", ", i % N, "] = ",
+                      original, " is outside float32's range (scores are ranked in float32)");
+    TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", i / N, ", ", i % N,
+                      "] = ", s[i]);
+  }
+}
+
+void check_finite_scores(const char* op, const at::Tensor& scores) {
+  check_finite_scores(op, scores, scores.to(at::kCPU, at::kFloat).contiguous());
 }
 
 }  // namespace visionzip

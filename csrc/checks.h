@@ -16,6 +16,12 @@ void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool
 // 1 <= dominant <= N and 0 <= contextual <= N - dominant.
 void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
                   const c10::SymInt& contextual, bool keep_cls);
+// Scores are ranked in fp32: every score must be finite there, and a finite fp64 score beyond fp32's
+// range is named as such (its fp32 value would read "inf"). Data-dependent: it reads the values (on
+// the host), so the CUDA kernels do not call it. scores_f32: the scores as contiguous fp32 on CPU,
+// when the caller has them already.
+void check_finite_scores(const char* op, const at::Tensor& scores, const at::Tensor& scores_f32);
+void check_finite_scores(const char* op, const at::Tensor& scores);
 void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls);
 void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric,
                                  const at::Tensor& keep, int64_t contextual);

@@ -56,6 +56,10 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("hidden"), py::arg("scores"), py::arg("metric"), py::arg("dominant"), py::arg("contextual"),
         py::arg("keep_cls"));
+  m.def("finite_scores", [](const std::string& op, const Tensor& scores) {
+          visionzip::check_finite_scores(op.c_str(), scores);
+        },
+        py::arg("op"), py::arg("scores"));
   m.def("budget", [](const std::string& op, int64_t num_tokens, int64_t dominant, int64_t contextual,
                      bool keep_cls) {
           visionzip::check_budget(op.c_str(), num_tokens, dominant, contextual, keep_cls);

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visionzip_kernels import checks as check
+
 
 def device_context(t: torch.Tensor):
     """Launch under the tensor's own device (explicit, as flash-attention does). Entering a device
@@ -57,12 +59,5 @@ def check_finite_on_host(op: str, scores: torch.Tensor) -> None:
     """Non-finite scores are rejected where it costs no device sync: CPU tensors (the interpreter).
     On CUDA the kernels order NaN above +inf, as the order-preserving key of its bits does, and
     never read out of bounds; checking there would need a host sync."""
-    if scores.is_cuda or scores.numel() == 0:
-        return
-    finite = torch.isfinite(scores.float())
-    if not bool(finite.all()):
-        b, j = (~finite).nonzero()[0].tolist()
-        if bool(torch.isfinite(scores[b, j])):  # finite in fp64, beyond fp32's range
-            raise ValueError(f"visionzip.{op}: scores[{b}, {j}] = {scores[b, j].item()} is outside float32's range "
-                             "(scores are ranked in float32)")
-        raise ValueError(f"visionzip.{op}: scores must be finite, got scores[{b}, {j}] = {scores[b, j].item()}")
+    if not scores.is_cuda and scores.numel() > 0:
+        check.finite_scores(op, scores)

@@ -7,7 +7,8 @@ The rules are written once, in C++ (csrc/checks.cpp), and reached here through `
 before any kernel runs. Sizes are read symbolically, so the checks also run under torch.compile.
 
 Each function takes the op's arguments and returns None or raises; ``budget(op, N, D, K, keep_cls)``
-checks 1 <= D <= N and 0 <= K <= N - D.
+checks 1 <= D <= N and 0 <= K <= N - D; ``finite_scores(op, scores)``, the one data-dependent rule,
+reads the scores (a device sync on CUDA).
 """
 
 from ._C import (  # noqa: F401  (re-exported)
@@ -17,6 +18,7 @@ from ._C import (  # noqa: F401  (re-exported)
     contextual_merge_args,
     contextual_merge_backward_args,
     dominant_topk_args,
+    finite_scores,
     scores_and_metric_args,
     select_merge_args,
 )

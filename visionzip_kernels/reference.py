@@ -63,13 +63,8 @@ def scores_and_metric(
 def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
     """[B,N] -> keep [B,D] int64 ascending; token 0 always kept when keep_cls; ties to the lower index."""
     check.dominant_topk_args(scores, dominant, keep_cls)
+    check.finite_scores("dominant_topk", scores)
     s = scores.float()
-    if not bool(torch.isfinite(s).all()):
-        b, j = (~torch.isfinite(s)).nonzero()[0].tolist()
-        if bool(torch.isfinite(scores[b, j])):  # finite in fp64, beyond fp32's range
-            raise ValueError(f"visionzip.dominant_topk: scores[{b}, {j}] = {scores[b, j].item()} is outside "
-                             "float32's range (scores are ranked in float32)")
-        raise ValueError(f"visionzip.dominant_topk: scores must be finite, got scores[{b}, {j}] = {s[b, j]}")
     first = 1 if keep_cls else 0
     # A stable descending sort keeps equal scores in index order: ties go to the lower index.
     ranked = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices[:, : dominant - first] + first

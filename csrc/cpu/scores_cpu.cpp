@@ -65,8 +65,15 @@ void mean_over_heads(const at::Tensor& per_head, at::Tensor& out, float divisor)
 template <typename scalar_t>
 using metric_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Writes the metric row of one token: k[j] averaged over heads, summed in head order and divided by
-// H (what k.float().mean(dim=heads) computes), rounded once to the input dtype.
+// The metric row of one token from the head sum of its key rows (summed in head order): divided by
+// H (what k.float().mean(dim=heads) computes) and rounded once to the input dtype.
+template <typename scalar_t>
+void write_head_mean(const metric_acc_t<scalar_t>* key_sum, int64_t H, int64_t d, scalar_t* metric_row) {
+  const auto heads = static_cast<metric_acc_t<scalar_t>>(H);
+  for (int64_t c = 0; c < d; ++c) metric_row[c] = static_cast<scalar_t>(key_sum[c] / heads);
+}
+
+// The metric row of one token, on its own.
 template <typename scalar_t>
 void head_mean_row(const scalar_t* k_row, int64_t H, int64_t d, int64_t head_stride,
                    metric_acc_t<scalar_t>* acc, scalar_t* metric_row) {
@@ -76,8 +83,7 @@ void head_mean_row(const scalar_t* k_row, int64_t H, int64_t d, int64_t head_str
     const scalar_t* k_head = k_row + h * head_stride;
     for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(k_head[c]);
   }
-  const acc_t heads = static_cast<acc_t>(H);
-  for (int64_t c = 0; c < d; ++c) metric_row[c] = static_cast<scalar_t>(acc[c] / heads);
+  write_head_mean(acc, H, d, metric_row);
 }
 
 // One token: its CLS logit for every head (dot_lanes' lane order, so the same bits) and the head sum
@@ -143,9 +149,7 @@ void cls_logits_and_metric(const scalar_t* q_ptr, int64_t qs0, int64_t qs1, cons
         std::fill(acc.begin(), acc.end(), metric_acc_t<scalar_t>(0));
         token_logits_and_key_sum(queries.data(), k_row, H, d, ks2, scale, logits + b * H * N + j, N,
                                  acc.data());
-        scalar_t* metric_row = metric + (b * N + j) * d;
-        const auto heads = static_cast<metric_acc_t<scalar_t>>(H);
-        for (int64_t c = 0; c < d; ++c) metric_row[c] = static_cast<scalar_t>(acc[c] / heads);
+        write_head_mean(acc.data(), H, d, metric + (b * N + j) * d);
       }
     }
   });

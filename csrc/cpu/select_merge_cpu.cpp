@@ -35,21 +35,6 @@ int64_t column_chunk(int64_t batch, int64_t channels) {
 // ---------------------------------------------------------------------------------------------
 // dominant_topk
 
-// Scores are ranked in fp32: every score must be finite there. A finite fp64 score beyond fp32's
-// range is named as such (its fp32 value would read "inf").
-void check_finite_scores(const char* op, const at::Tensor& scores, const at::Tensor& scores_f32) {
-  const int64_t B = scores_f32.size(0), N = scores_f32.size(1);
-  const float* s = scores_f32.data_ptr<float>();
-  for (int64_t i = 0; i < B * N; ++i) {
-    if (std::isfinite(s[i])) continue;
-    const double original = scores[i / N][i % N].item<double>();
-    TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", i / N, ", ", i % N, "] = ",
-                      original, " is outside float32's range (scores are ranked in float32)");
-    TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", i / N, ", ", i % N,
-                      "] = ", s[i]);
-  }
-}
-
 at::Tensor dominant_topk_impl(const char* op, const at::Tensor& scores, int64_t dominant,
                               bool keep_cls) {
   const at::Tensor s = scores.to(at::kFloat).contiguous();
