@@ -4,6 +4,10 @@
 # cu130, in a venv cached between runs), in a copy of the tracked tree so the in-tree CPU build is
 # untouched, then imports the package and checks that every op has a CUDA kernel.
 #
+# Then, with that CUDA build loaded, it runs the error-path, CPU kernel and conformance tests: issue 10
+# saw bad input crash a CUDA build's process on a GPU machine, so every rule's error path is walked
+# through a CUDA build here too (compiler flags, ABI and link differences show without a GPU).
+#
 # Caches (where the machine keeps $HOME): the venv, and the built library keyed by the hash of the
 # sources, the torch version and the arch list (VISIONZIP_CUDA_REBUILD=1 builds anyway).
 set -euo pipefail
@@ -24,6 +28,9 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is No
   "$venv/bin/python" -m pip install -q torch==2.14.1 ninja setuptools wheel
   echo "cuda stage: created $venv in $((SECONDS - start)) s"
 fi
+# The test tools (a venv cached from before they were needed gets them too).
+"$venv/bin/python" -c "import pytest, hypothesis, numpy" 2>/dev/null ||
+  "$venv/bin/python" -m pip install -q -r requirements-dev.txt
 torch_version="$("$venv/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null)"
 
 build="$(mktemp -d)"
@@ -51,4 +58,8 @@ else
   ls -1dt "$cache"/*/ | tail -n +4 | xargs -r rm -rf  # keep the three newest builds
 fi
 (cd "$build" && PYTHONPATH="$build" "$venv/bin/python" .ci/check_cuda_registration.py)
+tested=$SECONDS
+(cd "$build" && PYTHONPATH="$build" "$venv/bin/python" -X faulthandler -m pytest -q -p no:cacheprovider \
+  tests/test_bad_input.py tests/test_cpu_kernels.py tests/test_op_conformance.py | tail -3)
+echo "cuda stage: error-path and CPU tests with the CUDA build loaded in $((SECONDS - tested)) s"
 echo "cuda stage: done in $((SECONDS - start)) s"
