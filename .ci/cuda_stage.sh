@@ -60,6 +60,6 @@ fi
 (cd "$build" && PYTHONPATH="$build" "$venv/bin/python" .ci/check_cuda_registration.py)
 tested=$SECONDS
 (cd "$build" && PYTHONPATH="$build" "$venv/bin/python" -X faulthandler -m pytest -q -p no:cacheprovider \
-  tests/test_bad_input.py tests/test_cpu_kernels.py tests/test_op_conformance.py | tail -3)
+  tests/test_loading.py tests/test_bad_input.py tests/test_cpu_kernels.py tests/test_op_conformance.py | tail -3)
 echo "cuda stage: error-path and CPU tests with the CUDA build loaded in $((SECONDS - tested)) s"
 echo "cuda stage: done in $((SECONDS - start)) s"
