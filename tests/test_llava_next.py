@@ -224,6 +224,25 @@ def test_budget_larger_than_a_crop_names_the_crop(next_case):
     vz.remove(model)
 
 
+def test_upstream_issue_30_budget_at_real_geometry():
+    """dominant=540, contextual=100 on LLaVA-NeXT's 336 px CLIP crops (577 tokens): a clear error
+    at apply() (a narrow random model: only the geometry matters)."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=336, patch_size=14)
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    vocab_size=64)
+    model = transformers.LlavaNextModel(transformers.LlavaNextConfig(vision_config=vision, text_config=text,
+                                                                     image_token_id=63))
+    message = r"= 640 exceeds the 577 tokens of one 336x336 crop \(24x24 patches \+ CLS\)"
+    with pytest.raises(ValueError, match=message):
+        vz.apply(model, dominant=540, contextual=100)
+    vz.apply(model, dominant=54, contextual=10)  # a LlavaNextModel (no LM head) is supported as well
+    assert isinstance(vzt.get_patch(model), vzt.LlavaNextPatch)
+    assert vzt.get_patch(model).tokens_for_image(torch.tensor([672, 672])) == 320
+    assert vzt.get_patch(model).stock_placeholders(torch.tensor([[672, 672]])) == [2928]
+    vz.remove(model)
+
+
 def test_shrink_image_tokens_per_image_counts():
     ids = torch.tensor([[7, 99, 99, 99, 8, 99, 99], [99, 99, 99, 99, 5, 6, 0]])
     out = vzt.shrink_image_tokens(ids, [2, 1, 3], image_token_id=99, placeholders_per_image=[3, 2, 4],

@@ -215,12 +215,11 @@ class LlavaNextPatch(LlavaPatch):
             return None
         pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
         image_sizes = kwargs.get("image_sizes", args[2] if len(args) > 2 else None)
-        stock = None
-        if pixel_values is not None and pixel_values.shape[0] > 0:
+        has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+        if has_pixels:
             if image_sizes is None:
                 raise ValueError("visionzip: LLaVA-NeXT needs image_sizes with pixel_values")
             rows = sum(self.tokens_for_image(size) for size in image_sizes)
-            stock = sum(self.stock_placeholders(image_sizes))
         else:
             encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
             if not isinstance(encoded, VisionZipOutput) or not encoded.pooler_output:
@@ -230,7 +229,7 @@ class LlavaNextPatch(LlavaPatch):
         if found == rows:
             return None
         hint = ""
-        if found == stock:
+        if has_pixels and found == sum(self.stock_placeholders(image_sizes)):
             hint = (" These are the stock processor's placeholders: pass the inputs through "
                     "visionzip_kernels.integrations.transformers.shrink_inputs(model, inputs) first.")
         raise ValueError(
