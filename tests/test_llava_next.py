@@ -231,8 +231,9 @@ def test_upstream_issue_30_budget_at_real_geometry():
                                            num_attention_heads=2, image_size=336, patch_size=14)
     text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                     vocab_size=64)
-    model = transformers.LlavaNextModel(transformers.LlavaNextConfig(vision_config=vision, text_config=text,
-                                                                     image_token_id=63))
+    # A user's subclass, defined outside transformers: the geometry helpers are found through its bases.
+    user_class = type("UserLlavaNextModel", (transformers.LlavaNextModel,), {"__module__": __name__})
+    model = user_class(transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=63))
     message = r"= 640 exceeds the 577 tokens of one 336x336 crop \(24x24 patches \+ CLS\)"
     with pytest.raises(ValueError, match=message):
         vz.apply(model, dominant=540, contextual=100)

@@ -58,14 +58,14 @@ _NUM_CROPS = "image_size_to_num_patches"
 
 
 def _modeling_function(llava: torch.nn.Module, name: str):
-    """``name`` from the module that defines the model's class (no fixed import path: it moved
-    between transformers versions before and may again)."""
-    module = inspect.getmodule(type(llava))
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise TypeError(f"visionzip.apply: {type(llava).__name__}'s module ({getattr(module, '__name__', '?')}) has "
-                        f"no {name}(); this transformers version's LLaVA-NeXT is not supported")
-    return function
+    """``name`` from the module that defines the model's class or one of its bases, so the model's
+    own geometry is used whatever transformers' module layout (no fixed import path)."""
+    for cls in type(llava).__mro__:
+        function = getattr(inspect.getmodule(cls), name, None)
+        if callable(function):
+            return function
+    raise TypeError(f"visionzip.apply: no {name}() next to {type(llava).__name__} or its base classes; this "
+                    "transformers version's LLaVA-NeXT is not supported")
 
 
 def _pair(size) -> list[int]:
