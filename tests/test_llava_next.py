@@ -84,7 +84,8 @@ def upstream_restore(features, keep, image_size, dominant):
 def stock_ids(rows, counts, pad_token_id=0):
     """Left-padded input_ids where "<image>" is the next image's ``counts`` placeholders."""
     counts = iter(counts)
-    seqs = [[t for item in row for t in ([IMAGE_TOKEN] * next(counts) if item == "<image>" else [item])] for row in rows]
+    seqs = [[t for item in row for t in ([IMAGE_TOKEN] * next(counts) if item == "<image>" else [item])]
+            for row in rows]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -101,7 +102,8 @@ def next_case():
     pixel_values = torch.randn(2, max(CROPS), 3, CROP_PX, CROP_PX, generator=g)
     pixel_values[0, CROPS[0]:] = 0  # the processor's padding crops
     with torch.no_grad():
-        stock = [f.shape[0] for f in model.get_image_features(pixel_values=pixel_values, image_sizes=IMAGE_SIZES).pooler_output]
+        features = model.get_image_features(pixel_values=pixel_values, image_sizes=IMAGE_SIZES)
+    stock = [f.shape[0] for f in features.pooler_output]
     ids, mask = stock_ids([[1, 5, "<image>", 7, 8], [1, "<image>", 6]], stock)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": IMAGE_SIZES}
     return model, inputs, stock
@@ -142,7 +144,8 @@ def test_apply_matches_upstream_layout_and_the_llm_sees_it(next_case):
     per_crop = DOMINANT + CONTEXTUAL
     assert [f.shape for f in features.pooler_output] == [(n * per_crop, TEXT_HIDDEN) for n in CROPS]
     for i, (ours, expected) in enumerate(zip(features.pooler_output, rows)):
-        torch.testing.assert_close(ours, expected, atol=TOKEN_ATOL, rtol=TOKEN_RTOL, msg=lambda m, i=i: f"image {i}: {m}")
+        torch.testing.assert_close(ours, expected, atol=TOKEN_ATOL, rtol=TOKEN_RTOL,
+                                   msg=lambda m, i=i: f"image {i}: {m}")
 
     is_image = shrunk["input_ids"] == IMAGE_TOKEN
     assert is_image.sum(dim=1).tolist() == [n * per_crop for n in CROPS]

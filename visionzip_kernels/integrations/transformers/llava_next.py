@@ -190,7 +190,8 @@ class LlavaNextPatch(LlavaPatch):
             newline = self.llava.image_newline[None].to(features)
             return torch.cat([features[0], newline])
         base, grid, grid_keep = features[0], features[1:], keep[1:]
-        rows, cols = (int(v) for v in self._grid_shape(image_size, self.llava.config.image_grid_pinpoints, self.crop_size))
+        pinpoints = self.llava.config.image_grid_pinpoints
+        rows, cols = (int(v) for v in self._grid_shape(image_size, pinpoints, self.crop_size))
         if rows * cols != grid.shape[0]:
             raise ValueError(f"visionzip: image of size {_pair(image_size)} has {grid.shape[0]} grid crops, "
                              f"its {rows}x{cols} grid needs {rows * cols}")
