@@ -24,6 +24,8 @@ model_type                class                               scores / CLS
 ``dinov2``                ``Dinov2Model``                     ``cls_attention``, CLS always kept
 ``llava``                 ``LlavaForConditionalGeneration``,  its vision tower as above, projected
                           ``LlavaModel``                      (see :mod:`.llava`)
+``llava_next``            ``LlavaNextForConditionalGeneration``, every anyres crop as above, laid
+                          ``LlavaNextModel``                  out on the crop grid (:mod:`.llava_next`)
 ========================  ==================================  ===========================================
 
 Anything else raises ``TypeError`` naming the supported types.
@@ -66,15 +68,17 @@ from collections.abc import Iterator
 
 import torch
 
-from . import clip, dinov2, llava, siglip
+from . import clip, dinov2, llava, llava_next, siglip
 from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
 from .llava import LlavaPatch, shrink_image_tokens, shrink_inputs
+from .llava_next import LlavaNextPatch
 
 __all__ = [
     "COMPOSITE_FAMILIES",
     "CompositeFamily",
     "ENCODER_FAMILIES",
     "EncoderPatch",
+    "LlavaNextPatch",
     "LlavaPatch",
     "SUPPORTED_MODEL_TYPES",
     "VisionZipOutput",
@@ -88,7 +92,7 @@ __all__ = [
 
 # The registry: every supported model type, and nothing about a model type outside it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
-COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY,)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_TYPE)
@@ -136,7 +140,8 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
 
     Args:
         model: a ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``,
-            ``LlavaForConditionalGeneration`` or ``LlavaModel`` (recognised by ``config.model_type``).
+            ``LlavaForConditionalGeneration``, ``LlavaModel`` or their LLaVA-NeXT counterparts
+            (recognised by ``config.model_type``; for LLaVA-NeXT the budget is per crop).
         dominant: D, dominant tokens kept per image (CLS included for CLS encoders). Default 54.
         contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64).
         layer: the encoder layer read, Python-style index into its layer list; default -2.

@@ -36,7 +36,7 @@ tensor, and re-pads rows whose lengths now differ. Then ``model(**inputs)`` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -134,6 +134,11 @@ class LlavaPatch:
         out.pooler_output = list(features)
         return out if return_dict else out.to_tuple()
 
+    def image_token_counts(self, inputs: Mapping) -> tuple[int, int]:
+        """(patched, stock) placeholders per image for the processor's ``inputs``: D+K and 576 for
+        LLaVA-1.5 (the same for every image; LLaVA-NeXT's differ per image)."""
+        return self.tokens_per_image, self.placeholders_per_image
+
     def _check_placeholders(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -184,10 +189,10 @@ class LlavaPatch:
 
 def shrink_image_tokens(
     input_ids: torch.Tensor,
-    tokens_per_image: int,
+    tokens_per_image: int | Sequence[int],
     *,
     image_token_id: int,
-    placeholders_per_image: int = 576,
+    placeholders_per_image: int | Sequence[int] = 576,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     pad_token_id: int = 0,
@@ -206,9 +211,11 @@ def shrink_image_tokens(
 
     Args:
         input_ids: [B, S] token ids, e.g. from the stock ``LlavaProcessor`` (576 placeholders per image).
-        tokens_per_image: D+K of the patched model.
+        tokens_per_image: D+K of the patched model; or one count per image (LLaVA-NeXT), the
+            images in the order they appear in ``input_ids`` (row by row).
         image_token_id: the placeholder id (``model.config.image_token_id``).
-        placeholders_per_image: placeholders per image in ``input_ids`` (576 for LLaVA-1.5).
+        placeholders_per_image: placeholders per image in ``input_ids`` (576 for LLaVA-1.5); or one
+            count per image, as ``tokens_per_image``.
         attention_mask, labels: [B, S], shrunk the same way when given.
         extra: other [B, S] per-token tensors (e.g. ``token_type_ids``), shrunk the same way.
 
@@ -218,7 +225,10 @@ def shrink_image_tokens(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"shrink_image_tokens: input_ids must be [B, S], got shape {list(input_ids.shape)}")
-    if not 0 < tokens_per_image <= placeholders_per_image:
+    if not (isinstance(tokens_per_image, int) and isinstance(placeholders_per_image, int)):
+        kept_placeholders = _first_placeholders_per_image(input_ids == image_token_id, tokens_per_image,
+                                                         placeholders_per_image)
+    elif not 0 < tokens_per_image <= placeholders_per_image:
         raise ValueError(f"shrink_image_tokens: tokens_per_image must be in 1..placeholders_per_image "
                          f"({placeholders_per_image}), got {tokens_per_image}")
     if padding_side not in ("left", "right"):
@@ -229,14 +239,16 @@ def shrink_image_tokens(
         if t.shape != input_ids.shape:
             raise ValueError(f"shrink_image_tokens: {name} has shape {list(t.shape)}, input_ids {list(input_ids.shape)}")
     is_image = input_ids == image_token_id
-    counts = is_image.sum(dim=1)
-    bad = (counts % placeholders_per_image) != 0
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"shrink_image_tokens: row {row} has {int(counts[row])} image placeholders, not a multiple "
-                         f"of placeholders_per_image ({placeholders_per_image})")
-    rank = is_image.long().cumsum(dim=1) - 1  # index of each placeholder among its row's placeholders
-    keep = ~is_image | (rank % placeholders_per_image < tokens_per_image)
+    if isinstance(tokens_per_image, int) and isinstance(placeholders_per_image, int):
+        counts = is_image.sum(dim=1)
+        bad = (counts % placeholders_per_image) != 0
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"shrink_image_tokens: row {row} has {int(counts[row])} image placeholders, not a "
+                             f"multiple of placeholders_per_image ({placeholders_per_image})")
+        rank = is_image.long().cumsum(dim=1) - 1  # index of each placeholder among its row's placeholders
+        kept_placeholders = rank % placeholders_per_image < tokens_per_image
+    keep = ~is_image | kept_placeholders
     if attention_mask is not None:
         keep &= attention_mask.bool()  # old padding goes too; rows are re-padded to the new width
     lengths = keep.sum(dim=1)
@@ -262,6 +274,32 @@ def shrink_image_tokens(
     return result
 
 
+def _first_placeholders_per_image(is_image: torch.Tensor, tokens, placeholders) -> torch.Tensor:
+    """[B, S] bool: the first ``tokens[i]`` of image i's ``placeholders[i]`` consecutive placeholders,
+    images numbered in reading order (row by row); an int for either count applies to every image."""
+    tokens, placeholders = torch.broadcast_tensors(torch.as_tensor(tokens, dtype=torch.long).flatten(),
+                                                   torch.as_tensor(placeholders, dtype=torch.long).flatten())
+    bad = ((tokens < 1) | (tokens > placeholders)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"shrink_image_tokens: image {i} keeps {int(tokens[i])} of its {int(placeholders[i])} "
+                         "placeholders; it must keep 1..all")
+    ends = placeholders.cumsum(0)
+    row_ends = is_image.sum(dim=1).cumsum(0)
+    found, needed = int(row_ends[-1]) if row_ends.numel() else 0, int(ends[-1]) if ends.numel() else 0
+    if found != needed:
+        raise ValueError(f"shrink_image_tokens: input_ids holds {found} image placeholders, the {tokens.numel()} "
+                         f"images' counts add up to {needed}")
+    if not bool(torch.isin(row_ends, torch.cat([ends.new_zeros(1), ends])).all()):
+        raise ValueError("shrink_image_tokens: an image's placeholders run over the end of a row")
+    if needed == 0:
+        return is_image
+    rank = (is_image.flatten().long().cumsum(0) - 1).view_as(is_image)  # index among all placeholders
+    image = torch.searchsorted(ends, rank.clamp(min=0), right=True)
+    within = rank - (ends - placeholders)[image]
+    return is_image & (within < tokens[image])
+
+
 def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str = "left",
                   pad_token_id: int | None = None, placeholders_per_image: int | None = None):
     """The stock processor's output, made consistent with a VisionZip-patched LLaVA ``model``.
@@ -275,7 +313,8 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     Args:
         padding_side: where rows that became shorter are padded ("left", as LLaVA generates).
         pad_token_id: default: the model's ``pad_token_id`` (config or text config), else 0.
-        placeholders_per_image: default: the stock count for the model's tower (576 for LLaVA-1.5).
+        placeholders_per_image: default: the stock count for the model's tower (576 for LLaVA-1.5;
+            for LLaVA-NeXT, per image from ``inputs["image_sizes"]``, see :mod:`.llava_next`).
     """
     from . import get_patch
 
@@ -294,9 +333,10 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     extra = {k: v for k, v in inputs.items()
              if k not in ("input_ids", "attention_mask", "labels") and isinstance(v, torch.Tensor)
              and v.shape == input_ids.shape}
+    tokens, stock = patch.image_token_counts(inputs)
     shrunk = shrink_image_tokens(
-        input_ids, patch.tokens_per_image, image_token_id=patch.image_token_id,
-        placeholders_per_image=placeholders_per_image or patch.placeholders_per_image,
+        input_ids, tokens, image_token_id=patch.image_token_id,
+        placeholders_per_image=placeholders_per_image or stock,
         attention_mask=inputs.get("attention_mask"), labels=inputs.get("labels"), pad_token_id=pad_token_id,
         padding_side=padding_side, extra=extra,
     )
