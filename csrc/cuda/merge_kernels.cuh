@@ -9,8 +9,8 @@
 //       radix select over order-preserving keys, 8-bit digits, 4 passes of a shared-memory
 //       histogram, then the tied tokens in index order through a block scan), the roles of the
 //       tokens, the ascending complement of keep through a block scan, the K strided targets and
-//       their unit metric (one warp per target, the sum of squares in channel order through
-//       shuffles). It zeroes the member counts.
+//       their unit metric (one warp per target, 32 channels at a time, the sum of squares in
+//       channel order). It zeroes the member counts.
 //   1b. plan_assign_kernel, a grid over (chunks of 128 tokens, images), 32 tokens per warp: each
 //       member's most cosine-similar target (first maximum wins; the targets' unit metric staged in
 //       shared memory when it fits, the members' metric staged 32 channels at a time), its output
@@ -208,18 +208,20 @@ __device__ __forceinline__ int block_exclusive_scan(int value, int* warp_totals,
   return before + inclusive - value;
 }
 
-// Shared memory of the top-k: the digit histogram, the scan's warp totals and the chosen digit.
+// Shared memory of plan_select_kernel: the top-k's digit histogram, the scans' warp totals, the
+// chosen digit, and each warp's 32 staged channels of a target's metric.
 struct SelectShared {
   int histogram[kRadixBins];
   int warp_totals[kPlanWarps];
   int digit, above;
+  float staged[kPlanWarps][kWarp];
 };
 
 // The picked-th largest key among tokens first..N-1 (1 <= picked <= N - first), returned to every
 // thread: a radix select from the top digit down. Each pass histograms the digit of the keys that
 // share the digits chosen so far; thread t owns digit 255 - t, so an exclusive scan in thread order
 // counts the keys with a larger digit, and the one thread whose digit holds the picked-th key
-// publishes it. Five barriers a pass, scores re-read from L1/L2 (independent loads).
+// publishes it. Four barriers a pass, scores re-read from L1/L2 (independent loads).
 __device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t N, int64_t picked, SelectShared& s) {
   const int tid = static_cast<int>(threadIdx.x);
   uint32_t prefix = 0, prefix_mask = 0;
@@ -242,10 +244,10 @@ __device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t 
       s.above = above;
     }
     __syncthreads();
+    // (s.digit and s.above are next written after the next pass's barriers: no barrier needed here.)
     prefix |= static_cast<uint32_t>(s.digit) << shift;
     prefix_mask |= static_cast<uint32_t>(kRadixBins - 1) << shift;
     remaining -= s.above;
-    __syncthreads();  // s.digit and s.above are read before the next pass may write them
   }
   return prefix;
 }
@@ -348,8 +350,8 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
   __syncthreads();
 
   // Unit metric of each target, m / max(||m||, eps), stored transposed: unit[c * K_pad + i], zero
-  // in the padding. One warp per target: lanes load 32 channels at a time (coalesced) and every
-  // lane sums their squares in channel order through shuffles, as the CPU kernel's loop does.
+  // in the padding. One warp per target: lanes load 32 channels at a time (coalesced) into shared
+  // memory, and every lane sums their squares in channel order, as the CPU kernel's loop does.
   const int64_t k_pad = padded_targets(K);
   float* unit = plan.unit + b * d * k_pad;
   for (int64_t i = warp; i < k_pad; i += kPlanWarps) {
@@ -359,14 +361,14 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
       continue;
     }
     const metric_t* m = m_img + t * metric_sn;
+    float* staged = select_shared.staged[warp];
     float sum_sq = 0.f;
     for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
-      const float v = c0 + lane < d ? static_cast<float>(m[c0 + lane]) : 0.f;
+      __syncwarp();  // the previous chunk has been read
+      staged[lane] = c0 + lane < d ? static_cast<float>(m[c0 + lane]) : 0.f;
+      __syncwarp();
       const int width = d - c0 < kWarp ? static_cast<int>(d - c0) : kWarp;
-      for (int l = 0; l < width; ++l) {
-        const float x = __shfl_sync(kFullMask, v, l);
-        sum_sq = add_product(sum_sq, x, x);
-      }
+      for (int l = 0; l < width; ++l) sum_sq = add_product(sum_sq, staged[l], staged[l]);  // broadcast reads
     }
     const float norm = clamped_norm(sum_sq);
     for (int64_t c = lane; c < d; c += kWarp) unit[c * k_pad + i] = static_cast<float>(m[c]) / norm;
