@@ -180,6 +180,25 @@ def test_topk_ties_at_every_radix_digit(emu, B, N, D, keep_cls):
     assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
 
 
+@pytest.mark.parametrize("keep_cls", [True, False])
+@pytest.mark.parametrize("value", [1.0, 1.0000001, 0.5, -1.0, 0.0])
+def test_topk_boundary_at_the_end_of_a_tie_group(emu, value, keep_cls):
+    """D chosen so that the kept set ends exactly with the last token of a tie group (every token
+    scoring >= value): in every radix pass the picked key is the last one of its digit's bin."""
+    N = 130
+    scores = _radix_tie_scores(1, N, seed=5)
+    first = 1 if keep_cls else 0
+    D = first + int((scores[0, first:] >= value).sum())
+    hidden, _, metric, _ = merge_inputs(1, N, 8, D, 0, keep_cls=keep_cls, d=8, seed=1)
+    K = min(2, N - D)
+    tokens, keep = emu_merge(emu, hidden, metric, D, K, scores=scores, keep_cls=keep_cls)
+    expected = reference.dominant_topk(scores, D, keep_cls)
+    assert_equal_verbose(keep, expected, "keep vs sort oracle")
+    assert set(keep[0, first:].tolist()) == {n for n in range(first, N) if scores[0, n] >= value}
+    cpu_tokens, _ = ops.select_merge(hidden, scores, metric, D, K, keep_cls)
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+
+
 def test_topk_of_non_finite_scores_follows_the_key_order(emu):
     """The GPU policy for what the CPU rejects: +-inf and NaN rank by their keys (NaN above +inf),
     with the same ties to the lower index; nothing else changes."""
@@ -296,6 +315,27 @@ def test_exact_similarity_ties_go_to_the_first_target(emu):
     expected = hidden[0, targets[0]] + hidden[0, members].sum(0) / len(members)
     torch.testing.assert_close(tokens[0, D], expected)
     assert torch.equal(tokens[0, D + 1 :], hidden[0, targets[1:]])
+
+
+def test_assignment_decided_by_rounding_matches_cpu_bitwise(emu):
+    """Targets that all point the same way with different lengths (and members near that direction):
+    their unit metrics agree only up to rounding, so every member's argmax is decided by the last
+    bits of the unit targets and of its similarities. The emulated plan must pick the CPU kernel's
+    targets exactly, which holds only when both sum the same products in the same order."""
+    B, N, C, d, D, K = 2, 160, 8, 40, 10, 7
+    hidden, _, metric, keep = merge_inputs(B, N, C, D, K, d=d, seed=9)
+    g = torch.Generator().manual_seed(9)
+    for b in range(B):
+        _, targets = _rest_and_targets(keep[b], N, K)
+        base = torch.randn(d, generator=g)
+        scales = 0.3 + torch.rand(K, generator=g) * 3
+        metric[b] = base + 1e-6 * torch.randn(N, d, generator=g)
+        metric[b, targets] = base * scales[:, None]
+    tokens, _ = emu_merge(emu, hidden, metric, D, K, keep=keep)
+    assert_equal_verbose(tokens, ops.contextual_merge(hidden, metric, keep, K), "tokens vs CPU kernel")
+    grad = torch.randn(B, D + K, C, generator=g)
+    assert_equal_verbose(emu_backward(emu, grad, metric, keep, N),
+                         ops.contextual_merge_backward(grad, metric, keep, N), "grad vs CPU kernel")
 
 
 # ---------------------------------------------------------------------------------------------
