@@ -84,7 +84,7 @@ def emu_backward(lib, grad, metric, keep, N):
 # (B, N, C, d, D, K): the foundation shape (CLIP-L/336, 54 + 10) at B = 1 and 2; SigLIP's 729 tokens
 # with K = 0 (no assignment, no lists); N, C, d off the warp and pack multiples; K over one target
 # tile (16); the unit targets at the shared-memory budget of the assignment (K_pad * d * 4 = 24 KB)
-# and past it (read from global scratch); N over 256 tokens per thread chunk and over several
+# and past it (read from global scratch); d over the 128 channels a target's norm stages per round; N over 256 tokens per thread chunk and over several
 # 128-token assignment blocks, one of them partial; K over 256 (more list warps than a block has);
 # D = 1 (no top-k beyond CLS); D + K = N (no members at all, or a target per remaining token); tiny N.
 SHAPES = [
@@ -95,6 +95,7 @@ SHAPES = [
     (2, 300, 40, 40, 30, 33),
     (1, 300, 8, 64, 20, 96),
     (1, 200, 16, 72, 10, 100),
+    (1, 90, 8, 200, 9, 20),
     (1, 2881, 8, 16, 54, 10),
     (1, 640, 8, 8, 20, 300),
     (3, 50, 24, 33, 1, 49),

@@ -9,7 +9,7 @@
 //       radix select over order-preserving keys, 8-bit digits, 4 passes of a shared-memory
 //       histogram, then the tied tokens in index order through a block scan), the roles of the
 //       tokens, the ascending complement of keep through a block scan, the K strided targets and
-//       their unit metric (one warp per target, 32 channels at a time, the sum of squares in
+//       their unit metric (one warp per target, 128 channels at a time, the sum of squares in
 //       channel order). It zeroes the member counts.
 //   1b. plan_assign_kernel, a grid over (chunks of 128 tokens, images), 32 tokens per warp: each
 //       member's most cosine-similar target (first maximum wins; the targets' unit metric staged in
@@ -58,12 +58,13 @@ constexpr int kPlanThreads = 256;  // plan_select_kernel: one block per image
 constexpr int kPlanWarps = kPlanThreads / kWarp;
 constexpr int kRadixBits = 8;  // top-k digits: 4 passes over the 32-bit keys
 constexpr int kRadixBins = 1 << kRadixBits;
+constexpr int kUnitStage = 128;  // channels of a target's metric loaded per round (4 loads a lane)
 static_assert(kRadixBins == kPlanThreads, "one histogram bin per thread");
 constexpr int kAssignThreads = 128;  // plan_assign_kernel: 4 warps of 32 tokens per block
 constexpr int kAssignWarps = kAssignThreads / kWarp;
 constexpr int kListThreads = 256;  // plan_lists_kernel: one warp per (image, target)
 constexpr int kListWarps = kListThreads / kWarp;
-constexpr int kListWindow = 8;      // 32-token chunks of rows loaded per round (loads in flight)
+constexpr int kListWindow = 16;     // 32-token chunks of rows loaded per round (loads in flight)
 constexpr int kTargetTile = 16;     // targets scored per pass over a member's metric (registers)
 constexpr int kMergeThreads = 256;  // threads per merge block: channel lanes x rows
 constexpr int kMemberUnroll = 8;    // member rows loaded per round (independent loads in flight)
@@ -209,12 +210,12 @@ __device__ __forceinline__ int block_exclusive_scan(int value, int* warp_totals,
 }
 
 // Shared memory of plan_select_kernel: the top-k's digit histogram, the scans' warp totals, the
-// chosen digit, and each warp's 32 staged channels of a target's metric.
+// chosen digit, and each warp's kUnitStage staged channels of a target's metric.
 struct SelectShared {
   int histogram[kRadixBins];
   int warp_totals[kPlanWarps];
   int digit, above;
-  float staged[kPlanWarps][kWarp];
+  float staged[kPlanWarps][kUnitStage];
 };
 
 // The picked-th largest key among tokens first..N-1 (1 <= picked <= N - first), returned to every
@@ -350,8 +351,8 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
   __syncthreads();
 
   // Unit metric of each target, m / max(||m||, eps), stored transposed: unit[c * K_pad + i], zero
-  // in the padding. One warp per target: lanes load 32 channels at a time (coalesced) into shared
-  // memory, and every lane sums their squares in channel order, as the CPU kernel's loop does.
+  // in the padding. One warp per target: lanes load kUnitStage channels at a time (coalesced) into
+  // shared memory, and every lane sums their squares in channel order, as the CPU kernel's loop does.
   const int64_t k_pad = padded_targets(K);
   float* unit = plan.unit + b * d * k_pad;
   for (int64_t i = warp; i < k_pad; i += kPlanWarps) {
@@ -363,11 +364,15 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
     const metric_t* m = m_img + t * metric_sn;
     float* staged = select_shared.staged[warp];
     float sum_sq = 0.f;
-    for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
+    for (int64_t c0 = 0; c0 < d; c0 += kUnitStage) {
       __syncwarp();  // the previous chunk has been read
-      staged[lane] = c0 + lane < d ? static_cast<float>(m[c0 + lane]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < kUnitStage / kWarp; ++j) {  // independent loads in flight
+        const int64_t c = c0 + j * kWarp + lane;
+        staged[j * kWarp + lane] = c < d ? static_cast<float>(m[c]) : 0.f;
+      }
       __syncwarp();
-      const int width = d - c0 < kWarp ? static_cast<int>(d - c0) : kWarp;
+      const int width = d - c0 < kUnitStage ? static_cast<int>(d - c0) : kUnitStage;
       for (int l = 0; l < width; ++l) sum_sq = add_product(sum_sq, staged[l], staged[l]);  // broadcast reads
     }
     const float norm = clamped_norm(sum_sq);
