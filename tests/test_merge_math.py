@@ -3,9 +3,10 @@
 The kernels are written against raw pointers with no ATen, so a host compiler builds them together
 with a small thread-level emulation of CUDA (tests/cuda_emulation: one std::thread per CUDA thread,
 block barriers, warp votes and shuffles), through the very launchers and launch geometry the CUDA
-extension uses. The plan kernel (top-k, complement scan, targets, assignment, member lists), the
-forward merge and the backward are checked here bit for bit against the C++ CPU kernels, which
-compute with the same csrc/merge_math.h formulas, and so against the reference. What this cannot
+extension uses. The plan kernels (radix-select top-k, complement scan, targets and their unit metric;
+the assignment over a grid of token chunks; the member lists, one warp per target), the forward
+merge and the backward are checked here bit for bit against the C++ CPU kernels, which compute with
+the same csrc/merge_math.h formulas, and so against the reference. What this cannot
 show (timing, the device memory model, nvcc-only code paths such as __reduce_add_sync) is left to
 tests/test_cuda.py on a GPU.
 """
@@ -80,17 +81,27 @@ def emu_backward(lib, grad, metric, keep, N):
     return out
 
 
-# (B, N, C, d, D, K): the foundation shape; N, C, d off the warp and pack multiples; K over one
-# target tile (16) and past the shared-memory budget of the unit targets (K_pad * d * 4 > 14 KB);
-# N over 256 tokens per thread chunk; K over 256 (offsets scanned in chunks); K = 0; D = 1.
+# (B, N, C, d, D, K): the foundation shape (CLIP-L/336, 54 + 10) at B = 1 and 2; SigLIP's 729 tokens
+# with K = 0 (no assignment, no lists); N, C, d off the warp and pack multiples; K over one target
+# tile (16); the unit targets at the shared-memory budget of the assignment (K_pad * d * 4 = 24 KB)
+# and past it (read from global scratch); d over the 128 channels a target's norm stages per round; N over 256 tokens per thread chunk and over several
+# 128-token assignment blocks, one of them partial; K over 256 (more list warps than a block has);
+# D = 1 (no top-k beyond CLS); D + K = N (no members at all, or a target per remaining token); tiny N.
 SHAPES = [
+    (1, 577, 32, 64, 54, 10),
     (2, 577, 64, 64, 54, 10),
+    (1, 729, 16, 64, 64, 0),
     (1, 17, 24, 8, 1, 0),
     (2, 300, 40, 40, 30, 33),
+    (1, 300, 8, 64, 20, 96),
     (1, 200, 16, 72, 10, 100),
+    (1, 90, 8, 200, 9, 20),
     (1, 2881, 8, 16, 54, 10),
     (1, 640, 8, 8, 20, 300),
     (3, 50, 24, 33, 1, 49),
+    (5, 37, 8, 12, 20, 17),
+    (4, 3, 8, 5, 1, 2),
+    (1, 1, 4, 3, 1, 0),
 ]
 
 
@@ -131,6 +142,77 @@ def test_keep_cls_false_and_ties(emu):
     assert_equal_verbose(keep, cpu_keep, "keep")
     assert_equal_verbose(keep, reference.dominant_topk(scores, D, False), "keep vs reference")
     assert_equal_verbose(tokens, cpu_tokens, "tokens")
+
+
+def _topk_by_key(scores: torch.Tensor, D: int, keep_cls: bool) -> torch.Tensor:
+    """Oracle of the GPU top-k for any float scores: rank by merge_math.h's order-preserving key of
+    the bits (-0.0 as +0.0, NaN above +inf), higher first, ties to the lower index; ascending."""
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    keys = torch.where(bits >= 2**31, 0xFFFFFFFF - bits, bits + 2**31)
+    first = 1 if keep_cls else 0
+    rows = []
+    for row in keys.tolist():
+        ranked = sorted(range(first, len(row)), key=lambda n: (-row[n], n))[: D - first]
+        rows.append(sorted(([0] if keep_cls else []) + ranked))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _radix_tie_scores(B: int, N: int, seed: int) -> torch.Tensor:
+    """Scores whose keys collide digit by digit: values that differ only in the top byte, only in the
+    lowest, equal values, +-0.0, negatives, the extremes of the finite range and subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([1.0, 1.0000001, 1.0000002, 2.0, 0.5, -1.0, -1.0000001, 0.0, -0.0, 3.4e38, -3.4e38,
+                         1e-45, -1e-45, 1.5, 1.5])
+    return pool[torch.randint(0, len(pool), (B, N), generator=g)]
+
+
+@pytest.mark.parametrize("keep_cls", [True, False])
+@pytest.mark.parametrize("B,N,D", [(3, 130, 40), (1, 577, 54), (2, 9, 9), (2, 40, 1), (1, 300, 299)])
+def test_topk_ties_at_every_radix_digit(emu, B, N, D, keep_cls):
+    """The radix select on keys that tie in some digits and not others, and on whole ties: keep is
+    the CPU kernel's (ties to the lower index), and the sort-based oracle's."""
+    scores = _radix_tie_scores(B, N, seed=N + D)
+    hidden, _, metric, _ = merge_inputs(B, N, 8, D, 0, keep_cls=keep_cls, d=8, seed=1)
+    K = min(3, N - D)
+    tokens, keep = emu_merge(emu, hidden, metric, D, K, scores=scores, keep_cls=keep_cls)
+    cpu_tokens, cpu_keep = ops.select_merge(hidden, scores, metric, D, K, keep_cls)
+    assert_equal_verbose(keep, reference.dominant_topk(scores, D, keep_cls), "keep vs sort oracle")
+    assert_equal_verbose(keep, cpu_keep, "keep vs CPU kernel")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+
+
+@pytest.mark.parametrize("keep_cls", [True, False])
+@pytest.mark.parametrize("value", [1.0, 1.0000001, 0.5, -1.0, 0.0])
+def test_topk_boundary_at_the_end_of_a_tie_group(emu, value, keep_cls):
+    """D chosen so that the kept set ends exactly with the last token of a tie group (every token
+    scoring >= value): in every radix pass the picked key is the last one of its digit's bin."""
+    N = 130
+    scores = _radix_tie_scores(1, N, seed=5)
+    first = 1 if keep_cls else 0
+    D = first + int((scores[0, first:] >= value).sum())
+    hidden, _, metric, _ = merge_inputs(1, N, 8, D, 0, keep_cls=keep_cls, d=8, seed=1)
+    K = min(2, N - D)
+    tokens, keep = emu_merge(emu, hidden, metric, D, K, scores=scores, keep_cls=keep_cls)
+    expected = reference.dominant_topk(scores, D, keep_cls)
+    assert_equal_verbose(keep, expected, "keep vs sort oracle")
+    assert set(keep[0, first:].tolist()) == {n for n in range(first, N) if scores[0, n] >= value}
+    cpu_tokens, _ = ops.select_merge(hidden, scores, metric, D, K, keep_cls)
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+
+
+def test_topk_of_non_finite_scores_follows_the_key_order(emu):
+    """The GPU policy for what the CPU rejects: +-inf and NaN rank by their keys (NaN above +inf),
+    with the same ties to the lower index; nothing else changes."""
+    B, N, D, K = 2, 70, 12, 0
+    scores = _radix_tie_scores(B, N, seed=11)
+    scores[0, [3, 20, 41]] = float("inf")
+    scores[0, [5, 6]] = float("nan")
+    scores[1, 1::4] = float("-inf")
+    scores[1, 30] = float("inf")
+    hidden, _, metric, _ = merge_inputs(B, N, 8, D, K, d=8, seed=2)
+    for keep_cls in (True, False):
+        _, keep = emu_merge(emu, hidden, metric, D, K, scores=scores, keep_cls=keep_cls)
+        assert_equal_verbose(keep, _topk_by_key(scores, D, keep_cls), f"keep (keep_cls={keep_cls})")
 
 
 def test_contextual_merge_keep_order_and_backward(emu):
@@ -199,6 +281,22 @@ def test_launch_geometry_limits(emu):
     assert emu.vz_emu_channel_blocks(I64(65535 * 256 + 1), ctypes.c_int(1)) == 65536
 
 
+def test_plan_launch_geometry_limits(emu):
+    """The plan kernels stay within CUDA's limits for any size: grid.x capped at 2^20 (they stride
+    over images, token chunks and targets), at least one block, and the unit targets in shared
+    memory only within the 24 KB budget (+ ~17 KB static < 48 KB)."""
+    out = (ctypes.c_int64 * 5)()
+    for B, N, d, K in [(1, 577, 64, 10), (1, 1, 1, 0), (2**25, 3000, 64, 10), (4096, 2**20, 8, 2**19),
+                       (1, 300, 64, 96), (1, 300, 64, 97), (7, 1000, 200, 0)]:
+        emu.vz_emu_plan_launch(I64(B), I64(N), I64(d), I64(K), out)
+        select, assign, lists, unit_bytes, in_shared = list(out)
+        for blocks in (select, assign, lists):
+            assert 1 <= blocks <= 2**20, (B, N, d, K, list(out))
+        assert select == min(B, 2**20) and assign == min(B * -(-N // 128), 2**20)
+        assert lists == max(1, min(-(-B * K // 8), 2**20))
+        assert unit_bytes == -(-K // 16) * 16 * d * 4 and in_shared == (unit_bytes <= 24 * 1024)
+
+
 def test_exact_similarity_ties_go_to_the_first_target(emu):
     """Members equally similar to several targets join the first of them (first maximum wins)."""
     B, N, C, d, D, K = 2, 90, 16, 8, 6, 5
@@ -218,6 +316,27 @@ def test_exact_similarity_ties_go_to_the_first_target(emu):
     expected = hidden[0, targets[0]] + hidden[0, members].sum(0) / len(members)
     torch.testing.assert_close(tokens[0, D], expected)
     assert torch.equal(tokens[0, D + 1 :], hidden[0, targets[1:]])
+
+
+def test_assignment_decided_by_rounding_matches_cpu_bitwise(emu):
+    """Targets that all point the same way with different lengths (and members near that direction):
+    their unit metrics agree only up to rounding, so every member's argmax is decided by the last
+    bits of the unit targets and of its similarities. The emulated plan must pick the CPU kernel's
+    targets exactly, which holds only when both sum the same products in the same order."""
+    B, N, C, d, D, K = 2, 160, 8, 40, 10, 7
+    hidden, _, metric, keep = merge_inputs(B, N, C, D, K, d=d, seed=9)
+    g = torch.Generator().manual_seed(9)
+    for b in range(B):
+        _, targets = _rest_and_targets(keep[b], N, K)
+        base = torch.randn(d, generator=g)
+        scales = 0.3 + torch.rand(K, generator=g) * 3
+        metric[b] = base + 1e-6 * torch.randn(N, d, generator=g)
+        metric[b, targets] = base * scales[:, None]
+    tokens, _ = emu_merge(emu, hidden, metric, D, K, keep=keep)
+    assert_equal_verbose(tokens, ops.contextual_merge(hidden, metric, keep, K), "tokens vs CPU kernel")
+    grad = torch.randn(B, D + K, C, generator=g)
+    assert_equal_verbose(emu_backward(emu, grad, metric, keep, N),
+                         ops.contextual_merge_backward(grad, metric, keep, N), "grad vs CPU kernel")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,18 +2,27 @@
 // same code is compiled by nvcc (csrc/cuda/select_merge_cuda.cu) and, on machines without a GPU, by
 // a host compiler against the thread-level emulation in tests/cuda_emulation (tests/test_merge_math.py).
 //
-// Two launches per op (plan, then merge or backward), on the caller's stream, none reading a
-// device value on the host, so the path can be captured in a CUDA graph:
-//   1. plan_kernel, one block per image: the top-k of the scores (select_merge only; a bisection
-//      over order-preserving keys), the roles of the tokens, the ascending complement of keep
-//      through a block scan, the K strided targets and their unit metric, each member's most
-//      cosine-similar target (first maximum wins; warps stage 32 tokens' metric through shared
-//      memory), the member counts (integer atomics) and, for the forward, the member list of every
-//      target (CSR, ascending token order, placed by warp ballots).
+// Launches on the caller's stream, none reading a device value on the host, so the path can be
+// captured in a CUDA graph. The plan is three short kernels, so that no image's work is one long
+// serial block:
+//   1a. plan_select_kernel, one block per image: the top-k of the scores (select_merge only; a
+//       radix select over order-preserving keys, 8-bit digits, 4 passes of a shared-memory
+//       histogram, then the tied tokens in index order through a block scan), the roles of the
+//       tokens, the ascending complement of keep through a block scan, the K strided targets and
+//       their unit metric (one warp per target, 128 channels at a time, the sum of squares in
+//       channel order). It zeroes the member counts.
+//   1b. plan_assign_kernel, a grid over (chunks of 128 tokens, images), 32 tokens per warp: each
+//       member's most cosine-similar target (first maximum wins; the targets' unit metric staged in
+//       shared memory when it fits, the members' metric staged 32 channels at a time), its output
+//       row, and the member counts (integer atomics: the totals do not depend on the order).
+//   1c. plan_lists_kernel (forward only), one warp per (image, target): the target's offset (sum of
+//       the earlier counts) and its members in ascending token order, placed by warp ballots over
+//       the per-token rows (no atomics, so the order is fixed).
 //   2. merge_forward_kernel: dominant rows gathered in keep order; contextual row i = target +
 //      (sum of its members in list order) / max(count, 1): no float atomics, a fixed order, fp32
 //      (fp64 for fp64) accumulation, 16-byte loads along C.
-//   3. merge_backward_kernel: each token row of grad_hidden written once (docs/SPEC.md "Gradients").
+//   3. merge_backward_kernel: each token row of grad_hidden written once (docs/SPEC.md "Gradients");
+//      the backward runs 1a and 1b (it needs the rows and counts, not the lists).
 // The per-element arithmetic (target_step, target_index, clamped_norm, add_product, score_key,
 // member_divisor) is csrc/merge_math.h, shared with the C++ CPU kernels, and it is applied in the
 // same order, so keep, tokens and gradients equal the CPU kernels' bit for bit in every dtype.
@@ -45,18 +54,29 @@ namespace visionzip::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
-constexpr int kPlanThreads = 256;
+constexpr int kPlanThreads = 256;  // plan_select_kernel: one block per image
 constexpr int kPlanWarps = kPlanThreads / kWarp;
+constexpr int kRadixBits = 8;  // top-k digits: 4 passes over the 32-bit keys
+constexpr int kRadixBins = 1 << kRadixBits;
+constexpr int kUnitStage = 128;  // channels of a target's metric loaded per round (4 loads a lane)
+static_assert(kRadixBins == kPlanThreads, "one histogram bin per thread");
+constexpr int kAssignThreads = 128;  // plan_assign_kernel: 4 warps of 32 tokens per block
+constexpr int kAssignWarps = kAssignThreads / kWarp;
+constexpr int kListThreads = 256;  // plan_lists_kernel: one warp per (image, target)
+constexpr int kListWarps = kListThreads / kWarp;
+constexpr int kListWindow = 16;     // 32-token chunks of rows loaded per round (loads in flight)
 constexpr int kTargetTile = 16;     // targets scored per pass over a member's metric (registers)
 constexpr int kMergeThreads = 256;  // threads per merge block: channel lanes x rows
 constexpr int kMemberUnroll = 8;    // member rows loaded per round (independent loads in flight)
 constexpr int64_t kMaxRowBlocks = int64_t{1} << 20;  // grid.x cap; the kernels stride over rows
+constexpr int64_t kMaxPlanBlocks = int64_t{1} << 20;  // grid.x cap of 1b and 1c; they stride too
 constexpr int64_t kMaxChannelBlocks = 65535;         // grid.y limit
-// Dynamic shared memory for the unit targets of the plan, on top of its ~33 KB of static shared
-// memory: within the 48 KB a block gets without opting in. Larger K * d use global scratch.
-constexpr size_t kMaxSharedUnitBytes = 14 * 1024;
+// Dynamic shared memory for the unit targets in plan_assign_kernel, on top of its ~17 KB of static
+// shared memory: within the 48 KB a block gets without opting in. Larger K * d are read from the
+// global scratch (L2) instead.
+constexpr size_t kMaxSharedUnitBytes = 24 * 1024;
 
-// Plan scratch, one row per image. Filled by plan_kernel; nothing in it is read on the host.
+// Plan scratch, one row per image. Filled by the plan kernels; nothing in it is read on the host.
 struct PlanPointers {
   int8_t* role;      // [B, N] TokenRole
   int32_t* row;      // [B, N] output row of the token, -1 when it has none
@@ -135,8 +155,26 @@ inline RowLaunch row_launch(int64_t rows, int64_t channels, int vec) {
           dim3(static_cast<unsigned>(x), static_cast<unsigned>(y))};
 }
 
+// Plan geometry: grid.x of the three plan kernels (each strides over its jobs beyond the cap) and
+// whether plan_assign_kernel stages the unit targets in shared memory (unit_bytes of it).
+struct PlanLaunch {
+  unsigned select_blocks, assign_blocks, list_blocks;
+  size_t unit_bytes;
+  bool unit_in_shared;
+};
+
+inline PlanLaunch plan_launch(int64_t B, int64_t N, int64_t d, int64_t K) {
+  const auto capped = [](int64_t blocks) {
+    return static_cast<unsigned>(blocks < 1 ? 1 : blocks < kMaxPlanBlocks ? blocks : kMaxPlanBlocks);
+  };
+  const int64_t chunks = (N + kAssignThreads - 1) / kAssignThreads;
+  const size_t unit_bytes = static_cast<size_t>(padded_targets(K) * d) * sizeof(float);
+  return {capped(B), capped(B * chunks), capped((B * K + kListWarps - 1) / kListWarps), unit_bytes,
+          unit_bytes <= kMaxSharedUnitBytes};
+}
+
 // ---------------------------------------------------------------------------------------------
-// Block-wide helpers of the plan kernel (blockDim.x == kPlanThreads; every thread calls them).
+// Block-wide helpers of plan_select_kernel (blockDim.x == kPlanThreads; every thread calls them).
 
 __device__ __forceinline__ int warp_sum(int value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -147,20 +185,8 @@ __device__ __forceinline__ int warp_sum(int value) {
 #endif
 }
 
-// Sum over the block, returned to every thread. One barrier: consecutive calls alternate between
-// the two rows of warp_totals (parity), and a row is rewritten only after every thread has passed
-// the barrier of the call in between, hence after it has read that row.
-__device__ __forceinline__ int block_sum(int value, int (*warp_totals)[kPlanWarps], int parity) {
-  value = warp_sum(value);
-  if (threadIdx.x % kWarp == 0) warp_totals[parity][threadIdx.x / kWarp] = value;
-  __syncthreads();
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kPlanWarps; ++w) total += warp_totals[parity][w];
-  return total;
-}
-
-// Exclusive prefix sum over the threads in thread order; *total gets the block total.
+// Exclusive prefix sum over the threads in thread order; *total gets the block total. Two
+// barriers, the second after every thread has read warp_totals, so calls can follow each other.
 __device__ __forceinline__ int block_exclusive_scan(int value, int* warp_totals, int* total) {
   const int lane = static_cast<int>(threadIdx.x) % kWarp, warp = static_cast<int>(threadIdx.x) / kWarp;
   int inclusive = value;
@@ -183,22 +209,59 @@ __device__ __forceinline__ int block_exclusive_scan(int value, int* warp_totals,
   return before + inclusive - value;
 }
 
+// Shared memory of plan_select_kernel: the top-k's digit histogram, the scans' warp totals, the
+// chosen digit, and each warp's kUnitStage staged channels of a target's metric.
+struct SelectShared {
+  int histogram[kRadixBins];
+  int warp_totals[kPlanWarps];
+  int digit, above;
+  float staged[kPlanWarps][kUnitStage];
+};
+
+// The picked-th largest key among tokens first..N-1 (1 <= picked <= N - first), returned to every
+// thread: a radix select from the top digit down. Each pass histograms the digit of the keys that
+// share the digits chosen so far; thread t owns digit 255 - t, so an exclusive scan in thread order
+// counts the keys with a larger digit, and the one thread whose digit holds the picked-th key
+// publishes it. Four barriers a pass, scores re-read from L1/L2 (independent loads).
+__device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t N, int64_t picked, SelectShared& s) {
+  const int tid = static_cast<int>(threadIdx.x);
+  uint32_t prefix = 0, prefix_mask = 0;
+  int64_t remaining = picked;  // rank of the wanted key among the keys that match the prefix
+  for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    // Bin tid was last read (by thread 255 - tid) before the scan of the previous pass: two barriers ago.
+    s.histogram[tid] = 0;
+    __syncthreads();
+    for (int64_t n = first + tid; n < N; n += kPlanThreads) {
+      const uint32_t key = score_key(scores[n]);
+      if ((key & prefix_mask) == prefix) atomicAdd(s.histogram + ((key >> shift) & (kRadixBins - 1)), 1);
+    }
+    __syncthreads();
+    const int digit = kRadixBins - 1 - tid;
+    const int count = s.histogram[digit];
+    int group = 0;
+    const int above = block_exclusive_scan(count, s.warp_totals, &group);
+    if (above < remaining && above + count >= remaining) {  // exactly one thread
+      s.digit = digit;
+      s.above = above;
+    }
+    __syncthreads();
+    // (s.digit and s.above are next written after the next pass's barriers: no barrier needed here.)
+    prefix |= static_cast<uint32_t>(s.digit) << shift;
+    prefix_mask |= static_cast<uint32_t>(kRadixBins - 1) << shift;
+    remaining -= s.above;
+  }
+  return prefix;
+}
+
 // keep[0..D) of one image, ascending: token 0 when keep_cls, then the D - first highest scores
-// among tokens first..N-1, ties to the lower index. A bisection over the order-preserving keys
-// finds the D-th key; the tied tokens are then taken in index order through a scan over
-// contiguous per-thread chunks.
+// among tokens first..N-1, ties to the lower index. The radix select finds the (D - first)-th key;
+// the tied tokens are then taken in index order through a scan over contiguous per-thread chunks.
 __device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool keep_cls, int64_t* keep,
-                                int (*warp_totals)[kPlanWarps]) {
+                                SelectShared& s) {
   const int64_t first = keep_cls ? 1 : 0;
   const int64_t picked = D - first;
-  // The largest threshold with at least `picked` candidate keys >= threshold.
-  uint32_t threshold = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t candidate = threshold | (1u << bit);
-    int local = 0;
-    for (int64_t n = first + threadIdx.x; n < N; n += kPlanThreads) local += score_key(scores[n]) >= candidate;
-    if (block_sum(local, warp_totals, bit & 1) >= picked) threshold = candidate;
-  }
+  // picked == 0 (D == 1 with keep_cls): a threshold no key exceeds, and no tie is needed.
+  const uint32_t threshold = picked > 0 ? kth_largest_key(scores, first, N, picked, s) : 0xffffffffu;
   // Fewer than `picked` keys are above the threshold; the first ties fill the rest.
   const int64_t chunk = (N - first + kPlanThreads - 1) / kPlanThreads;
   const int64_t begin = first + threadIdx.x * chunk;
@@ -210,9 +273,8 @@ __device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool 
     ties += key == threshold;
   }
   int total_above = 0, total_ties = 0;
-  // (warp_totals[0] was last written by the bit-0 round; every thread has read it since.)
-  const int above_before = block_exclusive_scan(above, warp_totals[1], &total_above);
-  const int ties_before = block_exclusive_scan(ties, warp_totals[1], &total_ties);
+  const int above_before = block_exclusive_scan(above, s.warp_totals, &total_above);
+  const int ties_before = block_exclusive_scan(ties, s.warp_totals, &total_ties);
   const int64_t ties_needed = picked - total_above;
   int64_t position = first + above_before + (ties_before < ties_needed ? ties_before : ties_needed);
   int64_t tie_rank = ties_before;
@@ -226,41 +288,20 @@ __device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool 
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. The plan, one block of kPlanThreads per image.
+// 1. The plan.
 //
 // metric [B, N, d] (unit last stride, any row strides) in its own dtype, read as fp32. scores is
-// [B, N] fp32 contiguous for select_merge (keep is then written), or null (keep is read). The unit
-// targets live in dynamic shared memory when unit_in_shared (plan_unit_bytes fits), else in
-// plan.unit. build_lists: the forward needs the member lists, the backward only the counts.
+// [B, N] fp32 contiguous for select_merge (keep is then written), or null (keep is read).
 
-// Stages channels [c0, c0 + 32) of the 32 tokens from g0 into the warp's tile, transposed
-// (tile[channel][token]; coalesced loads along the channels), zeros past N and d.
+// 1a for image b (every thread of the block calls it).
 template <typename metric_t>
-__device__ __forceinline__ void stage_metric_chunk(float (*tile)[kWarp + 1], const metric_t* m_img, int64_t metric_sn,
-                                                   int64_t g0, int64_t c0, int64_t N, int64_t d, int lane) {
-  __syncwarp();  // the previous chunk has been read
-  const int64_t c = c0 + lane;
-  for (int r = 0; r < kWarp; ++r) {
-    const int64_t t = g0 + r;
-    tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
-  }
-  __syncwarp();
-}
-
-template <typename metric_t>
-__global__ void __launch_bounds__(kPlanThreads)
-plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
-            const float* __restrict__ scores, int64_t* keep, PlanPointers plan, int64_t N, int64_t d,
-            int64_t D, int64_t K, bool keep_cls, bool build_lists, bool unit_in_shared) {
-  __shared__ int warp_totals[2][kPlanWarps];
-  __shared__ float tiles[kPlanWarps][kWarp][kWarp + 1];  // per warp: [channel][token], padded
-  VZ_DYNAMIC_SHARED(float, shared_unit);
-  const int64_t b = blockIdx.x;
+__device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float* scores, int64_t* keep_b,
+                           PlanPointers plan, int64_t b, int64_t N, int64_t d, int64_t D, int64_t K, bool keep_cls,
+                           SelectShared& select_shared) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarp, warp = tid / kWarp;
-  int64_t* keep_b = keep + b * D;
   if (scores != nullptr) {
-    select_dominant(scores + b * N, N, D, keep_cls, keep_b, warp_totals);
+    select_dominant(scores, N, D, keep_cls, keep_b, select_shared);
     __syncthreads();
   }
   int8_t* role = plan.role + b * N;
@@ -294,7 +335,7 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
     int rest = 0;
     for (int64_t n = begin; n < end; ++n) rest += role[n] != kDominant;
     int num_rest = 0;
-    int64_t pos = block_exclusive_scan(rest, warp_totals[0], &num_rest);
+    int64_t pos = block_exclusive_scan(rest, select_shared.warp_totals, &num_rest);
     const int64_t step = target_step(num_rest, K);
     for (int64_t n = begin; n < end; ++n) {
       if (role[n] == kDominant) continue;
@@ -309,38 +350,107 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
   }
   __syncthreads();
 
-  // Unit metric of each target, m / max(||m||, eps), stored transposed: unit[c * K_pad + i].
+  // Unit metric of each target, m / max(||m||, eps), stored transposed: unit[c * K_pad + i], zero
+  // in the padding. One warp per target: lanes load kUnitStage channels at a time (coalesced) into
+  // shared memory, and every lane sums their squares in channel order, as the CPU kernel's loop does.
   const int64_t k_pad = padded_targets(K);
-  const metric_t* m_img = metric + b * metric_sb;
-  float* unit = unit_in_shared ? shared_unit : plan.unit + b * d * k_pad;
-  for (int64_t i = tid; i < k_pad; i += kPlanThreads) {
-    const int64_t t = i < K ? targets[i] : -1;
+  float* unit = plan.unit + b * d * k_pad;
+  for (int64_t i = warp; i < k_pad; i += kPlanWarps) {
+    const int64_t t = i < K ? targets[i] : -1;  // warp-uniform
     if (t < 0) {
-      for (int64_t c = 0; c < d; ++c) unit[c * k_pad + i] = 0.f;
+      for (int64_t c = lane; c < d; c += kWarp) unit[c * k_pad + i] = 0.f;
       continue;
     }
     const metric_t* m = m_img + t * metric_sn;
+    float* staged = select_shared.staged[warp];
     float sum_sq = 0.f;
-    for (int64_t c = 0; c < d; ++c) {
-      const float v = static_cast<float>(m[c]);
-      sum_sq = add_product(sum_sq, v, v);
+    for (int64_t c0 = 0; c0 < d; c0 += kUnitStage) {
+      __syncwarp();  // the previous chunk has been read
+#pragma unroll
+      for (int j = 0; j < kUnitStage / kWarp; ++j) {  // independent loads in flight
+        const int64_t c = c0 + j * kWarp + lane;
+        staged[j * kWarp + lane] = c < d ? static_cast<float>(m[c]) : 0.f;
+      }
+      __syncwarp();
+      const int width = d - c0 < kUnitStage ? static_cast<int>(d - c0) : kUnitStage;
+      for (int l = 0; l < width; ++l) sum_sq = add_product(sum_sq, staged[l], staged[l]);  // broadcast reads
     }
     const float norm = clamped_norm(sum_sq);
-    for (int64_t c = 0; c < d; ++c) unit[c * k_pad + i] = static_cast<float>(m[c]) / norm;
+    for (int64_t c = lane; c < d; c += kWarp) unit[c * k_pad + i] = static_cast<float>(m[c]) / norm;
   }
-  __syncthreads();
+}
 
-  // Each member to its most cosine-similar target, the first maximum winning. A warp takes 32
-  // consecutive tokens; their metric is staged through shared memory 32 channels at a time
-  // (coalesced loads), and each lane sums m[c] * unit[c, i] over c in ascending order, as the CPU
-  // kernel does. The member's own norm scales all K similarities alike, so it is skipped; a first
-  // pass over the chunks finds each token's max |m| for member_scale (tiny metrics must not
-  // underflow) and whether it is finite (a non-finite member goes to target 0), as the CPU does.
+// 1a. One block of kPlanThreads per image: keep, roles, targets, unit targets; counts zeroed.
+template <typename metric_t>
+__global__ void __launch_bounds__(kPlanThreads)
+plan_select_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
+                   const float* __restrict__ scores, int64_t* keep, PlanPointers plan, int64_t B, int64_t N,
+                   int64_t d, int64_t D, int64_t K, bool keep_cls) {
+  __shared__ SelectShared select_shared;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {  // block-uniform
+    __syncthreads();  // the previous image's shared state has been read
+    plan_image(metric + b * metric_sb, metric_sn, scores == nullptr ? nullptr : scores + b * N, keep + b * D, plan, b,
+               N, d, D, K, keep_cls, select_shared);
+  }
+}
+
+// Stages channels [c0, c0 + 32) of the 32 tokens from g0 into the warp's tile, transposed
+// (tile[channel][token]; coalesced loads along the channels), zeros past N and d.
+template <typename metric_t>
+__device__ __forceinline__ void stage_metric_chunk(float (*tile)[kWarp + 1], const metric_t* m_img, int64_t metric_sn,
+                                                   int64_t g0, int64_t c0, int64_t N, int64_t d, int lane) {
+  __syncwarp();  // the previous chunk has been read
+  const int64_t c = c0 + lane;
+  for (int r = 0; r < kWarp; ++r) {
+    const int64_t t = g0 + r;
+    tile[lane][r] = t < N && c < d ? static_cast<float>(m_img[t * metric_sn + c]) : 0.f;
+  }
+  __syncwarp();
+}
+
+// Four consecutive unit targets, one 16-byte shared (or global) load.
+struct alignas(16) Float4 {
+  float x, y, z, w;
+};
+
+// 1b. Each member to its most cosine-similar target, the first maximum winning. Blocks stride over
+// (image, chunk of kAssignThreads tokens); a warp takes 32 consecutive tokens. Their metric is
+// staged through shared memory 32 channels at a time (coalesced loads), and each lane sums
+// m[c] * unit[c, i] over c in ascending order, as the CPU kernel does. The member's own norm scales
+// all K similarities alike, so it is skipped; a first pass over the chunks finds each token's max
+// |m| for member_scale (tiny metrics must not underflow) and whether it is finite (a non-finite
+// member goes to target 0), as the CPU does. unit_in_shared: the image's unit targets are copied to
+// dynamic shared memory first (plan_launch decides from K_pad * d).
+template <typename metric_t>
+__global__ void __launch_bounds__(kAssignThreads)
+plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn, PlanPointers plan,
+                   int64_t B, int64_t N, int64_t d, int64_t D, int64_t K, bool unit_in_shared) {
+  __shared__ float tiles[kAssignWarps][kWarp][kWarp + 1];  // per warp: [channel][token], padded
+  VZ_DYNAMIC_SHARED(float, shared_unit);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t k_pad = padded_targets(K);
+  const int64_t chunks = (N + kAssignThreads - 1) / kAssignThreads;
   float(*tile)[kWarp + 1] = tiles[warp];
-  for (int64_t g0 = static_cast<int64_t>(warp) * kWarp; g0 < N; g0 += kPlanThreads) {
+  for (int64_t job = blockIdx.x; job < B * chunks; job += gridDim.x) {  // block-uniform
+    const int64_t b = job / chunks;
+    const float* unit = plan.unit + b * d * k_pad;
+    if (unit_in_shared) {
+      __syncthreads();  // the previous job's unit targets have been read
+      const Float4* from = reinterpret_cast<const Float4*>(unit);  // K_pad is a multiple of 4
+      Float4* to = reinterpret_cast<Float4*>(shared_unit);
+      for (int64_t j = tid; j < d * k_pad / 4; j += kAssignThreads) to[j] = from[j];
+      __syncthreads();
+      unit = shared_unit;
+    }
+    const metric_t* m_img = metric + b * metric_sb;
+    const int8_t* role = plan.role + b * N;
+    int32_t* row = plan.row + b * N;
+    int32_t* counts = plan.counts + b * K;
+    const int64_t g0 = job % chunks * kAssignThreads + static_cast<int64_t>(warp) * kWarp;
     const int64_t n = g0 + lane;
     const bool is_member = n < N && role[n] == kMember;
-    if (!__any_sync(kFullMask, is_member)) continue;  // warp-uniform
+    if (!__any_sync(kFullMask, is_member)) continue;  // warp-uniform; no block barrier follows
     float max_abs = 0.f;
     bool finite = true;
     for (int64_t c0 = 0; c0 < d; c0 += kWarp) {
@@ -364,9 +474,15 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
         const int64_t width = d - c0 < kWarp ? d - c0 : kWarp;
         for (int64_t cc = 0; cc < width; ++cc) {
           const float mc = tile[cc][lane] * scale;
-          const float* u = unit + (c0 + cc) * k_pad + i0;
+          const Float4* u = reinterpret_cast<const Float4*>(unit + (c0 + cc) * k_pad + i0);
 #pragma unroll
-          for (int j = 0; j < kTargetTile; ++j) acc[j] = add_product(acc[j], mc, u[j]);
+          for (int q = 0; q < kTargetTile / 4; ++q) {
+            const Float4 u4 = u[q];
+            acc[4 * q + 0] = add_product(acc[4 * q + 0], mc, u4.x);
+            acc[4 * q + 1] = add_product(acc[4 * q + 1], mc, u4.y);
+            acc[4 * q + 2] = add_product(acc[4 * q + 2], mc, u4.z);
+            acc[4 * q + 3] = add_product(acc[4 * q + 3], mc, u4.w);
+          }
         }
       }
 #pragma unroll
@@ -384,32 +500,42 @@ plan_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metr
       atomicAdd(counts + best, 1);  // integer: the total does not depend on the order
     }
   }
-  if (!build_lists) return;
-  __syncthreads();
+}
 
-  // Member lists (CSR): offsets = exclusive scan of the counts; then one warp per target writes its
-  // members in ascending token order, placed by ballots (no atomics, so the order is fixed).
-  int32_t* offsets = plan.offsets + b * K;
-  int32_t* members = plan.members + b * N;
-  int carry = 0;
-  for (int64_t i0 = 0; i0 < K; i0 += kPlanThreads) {
-    const int64_t i = i0 + tid;
-    int chunk_total = 0;
-    const int before = block_exclusive_scan(i < K ? counts[i] : 0, warp_totals[0], &chunk_total);
-    if (i < K) offsets[i] = carry + before;
-    carry += chunk_total;
-  }
-  __syncthreads();
+// 1c. Member lists (CSR), one warp per (image, target), striding: offsets[i] = the sum of the
+// earlier targets' counts; then the warp reads the rows of its image kListWindow chunks of 32
+// tokens at a time (independent loads in flight) and writes its members in ascending token order,
+// placed by ballots. A member of target i is a token with row D + i other than the target itself.
+__global__ void __launch_bounds__(kListThreads)
+plan_lists_kernel(PlanPointers plan, int64_t B, int64_t N, int64_t D, int64_t K) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const unsigned lanes_below = (1u << lane) - 1u;
-  for (int64_t i = warp; i < K; i += kPlanWarps) {
+  const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kListWarps + static_cast<int>(threadIdx.x) / kWarp;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kListWarps;
+  for (int64_t job = first_warp; job < B * K; job += warp_stride) {  // warp-uniform
+    const int64_t b = job / K, i = job % K;
+    const int32_t* counts = plan.counts + b * K;
+    int before = 0;
+    for (int64_t j = lane; j < i; j += kWarp) before += counts[j];
+    int64_t cursor = warp_sum(before);
+    if (lane == 0) plan.offsets[job] = static_cast<int32_t>(cursor);
     const int32_t r = static_cast<int32_t>(D + i);
-    int64_t cursor = offsets[i];
-    for (int64_t n0 = 0; n0 < N; n0 += kWarp) {
-      const int64_t n = n0 + lane;
-      const bool mine = n < N && role[n] == kMember && row[n] == r;
-      const unsigned ballot = __ballot_sync(kFullMask, mine);
-      if (mine) members[cursor + __popc(ballot & lanes_below)] = static_cast<int32_t>(n);
-      cursor += __popc(ballot);
+    const int32_t target = plan.targets[job];
+    const int32_t* row = plan.row + b * N;
+    int32_t* members = plan.members + b * N;
+    for (int64_t n0 = 0; n0 < N; n0 += kListWindow * kWarp) {
+      bool mine[kListWindow];
+#pragma unroll
+      for (int u = 0; u < kListWindow; ++u) {
+        const int64_t n = n0 + u * kWarp + lane;
+        mine[u] = n < N && row[n] == r && n != target;
+      }
+#pragma unroll
+      for (int u = 0; u < kListWindow; ++u) {
+        const unsigned ballot = __ballot_sync(kFullMask, mine[u]);
+        if (mine[u]) members[cursor + __popc(ballot & lanes_below)] = static_cast<int32_t>(n0 + u * kWarp + lane);
+        cursor += __popc(ballot);
+      }
     }
   }
 }
@@ -525,15 +651,24 @@ merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_
 // ---------------------------------------------------------------------------------------------
 // Launchers (host). The caller allocates the plan scratch (plan_layout) and checks launch errors.
 
+// The plan: 1a, then (K > 0) 1b, then (build_lists) 1c. build_lists: the forward needs the member
+// lists, the backward only the rows and counts.
 template <typename metric_t>
 void launch_plan(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores, int64_t* keep,
                  PlanPointers plan, int64_t B, int64_t N, int64_t d, int64_t D, int64_t K, bool keep_cls,
                  bool build_lists, cudaStream_t stream) {
-  auto* kernel = &plan_kernel<metric_t>;
-  const size_t unit_bytes = static_cast<size_t>(padded_targets(K) * d) * sizeof(float);
-  const bool unit_in_shared = unit_bytes <= kMaxSharedUnitBytes;
-  VZ_LAUNCH(kernel, dim3(static_cast<unsigned>(B)), dim3(kPlanThreads), unit_in_shared ? unit_bytes : 0, stream,
-            metric, metric_sb, metric_sn, scores, keep, plan, N, d, D, K, keep_cls, build_lists, unit_in_shared);
+  const PlanLaunch geometry = plan_launch(B, N, d, K);
+  auto* select = &plan_select_kernel<metric_t>;
+  VZ_LAUNCH(select, dim3(geometry.select_blocks), dim3(kPlanThreads), 0, stream, metric, metric_sb, metric_sn, scores,
+            keep, plan, B, N, d, D, K, keep_cls);
+  if (K == 0) return;
+  auto* assign = &plan_assign_kernel<metric_t>;
+  VZ_LAUNCH(assign, dim3(geometry.assign_blocks), dim3(kAssignThreads),
+            geometry.unit_in_shared ? geometry.unit_bytes : 0, stream, metric, metric_sb, metric_sn, plan, B, N, d, D,
+            K, geometry.unit_in_shared);
+  if (!build_lists) return;
+  auto* lists = &plan_lists_kernel;
+  VZ_LAUNCH(lists, dim3(geometry.list_blocks), dim3(kListThreads), 0, stream, plan, B, N, D, K);
 }
 
 template <typename scalar_t, typename acc_t>

@@ -2,8 +2,9 @@
 // kernels themselves (indexing, barriers, warp votes and shuffles, scans, launch geometry) run and
 // are tested on machines without a GPU. Every CUDA thread of a block is a std::thread; blocks run one
 // after another, so `__shared__` becomes `static` storage. __syncthreads() is a block barrier and the
-// warp primitives exchange values through per-warp slots between two warp barriers. A thread that
-// returns leaves the barriers (as an exited CUDA thread no longer counts).
+// warp primitives (shuffles, ballots) exchange values through per-warp slots between two warp
+// barriers; integer atomics (global or shared) are std::atomic_ref. A thread that returns leaves the
+// barriers (as an exited CUDA thread no longer counts).
 //
 // Not emulated: the memory model beyond what the barriers order, timing, launch limits (checked
 // separately), float atomics, and device-only intrinsics (merge_math.h's __CUDA_ARCH__ branches).
@@ -84,7 +85,9 @@ T exchange(T value, Src src) {
   return out;
 }
 
-// Runs kernel(args...) on grid x block threads, blocks one after another.
+// Runs kernel(args...) on grid x block threads, blocks one after another. One std::thread per CUDA
+// thread of a block, created once per launch and reused for every block (thread creation dominates
+// the cost of many small blocks); each block gets fresh barriers and dynamic shared memory.
 template <typename... Params, typename... Args>
 void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), Args... args) {
   const unsigned threads = block.x * block.y * block.z;
@@ -94,29 +97,36 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...
   }
   grid_dim = grid;
   block_dim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block state(threads, shared_bytes);
-        current = &state;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            linear_tid = t;
-            thread_idx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
-            block_idx = dim3(bx, by, bz);
-            kernel(static_cast<Params>(args)...);
-            // An exited thread no longer takes part in barriers.
-            warp_barrier().arrive_and_drop();
-            state.barrier.arrive_and_drop();
-          });
-        }
-        for (auto& th : pool) th.join();
-        current = nullptr;
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  std::unique_ptr<Block> state;
+  // Main thread + workers meet before each block (the state is set up) and after it (all returned).
+  std::barrier<> start(static_cast<std::ptrdiff_t>(threads) + 1), done(static_cast<std::ptrdiff_t>(threads) + 1);
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      linear_tid = t;
+      thread_idx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+      for (uint64_t k = 0; k < blocks; ++k) {
+        start.arrive_and_wait();
+        block_idx = dim3(static_cast<unsigned>(k % grid.x), static_cast<unsigned>(k / grid.x % grid.y),
+                         static_cast<unsigned>(k / (uint64_t{grid.x} * grid.y)));
+        kernel(static_cast<Params>(args)...);
+        // An exited thread no longer takes part in barriers.
+        warp_barrier().arrive_and_drop();
+        current->barrier.arrive_and_drop();
+        done.arrive_and_wait();
       }
-    }
+    });
   }
+  for (uint64_t k = 0; k < blocks; ++k) {
+    state = std::make_unique<Block>(threads, shared_bytes);
+    current = state.get();
+    start.arrive_and_wait();
+    done.arrive_and_wait();
+    current = nullptr;
+  }
+  for (auto& th : pool) th.join();
 }
 
 }  // namespace vz_emulation
@@ -132,6 +142,10 @@ inline void __syncwarp(unsigned = 0xffffffffu) { ::vz_emulation::warp_barrier().
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int mask) {
   return ::vz_emulation::exchange(value, [mask](long l) { return l ^ mask; });
+}
+template <typename T>
+T __shfl_sync(unsigned, T value, int src_lane) {
+  return ::vz_emulation::exchange(value, [src_lane](long) { return static_cast<long>(src_lane % 32); });
 }
 template <typename T>
 T __shfl_up_sync(unsigned, T value, unsigned delta) {

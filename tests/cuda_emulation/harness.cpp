@@ -108,6 +108,14 @@ void vz_emu_row_launch(int64_t rows, int64_t C, int vec, int64_t* out) {
   for (int i = 0; i < 6; ++i) out[i] = values[i];
 }
 
+// The plan launch geometry: out = {select blocks, assign blocks, list blocks, unit bytes, unit in shared}.
+void vz_emu_plan_launch(int64_t B, int64_t N, int64_t d, int64_t K, int64_t* out) {
+  const PlanLaunch g = plan_launch(B, N, d, K);
+  const int64_t values[5] = {g.select_blocks, g.assign_blocks, g.list_blocks, static_cast<int64_t>(g.unit_bytes),
+                             g.unit_in_shared ? 1 : 0};
+  for (int i = 0; i < 5; ++i) out[i] = values[i];
+}
+
 int64_t vz_emu_channel_blocks(int64_t C, int vec) { return channel_blocks(C, vec); }
 
 }  // extern "C"
