@@ -115,7 +115,7 @@ def test_oracle_sees_image_boundaries():
 CPP_CASES = [
     (dtype, unit, lengths, fused)
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    for unit, lengths in ((1, LENGTHS_UNIT1), (4, LENGTHS_UNIT4), (4, (4 * 64,)))
+    for unit, lengths in ((1, LENGTHS_UNIT1), (4, LENGTHS_UNIT4), (4, (4 * 300,)))  # 1200: four query chunks
     for fused in (False, True)
     if fused or dtype in (torch.float32, torch.bfloat16)
 ]
