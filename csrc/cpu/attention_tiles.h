@@ -72,9 +72,15 @@ void received_one_head(const scalar_t* q_rows, int64_t q_row_stride, const scala
   const int64_t n_pad = padded_columns(n);
   float* keys_t = scratch.keys_t.data();
   float* queries = scratch.queries.data();
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* k_row = k_rows + j * k_row_stride;
-    for (int64_t c = 0; c < d; ++c) keys_t[c * n_pad + j] = static_cast<float>(widen(k_row[c]));
+  // Transposed kTileCols keys at a time: each write is a run of kTileCols floats (one cache line),
+  // not d scattered floats n_pad apart per key.
+  for (int64_t j0 = 0; j0 < n; j0 += kTileCols) {
+    const int64_t cols = std::min(kTileCols, n - j0);
+    const scalar_t* k_block = k_rows + j0 * k_row_stride;
+    for (int64_t c = 0; c < d; ++c) {
+      float* dst = keys_t + c * n_pad + j0;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<float>(widen(k_block[j * k_row_stride + c]));
+    }
   }
   for (int64_t i0 = query_begin; i0 < query_end; i0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, query_end - i0);
