@@ -242,6 +242,10 @@ def _empty_batch_calls(device: str):
         "contextual_merge": (("contextual_merge", (z(N, C), z(N, d), keep, K)), (0, D + K, C)),
         "contextual_merge_backward": (("contextual_merge_backward", (z(D + K, C), z(N, d), keep, N)), (0, N, C)),
         "select_merge": (("select_merge", (z(N, C), z(N), z(N, d), D, K, True)), ((0, D + K, C), (0, D))),
+        # Packed: T = 0 tokens, cu_seqlens = [0] (no images).
+        "varlen_scores_and_metric": (
+            ("varlen_scores_and_metric", (z(H, d), z(H, d), torch.zeros(1, dtype=torch.int32, device=device), 0.5, 4)),
+            ((0,), (0, d))),
     }
 
 
