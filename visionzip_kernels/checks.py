@@ -9,6 +9,11 @@ before any kernel runs. Sizes are read symbolically, so the checks also run unde
 Each function takes the op's arguments and returns None or raises; ``budget(op, N, D, K, keep_cls)``
 checks 1 <= D <= N and 0 <= K <= N - D; ``finite_scores(op, scores)``, the one data-dependent rule,
 reads the scores (a device sync on CUDA).
+
+Packed (varlen) images: ``varlen_select_merge_args`` checks shapes, dtypes, devices and the budget
+lists; ``cu_seqlens_values(op, cu_seqlens, T, dominant, contextual)`` reads cu_seqlens (a small copy
+to the host), checks its values and every image's budget against its size, and returns it as a list
+of ints; ``finite_packed_scores(op, scores)`` is ``finite_scores`` for scores [T].
 """
 
 from ._C import (  # noqa: F401  (re-exported)
@@ -21,4 +26,8 @@ from ._C import (  # noqa: F401  (re-exported)
     finite_scores,
     scores_and_metric_args,
     select_merge_args,
+    varlen_select_merge_args,
+    varlen_select_merge_backward_args,
+    cu_seqlens_values,
+    finite_packed_scores,
 )
