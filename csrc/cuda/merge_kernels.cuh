@@ -31,6 +31,8 @@
 // zero dominant row and marks no token; a repeated one marks its token once (the gradient of that
 // token comes from its last row). Nothing is read or written out of bounds either way.
 #pragma once
+// Included by more than one .cu file: device functions are inline (or templates) and the one
+// non-template kernel is static, so that no symbol is defined twice at link time.
 
 #include <cstddef>
 #include <cstdint>
@@ -223,7 +225,7 @@ struct SelectShared {
 // share the digits chosen so far; thread t owns digit 255 - t, so an exclusive scan in thread order
 // counts the keys with a larger digit, and the one thread whose digit holds the picked-th key
 // publishes it. Four barriers a pass, scores re-read from L1/L2 (independent loads).
-__device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t N, int64_t picked, SelectShared& s) {
+inline __device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t N, int64_t picked, SelectShared& s) {
   const int tid = static_cast<int>(threadIdx.x);
   uint32_t prefix = 0, prefix_mask = 0;
   int64_t remaining = picked;  // rank of the wanted key among the keys that match the prefix
@@ -256,7 +258,7 @@ __device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t 
 // keep[0..D) of one image, ascending: token 0 when keep_cls, then the D - first highest scores
 // among tokens first..N-1, ties to the lower index. The radix select finds the (D - first)-th key;
 // the tied tokens are then taken in index order through a scan over contiguous per-thread chunks.
-__device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool keep_cls, int64_t* keep,
+inline __device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool keep_cls, int64_t* keep,
                                 SelectShared& s) {
   const int64_t first = keep_cls ? 1 : 0;
   const int64_t picked = D - first;
@@ -506,7 +508,7 @@ plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64
 // earlier targets' counts; then the warp reads the rows of its image kListWindow chunks of 32
 // tokens at a time (independent loads in flight) and writes its members in ascending token order,
 // placed by ballots. A member of target i is a token with row D + i other than the target itself.
-__global__ void __launch_bounds__(kListThreads)
+static __global__ void __launch_bounds__(kListThreads)
 plan_lists_kernel(PlanPointers plan, int64_t B, int64_t N, int64_t D, int64_t K) {
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const unsigned lanes_below = (1u << lane) - 1u;

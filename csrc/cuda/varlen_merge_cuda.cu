@@ -24,22 +24,10 @@
 #include "../checks.h"
 #include "../merge_math.h"
 
-// merge_kernels.cuh defines a non-inline __device__ function (select_dominant), which nvcc also emits
-// as a host symbol with external linkage: a second translation unit including the header as is would
-// define it twice at link time (select_merge_cuda.cu has the first). Included inside an anonymous
-// namespace, this file's copy of the kernels has internal linkage; the using-directive lets the
-// header find merge_math.h's names as it does at namespace scope. (Its own includes are already in.)
-namespace vz_varlen_kernels {
-namespace {
-using namespace ::visionzip;
 #include "merge_kernels.cuh"
-}  // namespace
-}  // namespace vz_varlen_kernels
 
 namespace visionzip::cuda {
 namespace {
-
-namespace kernels = ::vz_varlen_kernels::visionzip::cuda;
 
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
@@ -49,17 +37,17 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
 void check_image_sizes(const char* op, int64_t N, int64_t C) {
   TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), "visionzip.", op,
                     ": every image must have < 2^31 tokens on CUDA, got ", N);
-  TORCH_CHECK_VALUE(kernels::channel_blocks(C, 1) <= kernels::kMaxChannelBlocks, "visionzip.", op, ": C = ", C,
+  TORCH_CHECK_VALUE(channel_blocks(C, 1) <= kMaxChannelBlocks, "visionzip.", op, ": C = ", C,
                     " is too large for the CUDA kernels");
 }
 
 // Plan scratch of one image (freed when the op returns; the stream orders its reuse).
 struct ImagePlan {
   ImagePlan(const at::Tensor& like, int64_t N, int64_t K, int64_t d)
-      : layout(kernels::plan_layout(1, N, K, d)),
+      : layout(plan_layout(1, N, K, d)),
         storage(at::empty({static_cast<int64_t>(layout.bytes)}, like.options().dtype(at::kByte))) {}
-  kernels::PlanPointers pointers() const { return kernels::plan_pointers(storage.data_ptr(), layout); }
-  kernels::PlanLayout layout;
+  PlanPointers pointers() const { return plan_pointers(storage.data_ptr(), layout); }
+  PlanLayout layout;
   at::Tensor storage;
 };
 
@@ -70,7 +58,7 @@ at::Tensor plan_image(const at::Tensor& metric_image, const float* scores, const
   const int64_t N = metric.size(1), d = metric.size(2);
   at::Tensor keep = at::empty({1, D}, metric.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "visionzip_varlen_plan_cuda", [&] {
-    kernels::launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), metric.stride(0), metric.stride(1), scores,
+    launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), metric.stride(0), metric.stride(1), scores,
                           keep.data_ptr<int64_t>(), plan.pointers(), 1, N, d, D, K, /*keep_cls=*/false,
                           build_lists, stream);
   });
@@ -135,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cuda(
                                        scores_f32.data_ptr<float>() + start, plan, D, K, true, stream);
     at::Tensor dense = at::empty({D + K, C}, hidden.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "visionzip_varlen_merge_cuda", [&] {
-      kernels::launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(
+      launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(
           hidden.data_ptr<scalar_t>() + start * hidden.stride(0), N * hidden.stride(0), hidden.stride(0),
           keep.data_ptr<int64_t>(), plan.pointers(), dense.data_ptr<scalar_t>(), 1, N, C, D, K, stream);
     });
@@ -176,7 +164,7 @@ at::Tensor varlen_select_merge_backward_cuda(const at::Tensor& grad_tokens, cons
     dense_grad.index_copy_(0, dense_rows, grad_tokens.narrow(0, offsets[i], D + K));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense_grad.scalar_type(),
                                     "visionzip_varlen_merge_backward_cuda", [&] {
-      kernels::launch_merge_backward<scalar_t, at::opmath_type<scalar_t>>(
+      launch_merge_backward<scalar_t, at::opmath_type<scalar_t>>(
           dense_grad.data_ptr<scalar_t>(), (D + K) * C, C, plan.pointers(),
           grad_hidden.data_ptr<scalar_t>() + start * C, 1, N, C, D, K, stream);
     });
