@@ -184,15 +184,16 @@ void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
 }
 
 void check_finite_scores(const char* op, const at::Tensor& scores, const at::Tensor& scores_f32) {
-  const int64_t B = scores_f32.size(0), N = scores_f32.size(1);
+  const int64_t numel = scores_f32.numel(), N = scores_f32.dim() == 2 ? scores_f32.size(1) : numel;
   const float* s = scores_f32.const_data_ptr<float>();
-  for (int64_t i = 0; i < B * N; ++i) {
+  for (int64_t i = 0; i < numel; ++i) {
     if (std::isfinite(s[i])) continue;
-    const double original = scores[i / N][i % N].item<double>();
-    TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", i / N, ", ", i % N, "] = ",
-                      original, " is outside float32's range (scores are ranked in float32)");
-    TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", i / N, ", ", i % N,
-                      "] = ", s[i]);
+    // scores[b, n] for dense [B, N] scores, scores[t] for packed [T] ones.
+    const std::string index = scores_f32.dim() == 2 ? c10::str(i / N, ", ", i % N) : c10::str(i);
+    const double original = scores.reshape(-1)[i].item<double>();
+    TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", index, "] = ", original,
+                      " is outside float32's range (scores are ranked in float32)");
+    TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", index, "] = ", s[i]);
   }
 }
 
@@ -262,20 +263,6 @@ void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& 
 
 namespace visionzip {
 
-void check_cu_seqlens_shape(const char* op, const at::Tensor& cu_seqlens, const char* ref_name,
-                            const at::Tensor& ref) {
-  check_rank(op, "cu_seqlens", cu_seqlens, 1, "[n + 1] (image boundaries)");
-  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
-                   "visionzip.", op, ": cu_seqlens must be int32 or int64, got ",
-                   cu_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cu_seqlens.device() == ref.device() || cu_seqlens.device().is_cpu(), "visionzip.",
-                    op, ": cu_seqlens must be on the device of ", ref_name, " (", ref.device(),
-                    ") or on the CPU, got ", cu_seqlens.device());
-  TORCH_CHECK_VALUE(cu_seqlens.sym_size(0) >= 1, "visionzip.", op,
-                    ": cu_seqlens must hold n + 1 >= 1 entries (0 first), got shape ",
-                    cu_seqlens.sym_sizes());
-}
-
 namespace {
 
 void check_budget_list(const char* op, const char* name, c10::IntArrayRef budgets,
@@ -307,7 +294,7 @@ void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& 
   check_same_device(op, "metric", metric, "hidden", hidden);
   check_dim(op, "metric", metric, 0, "hidden", hidden.sym_size(0), "the token count");
   check_positive_sizes(op, "metric", metric);
-  check_cu_seqlens_shape(op, cu_seqlens, "hidden", hidden);
+  check_cu_seqlens(op, cu_seqlens, "hidden", hidden);
   const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
   check_budget_list(op, "dominant", dominant, num_images);
   check_budget_list(op, "contextual", contextual, num_images);
@@ -328,7 +315,7 @@ void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, cons
   check_same_device(op, "metric", metric, "grad_tokens", grad_tokens);
   check_dim(op, "metric", metric, 0, "scores", scores.sym_size(0), "the token count");
   check_positive_sizes(op, "metric", metric);
-  check_cu_seqlens_shape(op, cu_seqlens, "grad_tokens", grad_tokens);
+  check_cu_seqlens(op, cu_seqlens, "grad_tokens", grad_tokens);
   const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
   check_budget_list(op, "dominant", dominant, num_images);
   check_budget_list(op, "contextual", contextual, num_images);
@@ -341,17 +328,10 @@ std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& c
                                              int64_t num_tokens, c10::IntArrayRef dominant,
                                              c10::IntArrayRef contextual) {
   const at::Tensor cu_host = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
+  check_cu_seqlens_values(op, cu_host, num_tokens, /*unit=*/1);
   const int64_t* cu_ptr = cu_host.const_data_ptr<int64_t>();
   std::vector<int64_t> cu(cu_ptr, cu_ptr + cu_host.numel());
   const int64_t n = static_cast<int64_t>(cu.size()) - 1;
-  TORCH_CHECK_VALUE(cu[0] == 0, "visionzip.", op, ": cu_seqlens[0] must be 0, got ", cu[0]);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(cu[i + 1] >= cu[i], "visionzip.", op,
-                      ": cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", cu[i],
-                      " > cu_seqlens[", i + 1, "] = ", cu[i + 1]);
-  }
-  TORCH_CHECK_VALUE(cu[n] == num_tokens, "visionzip.", op, ": cu_seqlens[-1] must equal T (",
-                    num_tokens, ", the token count), got ", cu[n]);
   for (int64_t i = 0; i < n && i < static_cast<int64_t>(dominant.size()); ++i) {
     const int64_t size = cu[i + 1] - cu[i];
     TORCH_CHECK_VALUE(dominant[i] <= size, "visionzip.", op, ": dominant[", i,
@@ -364,17 +344,5 @@ std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& c
   return cu;
 }
 
-void check_finite_packed_scores(const char* op, const at::Tensor& scores) {
-  const at::Tensor scores_f32 = scores.to(at::kCPU, at::kFloat).contiguous();
-  const float* s = scores_f32.const_data_ptr<float>();
-  for (int64_t t = 0; t < scores_f32.numel(); ++t) {
-    if (std::isfinite(s[t])) continue;
-    const double original = scores[t].item<double>();
-    TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", t, "] = ", original,
-                      " is outside float32's range (scores are ranked in float32)");
-    TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", t, "] = ",
-                      s[t]);
-  }
-}
 
 }  // namespace visionzip

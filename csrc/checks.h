@@ -19,7 +19,7 @@ void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool
 // 1 <= dominant <= N and 0 <= contextual <= N - dominant.
 void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
                   const c10::SymInt& contextual, bool keep_cls);
-// Scores are ranked in fp32: every score must be finite there, and a finite fp64 score beyond fp32's
+// Scores ([B, N] dense or [T] packed) are ranked in fp32: every score must be finite there, and a finite fp64 score beyond fp32's
 // range is named as such (its fp32 value would read "inf"). Data-dependent: it reads the values (on
 // the host), so the CUDA kernels do not call it. scores_f32: the scores as contiguous fp32 on CPU,
 // when the caller has them already.
@@ -55,10 +55,6 @@ void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& 
 // cu_seqlens[i] .. cu_seqlens[i+1].
 namespace visionzip {
 
-// cu_seqlens [n+1] int32/int64 on ref's device or on the CPU, and one budget per image in each
-// budget list (shape-only, so the fake kernels run it).
-void check_cu_seqlens_shape(const char* op, const at::Tensor& cu_seqlens, const char* ref_name,
-                            const at::Tensor& ref);
 // hidden [T, C], scores [T], metric [T, d], cu_seqlens [n+1], len(dominant) == len(contextual) == n,
 // every budget >= 0. The rules that need cu_seqlens' values are check_cu_seqlens_values'.
 void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
@@ -69,12 +65,10 @@ void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, cons
                                              const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                              c10::IntArrayRef dominant, c10::IntArrayRef contextual);
 // Reads cu_seqlens (one small device-to-host copy when it is on a GPU) and returns it as host ints
-// after checking cu[0] == 0, cu non-decreasing, cu[n] == num_tokens and, per image i of
+// after check_cu_seqlens_values (unit 1) and, per image i of
 // N_i = cu[i+1] - cu[i] tokens, dominant[i] <= N_i and contextual[i] <= N_i - dominant[i].
 std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens,
                                              int64_t num_tokens, c10::IntArrayRef dominant,
                                              c10::IntArrayRef contextual);
-// check_finite_scores for packed scores [T]: names the bad entry as scores[t].
-void check_finite_packed_scores(const char* op, const at::Tensor& scores);
 
 }  // namespace visionzip

@@ -98,8 +98,4 @@ PYBIND11_MODULE(_C, m) {
           return visionzip::check_cu_seqlens_values(op.c_str(), cu_seqlens, num_tokens, dominant, contextual);
         },
         py::arg("op"), py::arg("cu_seqlens"), py::arg("num_tokens"), py::arg("dominant"), py::arg("contextual"));
-  m.def("finite_packed_scores", [](const std::string& op, const Tensor& scores) {
-          visionzip::check_finite_packed_scores(op.c_str(), scores);
-        },
-        py::arg("op"), py::arg("scores"));
 }

@@ -16,8 +16,7 @@ last, lengths divisible by unit) and is never called on a fake or CUDA one.
 Packed (varlen) images: ``varlen_select_merge_args`` checks shapes, dtypes, devices and the budget
 lists; ``cu_seqlens_values(op, cu_seqlens, T, dominant, contextual)`` (an overload of the same name)
 reads cu_seqlens (a small copy to the host), checks its values and every image's budget against its
-size, and returns it as a list of ints; ``finite_packed_scores(op, scores)`` is ``finite_scores`` for
-scores [T].
+size, and returns it as a list of ints. ``finite_scores`` takes dense [B, N] and packed [T] scores.
 """
 
 from ._C import (  # noqa: F401  (re-exported)
@@ -34,5 +33,4 @@ from ._C import (  # noqa: F401  (re-exported)
     varlen_scores_and_metric_args,
     varlen_select_merge_args,
     varlen_select_merge_backward_args,
-    finite_packed_scores,
 )

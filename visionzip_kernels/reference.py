@@ -206,7 +206,7 @@ def varlen_select_merge(
     contextual = budget_list(op, "contextual", contextual, num_images)
     check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
     cu = check.cu_seqlens_values(op, cu_seqlens, hidden.shape[0], dominant, contextual)
-    check.finite_packed_scores(op, scores)
+    check.finite_scores(op, scores)
     tokens, keep = [], []
     for i, (D, K) in enumerate(zip(dominant, contextual)):
         start, end = cu[i], cu[i + 1]
