@@ -95,6 +95,28 @@ void group_similarities(const float* __restrict m, const float* __restrict targe
   }
 }
 
+// One value per member of a group.
+typedef float GroupSims __attribute__((vector_size(kMemberGroup * sizeof(float))));
+typedef int32_t GroupIndices __attribute__((vector_size(kMemberGroup * sizeof(int32_t))));
+
+// The best of K targets for each member of a group (sims as group_similarities writes them): the
+// rule of merge_math.h's beats (a NaN beats every number, the first NaN wins; otherwise the first
+// maximum), lane by lane and without branches, since which target wins is data-dependent and a
+// branch per comparison mispredicts.
+GroupIndices group_argmax(const float* sims, int64_t k_pad, int64_t K) {
+  GroupSims best_sim;
+  for (int g = 0; g < kMemberGroup; ++g) best_sim[g] = sims[g * k_pad];
+  GroupIndices best = {};
+  for (int64_t i = 1; i < K; ++i) {
+    GroupSims sim;
+    for (int g = 0; g < kMemberGroup; ++g) sim[g] = sims[g * k_pad + i];
+    const GroupIndices wins = (sim > best_sim) | ((sim != sim) & (best_sim == best_sim));
+    best = wins ? GroupIndices{} + static_cast<int32_t>(i) : best;
+    best_sim = wins ? sim : best_sim;
+  }
+  return best;
+}
+
 // out[0..d) = the metric row as fp32 (what metric.float() holds); returns the largest bit pattern of
 // |out[c]|: below 0x7f800000 iff the row is finite, and then the bits of max |out[c]| (for floats >= 0
 // the integer order of the bits is their order).
@@ -279,14 +301,8 @@ class PlanBuilder {
     int filled = 0;
     const auto flush = [&] {
       group_similarities(group.data(), targets_t, d_, k_pad_, sims.data());
-      for (int g = 0; g < filled; ++g) {
-        const float* s = sims.data() + g * k_pad_;
-        int64_t best = 0;
-        for (int64_t i = 1; i < K_; ++i) {
-          if (beats(s[i], s[best])) best = i;
-        }
-        row[group_tokens[g]] = static_cast<int32_t>(D_ + best);
-      }
+      const GroupIndices best = group_argmax(sims.data(), k_pad_, K_);
+      for (int g = 0; g < filled; ++g) row[group_tokens[g]] = static_cast<int32_t>(D_ + best[g]);
       filled = 0;
     };
     for (int64_t j = first; j < last; ++j) {
