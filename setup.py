@@ -25,7 +25,8 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # No FMA contraction: the CPU kernels round each product and sum as the CUDA ones do (merge_math.h).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     cpu_sources = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if not want_cuda():
         return CppExtension("visionzip_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},

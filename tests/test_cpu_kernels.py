@@ -390,14 +390,16 @@ def test_autograd_with_an_expanded_gradient():
 # ---------------------------------------------------------------------------------------------
 # Determinism: the same bits whatever the thread count (and the reference's answer).
 
-DETERMINISM = ["select_merge_B1", "select_merge_B3", "backward", "cls_attention", "attention_received",
+DETERMINISM = ["select_merge_B1", "select_merge_B1_fp16", "select_merge_B3", "backward", "cls_attention", "attention_received",
                "scores_and_metric"]
 
 
 def _run_for_determinism(name: str):
     if name.startswith("select_merge"):
-        B = 1 if name.endswith("B1") else 3  # B < threads: the merge splits columns across threads
-        hidden, scores, metric, keep = merge_inputs(B, 729, 1152, 108, 20, True, BF16, strided=True)
+        # B < threads: the plan splits an image's members and the merge its columns across threads.
+        B = 3 if name.endswith("B3") else 1
+        dtype = F16 if name.endswith("fp16") else BF16
+        hidden, scores, metric, keep = merge_inputs(B, 729, 1152, 108, 20, True, dtype, strided=True)
         tokens, got_keep = ops.select_merge(hidden, scores, metric, 108, 20, True)
         assert_equal_verbose(got_keep, keep, "keep")
         assert_tokens_match_reference(tokens, hidden, metric, keep, 20, name)
@@ -456,3 +458,27 @@ def test_every_half_value_is_widened_exactly(dtype):
     grad = ops.contextual_merge_backward(got, metric, keep, 3)
     assert_equal_verbose(grad.view(torch.int16), reference.contextual_merge_backward(got, metric, keep, 3)
                          .view(torch.int16), f"{dtype} gradient bits")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=cases_id)
+def test_rounding_to_half_matches_torch(dtype):
+    """The merge rounds its fp32 results to fp16/bf16 branch-free (tensor_views.h narrow): ties to
+    even, subnormal results, overflow to inf must all give torch's bits. A contextual row here is
+    target + (v + w) / 2 over every finite value v, with w and the target other finite values."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[torch.isfinite(values.float())]
+    hidden = torch.zeros(1, 4, values.numel(), dtype=dtype)
+    hidden[0, 1], hidden[0, 2], hidden[0, 3] = values.flip(0), values, values.roll(1)
+    metric = torch.ones(1, 4, 4, dtype=dtype)
+    keep = torch.tensor([[0]])
+    # rest = [1, 2, 3], K = 1: the target is token 1, tokens 2 and 3 its members.
+    got = ops.contextual_merge(hidden, metric, keep, 1)
+    expected = reference.contextual_merge(hidden, metric, keep, 1)
+    assert_equal_verbose(got.view(torch.int16), expected.view(torch.int16), f"{dtype} merged bits")
+    # A member's gradient is grad / 2: every value halved, subnormal ties included. (Only the members'
+    # rows, and no -0.0: the reference's autograd accumulates into zeros, which turns -0.0 into 0.0.)
+    values = values[values.view(torch.int16) != torch.tensor(-0.0, dtype=dtype).view(torch.int16)]
+    grad = torch.stack([values, values.roll(7)])[None]
+    got_grad = ops.contextual_merge_backward(grad, metric, keep, 4)[:, 2:]
+    expected_grad = reference.contextual_merge_backward(grad, metric, keep, 4)[:, 2:]
+    assert_equal_verbose(got_grad.view(torch.int16), expected_grad.view(torch.int16), f"{dtype} gradient bits")

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -64,23 +65,116 @@ at::Tensor dominant_topk_impl(const char* op, const at::Tensor& scores, int64_t 
   return keep;
 }
 
-// sims[0..k_pad) = m . targets_t[:, i] for one member. No reduction in the inner loop, so it
-// vectorises; the AVX2 clone (picked at run time, no FMA contraction) gives the same bits as the
-// baseline one because every lane sums over c in the same order.
-VZ_AVX2_CLONE
-void member_similarities(const float* __restrict m, const float* __restrict targets_t, int64_t d,
-                         int64_t k_pad, float* __restrict sims) {
-  // Eight targets at a time, accumulated in a local array the compiler keeps in registers.
-  for (int64_t i0 = 0; i0 < k_pad; i0 += 8) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+// ---------------------------------------------------------------------------------------------
+// Row loops of the plan and the merge, one cloned function per storage type (VZ_SIMD_CLONES): each
+// element is computed alone, in the same order in every clone, so all of them give the same bits.
+
+// Members whose similarities are summed together (independent sums keep the vector units busy) and
+// targets per vector tile.
+constexpr int kMemberGroup = 4;
+constexpr int64_t kTargetTile = 16;
+
+// 16 floats, operated on lane by lane (GCC/Clang vector extension): one AVX-512 register, two AVX2
+// or four SSE ones, picked by the clone. Written out because the compiler, left to itself, vectorises
+// the similarity loop over c with shuffles instead of over the targets.
+typedef float TargetTile __attribute__((vector_size(kTargetTile * sizeof(float))));
+
+// sims[g * k_pad + i] = m[g] . targets_t[:, i] for kMemberGroup members m (rows of d), each summed
+// over c in ascending order as add_product does (a rounded product, then a rounded sum), as the CUDA
+// kernels do; the lanes are the targets.
+VZ_SIMD_CLONES
+void group_similarities(const float* __restrict m, const float* __restrict targets_t, int64_t d,
+                        int64_t k_pad, float* __restrict sims) {
+  for (int64_t i0 = 0; i0 < k_pad; i0 += kTargetTile) {
+    TargetTile acc[kMemberGroup] = {};
     for (int64_t c = 0; c < d; ++c) {
-      const float mc = m[c];
-      const float* t = targets_t + c * k_pad + i0;
-      for (int j = 0; j < 8; ++j) acc[j] = add_product(acc[j], mc, t[j]);
+      TargetTile t;
+      std::memcpy(&t, targets_t + c * k_pad + i0, sizeof(t));
+      for (int g = 0; g < kMemberGroup; ++g) acc[g] = acc[g] + m[g * d + c] * t;
     }
-    for (int j = 0; j < 8; ++j) sims[i0 + j] = acc[j];
+    for (int g = 0; g < kMemberGroup; ++g) std::memcpy(sims + g * k_pad + i0, &acc[g], sizeof(acc[g]));
   }
 }
+
+// One value per member of a group.
+typedef float GroupSims __attribute__((vector_size(kMemberGroup * sizeof(float))));
+typedef int32_t GroupIndices __attribute__((vector_size(kMemberGroup * sizeof(int32_t))));
+
+// The best of K targets for each member of a group (sims as group_similarities writes them): the
+// rule of merge_math.h's beats (a NaN beats every number, the first NaN wins; otherwise the first
+// maximum), lane by lane and without branches, since which target wins is data-dependent and a
+// branch per comparison mispredicts.
+GroupIndices group_argmax(const float* sims, int64_t k_pad, int64_t K) {
+  GroupSims best_sim;
+  for (int g = 0; g < kMemberGroup; ++g) best_sim[g] = sims[g * k_pad];
+  GroupIndices best = {};
+  for (int64_t i = 1; i < K; ++i) {
+    GroupSims sim;
+    for (int g = 0; g < kMemberGroup; ++g) sim[g] = sims[g * k_pad + i];
+    const GroupIndices wins = (sim > best_sim) | ((sim != sim) & (best_sim == best_sim));
+    best = wins ? GroupIndices{} + static_cast<int32_t>(i) : best;
+    best_sim = wins ? sim : best_sim;
+  }
+  return best;
+}
+
+// out[0..d) = the metric row as fp32 (what metric.float() holds); returns the largest bit pattern of
+// |out[c]|: below 0x7f800000 iff the row is finite, and then the bits of max |out[c]| (for floats >= 0
+// the integer order of the bits is their order).
+template <typename scalar_t>
+[[gnu::always_inline]] inline uint32_t load_metric_row_body(const scalar_t* __restrict src, int64_t d,
+                                                            float* __restrict out) {
+  uint32_t max_bits = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    const float v = static_cast<float>(widen(src[c]));
+    out[c] = v;
+    max_bits = std::max(max_bits, std::bit_cast<uint32_t>(v) & 0x7fffffffu);
+  }
+  return max_bits;
+}
+
+// acc[c] += hidden row, widened.
+template <typename scalar_t>
+[[gnu::always_inline]] inline void add_row_body(at::opmath_type<scalar_t>* __restrict acc,
+                                                const scalar_t* __restrict src, int64_t width) {
+  for (int64_t c = 0; c < width; ++c) acc[c] += widen(src[c]);
+}
+
+// dst = target + acc / divisor, rounded once to the storage type.
+template <typename scalar_t>
+[[gnu::always_inline]] inline void merged_row_body(scalar_t* __restrict dst, const scalar_t* __restrict target,
+                                                   const at::opmath_type<scalar_t>* __restrict acc,
+                                                   at::opmath_type<scalar_t> divisor, int64_t width) {
+  for (int64_t c = 0; c < width; ++c) dst[c] = narrow<scalar_t>(widen(target[c]) + acc[c] / divisor);
+}
+
+// dst = src / divisor, rounded once to the storage type (a member's gradient).
+template <typename scalar_t>
+[[gnu::always_inline]] inline void divided_row_body(scalar_t* __restrict dst, const scalar_t* __restrict src,
+                                                    at::opmath_type<scalar_t> divisor, int64_t width) {
+  for (int64_t c = 0; c < width; ++c) dst[c] = narrow<scalar_t>(widen(src[c]) / divisor);
+}
+
+#define VZ_ROW_LOOPS(attribute, scalar_t)                                                               \
+  attribute uint32_t load_metric_row(const scalar_t* src, int64_t d, float* out) {                     \
+    return load_metric_row_body(src, d, out);                                                         \
+  }                                                                                                   \
+  attribute void add_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, int64_t width) {          \
+    add_row_body(acc, src, width);                                                                    \
+  }                                                                                                   \
+  attribute void merged_row(scalar_t* dst, const scalar_t* target, const at::opmath_type<scalar_t>* acc, \
+                            at::opmath_type<scalar_t> divisor, int64_t width) {                       \
+    merged_row_body(dst, target, acc, divisor, width);                                                \
+  }                                                                                                   \
+  attribute void divided_row(scalar_t* dst, const scalar_t* src, at::opmath_type<scalar_t> divisor,    \
+                             int64_t width) {                                                         \
+    divided_row_body(dst, src, divisor, width);                                                       \
+  }
+VZ_ROW_LOOPS(VZ_SIMD_CLONES, float)
+VZ_ROW_LOOPS(VZ_SIMD_CLONES, c10::BFloat16)
+VZ_ROW_LOOPS(VZ_SIMD_CLONES, c10::Half)
+VZ_ROW_LOOPS(inline, double)
+#undef VZ_ROW_LOOPS
 
 // ---------------------------------------------------------------------------------------------
 // Merge plan: what every token becomes (docs/SPEC.md "Merging"), built per image from keep and metric.
@@ -110,88 +204,157 @@ void check_keep_values(const char* op, const at::Tensor& keep, int64_t num_token
   }
 }
 
+// Builds the plan of each image in three steps: roles and unit targets (setup), each member's most
+// similar target (assign, over slices of the members), and the member counts. With at least as many
+// images as threads, one task does all three for an image; with fewer (B = 1), the members of an
+// image are split over the threads. Each member's target is computed the same way in both, so the
+// plan does not depend on the thread count.
+template <typename mscalar_t>
+class PlanBuilder {
+ public:
+  PlanBuilder(const at::Tensor& metric, const at::Tensor& keep, int64_t contextual, MergePlan& plan)
+      : B_(metric.size(0)), N_(metric.size(1)), d_(metric.size(2)), D_(keep.size(1)), K_(contextual),
+        k_pad_((contextual + kTargetTile - 1) / kTargetTile * kTargetTile),
+        step_(target_step(N_ - D_, contextual)), ms0_(metric.stride(0)), ms1_(metric.stride(1)),
+        m_ptr_(metric.data_ptr<mscalar_t>()), keep_ptr_(keep.data_ptr<int64_t>()),
+        role_ptr_(plan.role.data_ptr<int8_t>()), row_ptr_(plan.row.data_ptr<int32_t>()),
+        target_ptr_(plan.targets.data_ptr<int64_t>()), count_ptr_(plan.counts.data_ptr<int32_t>()),
+        targets_t_(B_ * d_ * k_pad_), members_(contextual > 0 ? B_ * N_ : 0) {}
+
+  void build() {
+    const int64_t threads = at::get_num_threads();
+    const int64_t num_members = K_ > 0 ? N_ - D_ - K_ : 0;
+    if (B_ >= threads || num_members == 0) {
+      at::parallel_for(0, B_, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          setup(b);
+          assign(b, 0, num_members);
+          count(b);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, B_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) setup(b);
+    });
+    // Slices of whole member groups, so that every slice sums the same groups as one task would.
+    const int64_t slices = std::min(ceil_div(threads, B_), ceil_div(num_members, kMemberGroup));
+    const int64_t slice = ceil_div(ceil_div(num_members, slices), kMemberGroup) * kMemberGroup;
+    at::parallel_for(0, B_ * slices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / slices, first = (task % slices) * slice;
+        assign(b, first, std::min(first + slice, num_members));
+      }
+    });
+    for (int64_t b = 0; b < B_; ++b) count(b);
+  }
+
+ private:
+  // Roles, output rows of dominant tokens and targets, the unit targets transposed to [d, k_pad]
+  // (so that the similarity loop has no reduction), and the image's members in ascending order.
+  void setup(int64_t b) {
+    int8_t* role = role_ptr_ + b * N_;
+    int32_t* row = row_ptr_ + b * N_;
+    std::fill(role, role + N_, static_cast<int8_t>(K_ > 0 ? kMember : kDropped));
+    std::fill(row, row + N_, -1);
+    for (int64_t i = 0; i < D_; ++i) {
+      const int64_t t = keep_ptr_[b * D_ + i];
+      role[t] = kDominant;
+      row[t] = static_cast<int32_t>(i);
+    }
+    if (K_ == 0) return;
+    // Targets sit at positions 0, step, ..., (K-1)*step of the ascending not-kept tokens; their
+    // metric is normalised as m / max(||m||, eps) (docs/SPEC.md "Merging" step 1).
+    float* targets_t = targets_t_.data() + b * d_ * k_pad_;
+    std::fill(targets_t, targets_t + d_ * k_pad_, 0.f);
+    std::vector<float> m(d_);
+    int32_t* members = members_.data() + b * N_;
+    for (int64_t n = 0, pos = 0, num_members = 0; n < N_; ++n) {
+      if (role[n] == kDominant) continue;
+      const int64_t i = target_index(pos++, step_, K_);
+      if (i < 0) {
+        members[num_members++] = static_cast<int32_t>(n);
+        continue;
+      }
+      role[n] = kTarget;
+      row[n] = static_cast<int32_t>(D_ + i);
+      target_ptr_[b * K_ + i] = n;
+      load_metric_row(m_ptr_ + b * ms0_ + n * ms1_, d_, m.data());
+      float sum_sq = 0.f;
+      for (int64_t c = 0; c < d_; ++c) sum_sq = add_product(sum_sq, m[c], m[c]);
+      const float norm = clamped_norm(sum_sq);
+      for (int64_t c = 0; c < d_; ++c) targets_t[c * k_pad_ + i] = m[c] / norm;
+    }
+  }
+
+  // Each member of members[first, last) goes to its most cosine-similar target (merge_math.h's
+  // beats: NaN first, then the first maximum). Dividing by the member's own norm scales all K
+  // similarities alike, so the argmax skips it; a power of two (member_scale) keeps tiny metrics from
+  // underflowing, and a member with a non-finite metric goes to target 0, where the reference's
+  // all-NaN row sends it. Finite members are summed kMemberGroup at a time.
+  void assign(int64_t b, int64_t first, int64_t last) {
+    if (first >= last) return;
+    const int32_t* members = members_.data() + b * N_;
+    const float* targets_t = targets_t_.data() + b * d_ * k_pad_;
+    int32_t* row = row_ptr_ + b * N_;
+    std::vector<float> group(kMemberGroup * d_, 0.f), sims(kMemberGroup * k_pad_);
+    int32_t group_tokens[kMemberGroup];
+    int filled = 0;
+    const auto flush = [&] {
+      group_similarities(group.data(), targets_t, d_, k_pad_, sims.data());
+      const GroupIndices best = group_argmax(sims.data(), k_pad_, K_);
+      for (int g = 0; g < filled; ++g) row[group_tokens[g]] = static_cast<int32_t>(D_ + best[g]);
+      filled = 0;
+    };
+    for (int64_t j = first; j < last; ++j) {
+      const int32_t n = members[j];
+      float* m = group.data() + filled * d_;
+      const uint32_t max_bits = load_metric_row(m_ptr_ + b * ms0_ + n * ms1_, d_, m);
+      if (max_bits >= 0x7f800000u) {  // not finite
+        row[n] = static_cast<int32_t>(D_);
+        continue;
+      }
+      const float scale = member_scale(std::bit_cast<float>(max_bits));
+      if (scale != 1.f) {
+        for (int64_t c = 0; c < d_; ++c) m[c] *= scale;
+      }
+      group_tokens[filled++] = n;
+      if (filled == kMemberGroup) flush();
+    }
+    if (filled > 0) flush();  // the rows past `filled` hold earlier members: summed, not used
+  }
+
+  void count(int64_t b) {
+    if (K_ == 0) return;
+    const int8_t* role = role_ptr_ + b * N_;
+    const int32_t* row = row_ptr_ + b * N_;
+    int32_t* counts = count_ptr_ + b * K_;
+    for (int64_t n = 0; n < N_; ++n) {
+      if (role[n] == kMember) counts[row[n] - D_] += 1;
+    }
+  }
+
+  const int64_t B_, N_, d_, D_, K_, k_pad_, step_, ms0_, ms1_;
+  const mscalar_t* m_ptr_;
+  const int64_t* keep_ptr_;
+  int8_t* role_ptr_;
+  int32_t* row_ptr_;
+  int64_t* target_ptr_;
+  int32_t* count_ptr_;
+  std::vector<float> targets_t_;
+  std::vector<int32_t> members_;
+};
+
 MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int64_t contextual) {
-  const at::Tensor metric = metric_in.to(at::kFloat).contiguous();
+  // The metric is read in its own dtype and widened row by row (as metric.float() would).
+  const at::Tensor metric = with_unit_last_stride(metric_in);
   const at::Tensor keep = keep_in.contiguous();
-  const int64_t B = metric.size(0), N = metric.size(1), d = metric.size(2);
-  const int64_t D = keep.size(1), K = contextual, M = N - D;
+  const int64_t B = metric.size(0), N = metric.size(1), K = contextual;
   const auto opts = metric.options();
   MergePlan plan{at::empty({B, N}, opts.dtype(at::kChar)), at::empty({B, N}, opts.dtype(at::kInt)),
                  at::empty({B, K}, opts.dtype(at::kLong)), at::zeros({B, K}, opts.dtype(at::kInt))};
-  const float* m_ptr = metric.data_ptr<float>();
-  const int64_t* keep_ptr = keep.data_ptr<int64_t>();
-  int8_t* role_ptr = plan.role.data_ptr<int8_t>();
-  int32_t* row_ptr = plan.row.data_ptr<int32_t>();
-  int64_t* target_ptr = plan.targets.data_ptr<int64_t>();
-  int32_t* count_ptr = plan.counts.data_ptr<int32_t>();
-  const int64_t step = target_step(M, K);
-
-  // Similarities against the targets are computed K_pad at a time from a [d, K_pad] transposed
-  // copy of the unit targets, so the inner loop has no reduction and vectorises.
-  const int64_t k_pad = (K + 7) / 8 * 8;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> targets_t(d * k_pad), sims(k_pad), scaled(d);
-    for (int64_t b = begin; b < end; ++b) {
-      int8_t* role = role_ptr + b * N;
-      int32_t* row = row_ptr + b * N;
-      int64_t* targets = target_ptr + b * K;
-      int32_t* counts = count_ptr + b * K;
-      const float* m_img = m_ptr + b * N * d;
-      std::fill(role, role + N, static_cast<int8_t>(K > 0 ? kMember : kDropped));
-      std::fill(row, row + N, -1);
-      for (int64_t i = 0; i < D; ++i) {
-        const int64_t t = keep_ptr[b * D + i];
-        role[t] = kDominant;
-        row[t] = static_cast<int32_t>(i);
-      }
-      if (K == 0) continue;
-      // Targets sit at positions 0, step, ..., (K-1)*step of the ascending not-kept tokens; their
-      // metric is normalised as m / max(||m||, eps) (docs/SPEC.md "Merging" step 1).
-      std::fill(targets_t.begin(), targets_t.end(), 0.f);
-      for (int64_t n = 0, pos = 0; n < N; ++n) {
-        if (role[n] == kDominant) continue;
-        const int64_t i = target_index(pos, step, K);
-        if (i >= 0) {
-          role[n] = kTarget;
-          row[n] = static_cast<int32_t>(D + i);
-          targets[i] = n;
-          const float* m = m_img + n * d;
-          float sum_sq = 0.f;
-          for (int64_t c = 0; c < d; ++c) sum_sq = add_product(sum_sq, m[c], m[c]);
-          const float norm = clamped_norm(sum_sq);
-          for (int64_t c = 0; c < d; ++c) targets_t[c * k_pad + i] = m[c] / norm;
-        }
-        ++pos;
-      }
-      // Each member goes to its most cosine-similar target (merge_math.h's beats: NaN first, then
-      // the first maximum). Dividing by the member's own norm scales all K similarities alike, so
-      // the argmax skips it; a power of two (member_scale) keeps tiny metrics from underflowing, and
-      // a member with a non-finite metric goes to target 0, where the reference's all-NaN row sends it.
-      for (int64_t n = 0; n < N; ++n) {
-        if (role[n] != kMember) continue;
-        const float* m = m_img + n * d;
-        float max_abs = 0.f;
-        bool finite = true;
-        for (int64_t c = 0; c < d; ++c) {
-          finite = finite && finite_value(m[c]);
-          max_abs = std::max(max_abs, std::fabs(m[c]));
-        }
-        int64_t best = 0;
-        if (finite) {
-          const float scale = member_scale(max_abs);
-          if (scale != 1.f) {
-            for (int64_t c = 0; c < d; ++c) scaled[c] = m[c] * scale;
-            m = scaled.data();
-          }
-          member_similarities(m, targets_t.data(), d, k_pad, sims.data());
-          for (int64_t i = 1; i < K; ++i) {
-            if (beats(sims[i], sims[best])) best = i;
-          }
-        }
-        row[n] = static_cast<int32_t>(D + best);
-        counts[best] += 1;
-      }
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "merge_plan", [&] {
+    PlanBuilder<scalar_t>(metric, keep, contextual, plan).build();
   });
   return plan;
 }
@@ -232,19 +395,12 @@ void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64
         if (role[n] == kDominant) {
           std::copy(src, src + width, out_img + row[n] * C);
         } else if (role[n] == kMember) {
-          acc_t* __restrict acc = sums.data() + (row[n] - D) * chunk;
-          const scalar_t* __restrict row_src = src;
-          for (int64_t c = 0; c < width; ++c) acc[c] += widen(row_src[c]);
+          add_row(sums.data() + (row[n] - D) * chunk, src, width);
         }
       }
       for (int64_t i = 0; i < K; ++i) {
-        const scalar_t* target = h_img + target_ptr[b * K + i] * hs1;
-        const acc_t divisor = member_divisor(count_ptr[b * K + i]);
-        const acc_t* acc = sums.data() + i * chunk;
-        scalar_t* dst = out_img + (D + i) * C;
-        for (int64_t c = 0; c < width; ++c) {
-          dst[c] = static_cast<scalar_t>(widen(target[c]) + acc[c] / divisor);
-        }
+        merged_row(out_img + (D + i) * C, h_img + target_ptr[b * K + i] * hs1, sums.data() + i * chunk,
+                   static_cast<acc_t>(member_divisor(count_ptr[b * K + i])), width);
       }
     }
   });
@@ -295,10 +451,7 @@ void merge_backward_kernel(const at::Tensor& grad, const MergePlan& plan, int64_
         std::copy(src, src + C, dst);
         continue;
       }
-      const acc_t divisor = member_divisor(count_ptr[b * K + (r - D)]);
-      for (int64_t c = 0; c < C; ++c) {
-        dst[c] = static_cast<scalar_t>(widen(src[c]) / divisor);
-      }
+      divided_row(dst, src, static_cast<acc_t>(member_divisor(count_ptr[b * K + (r - D)])), C);
     }
   });
 }
