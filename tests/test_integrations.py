@@ -4,7 +4,7 @@ Upstream's way: eager attention, ``output_attentions=True, output_hidden_states=
 ``attentions[L]``, ``hidden_states[L]`` (L = -2) and the head-mean keys of layer L (captured here by
 the test's own hook on ``k_proj``) go through the oracle ``upstream_select_merge`` (tests/helpers.py,
 upstream's op sequence on the full attention map). Our way: the same weights on SDPA, patched by
-``visionzip_kernels.apply`` (hooks, our ops, encoder stopped after L). ``keep`` must be identical
+``visionzip_kernels.apply`` (layers 0..L only, q/k from layer L's projections, our ops). ``keep`` must be identical
 and the tokens equal up to SDPA-vs-eager rounding.
 
 Random-init attention is nearly uniform (near-ties everywhere), so every model here gets its
@@ -496,8 +496,9 @@ def test_context_manager_and_reapply(tiny_clip):
     assert _hook_counts(model) == [(0, 0)] * len(list(model.modules()))
 
 
-def test_previous_instance_forward_is_kept_and_restored(tiny_clip):
-    """Libraries such as accelerate set ``forward`` on the instance: the patch wraps it and puts it back."""
+def test_previous_instance_forward_is_set_aside_and_restored(tiny_clip):
+    """Libraries such as accelerate set ``forward`` on the instance: the patched forward (which runs
+    the submodules itself) takes its place while patched, and ``remove`` puts it back."""
     model = tiny_clip
     calls = []
     original = model.forward
@@ -508,9 +509,11 @@ def test_previous_instance_forward_is_kept_and_restored(tiny_clip):
 
     model.forward = wrapped
     try:
-        with torch.no_grad(), vz.patched(model, dominant=4, contextual=2):
-            assert model(pixels(1, 56)).keep.shape == (1, 4)
-        assert calls == [1] and model.__dict__["forward"] is wrapped
+        with torch.no_grad():
+            with vz.patched(model, dominant=4, contextual=2):
+                assert model(pixels(1, 56)).keep.shape == (1, 4)
+            assert calls == [] and model.__dict__["forward"] is wrapped
+            assert model(pixels(1, 56)).last_hidden_state.shape == (1, 17, 64) and calls == [1]
     finally:
         del model.forward
 
