@@ -99,14 +99,14 @@ def dinov2_model(num_layers=3, seed=0):
     return model
 
 
-def tiny_llava(seed=0, image_token_id=99):
+def tiny_llava(seed=0, image_token_id=99, vision_layers=3, text_layers=2):
     """LLaVA-1.5 layout at toy size: CLIP tower 112 px / 14 (65 tokens, C = 64), Llama LM (C = 48)."""
     vision = transformers.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=112,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4, image_size=112,
         patch_size=14, hidden_act="quick_gelu",
     )
     text = transformers.LlamaConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=100, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     config = transformers.LlavaConfig(
