@@ -16,6 +16,7 @@ import copy
 import io
 import os
 import pickle
+import threading
 
 import pytest
 import torch
@@ -176,6 +177,27 @@ def test_to_dtype_and_device_after_apply(family):
         assert out.last_hidden_state.device.type == device
         assert torch.equal(out.keep.cpu(), expected.keep)
         torch.testing.assert_close(out.last_hidden_state.cpu(), expected.last_hidden_state, atol=2e-2, rtol=2e-2)
+
+
+def test_concurrent_forwards_in_threads():
+    """A call's state lives in its own locals: threads running one patched model at once get what
+    they get alone."""
+    model = vz.apply(tiny_tower("clip"), dominant=5, contextual=3)
+    inputs = [pixels(1, 56, seed=20 + i) for i in range(4)]
+    expected = [run(model, x) for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = run(model, inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert_same_output(got, want)
 
 
 # ------------------------------------------------------------------------------------------------
