@@ -318,6 +318,8 @@ def test_bad_budgets_raise_clear_errors():
         with pytest.raises(error, match=match):
             vz.apply(model, **kwargs)
         assert vzt.get_patch(model) is None and "forward" not in model.__dict__
+    with vz.patched(model, tokens=6), pytest.raises(TypeError, match=r"does not take \['head_mask'\]"):
+        run(model, pixels(1, 56), head_mask=None)
     with vz.patched(model, tokens=18), pytest.raises(ValueError, match="must be <="):
         run(model, pixels(1, 56))  # 18 > N = 17: the op's own check, at run time
     with vz.patched(model, ratio=0.01), pytest.raises(ValueError, match="rounds to 0 tokens"):

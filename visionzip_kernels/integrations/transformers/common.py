@@ -44,6 +44,7 @@ itself; hooks on the submodules (layers, embeddings, ...) do run.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -221,6 +222,8 @@ class EncoderPatch:
         query_key = family.query_key(layers[self.layer_index])
         self.head_dim = query_key.head_dim
         self.scale = query_key.scale
+        # The model's input options the patched forward takes (the family's embed keywords).
+        self.input_options = tuple(inspect.signature(family.embed).parameters)[2:]
         self._saved_forward = model.__dict__.get("forward", _MISSING)
         model.forward = self.forward  # a bound method: pickled as (patch, "forward")
         self.removed = False
@@ -270,6 +273,10 @@ class EncoderPatch:
         if pixel_values is None:
             raise ValueError("visionzip: pixel_values is required")
         family = self.family
+        unknown = [name for name in kwargs if name not in self.input_options]
+        if unknown:
+            raise TypeError(f"visionzip: a VisionZip-patched {family.name} encoder does not take {unknown}; its "
+                            f"inputs are pixel_values and {list(self.input_options)}")
         layers = family.layers(model)
         if len(layers) != self.num_layers:
             raise RuntimeError(
