@@ -33,6 +33,12 @@ def split_budget(tokens: int) -> tuple[int, int]:
         raise TypeError(f"visionzip: tokens must be an int, got {type(tokens).__name__}")
     if tokens < 1:
         raise ValueError(f"visionzip: tokens must be >= 1, got {tokens}")
+    return split_checked_budget(tokens)
+
+
+def split_checked_budget(tokens):
+    """:func:`split_budget` without the argument checks, for a count already known to be an int
+    >= 1 (also a SymInt: a token count under torch.compile with dynamic shapes)."""
     total = DOMINANT_SHARE + CONTEXTUAL_SHARE
     contextual = (tokens * CONTEXTUAL_SHARE * 2 + total) // (2 * total)
     return tokens - contextual, contextual
@@ -54,7 +60,12 @@ def tokens_for_ratio(ratio: float, num_tokens: int) -> int:
 
     E.g. ``ratio=0.11`` of CLIP-L/336's 577 tokens: 63.47 -> 63 tokens (53 + 10 by :func:`split_budget`).
     """
-    ratio = check_ratio(ratio)
+    return checked_ratio_tokens(check_ratio(ratio), num_tokens)
+
+
+def checked_ratio_tokens(ratio: float, num_tokens):
+    """:func:`tokens_for_ratio` for a ratio already checked by :func:`check_ratio` (``num_tokens``
+    may be a SymInt under torch.compile with dynamic shapes)."""
     tokens = math.floor(ratio * num_tokens + 0.5)
     if tokens < 1:
         raise ValueError(f"visionzip: ratio={ratio} of {num_tokens} tokens rounds to 0 tokens; use a larger ratio")

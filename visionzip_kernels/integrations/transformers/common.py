@@ -52,7 +52,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ... import ops
-from ...api import check_ratio, tokens_for_ratio, split_budget
+from ...api import check_ratio, checked_ratio_tokens, split_budget, split_checked_budget
 
 
 class _Missing:
@@ -240,7 +240,8 @@ class EncoderPatch:
         """(dominant, contextual) for an input of ``num_tokens`` tokens (N, CLS included)."""
         if self.ratio is None:
             return self.dominant, self.contextual
-        return split_budget(tokens_for_ratio(self.ratio, num_tokens))
+        # The ratio was checked at apply; N may be a SymInt here (torch.compile, dynamic shapes).
+        return split_checked_budget(checked_ratio_tokens(self.ratio, num_tokens))
 
     def __repr__(self) -> str:
         budget = (f"ratio={self.ratio}" if self.ratio is not None
