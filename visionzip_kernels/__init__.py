@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 from . import backends, ops, reference
-from .api import BUDGETS, compress
+from .api import BUDGETS, compress, split_budget
 from .ops import (
     attention_received,
     cls_attention,
@@ -36,6 +36,7 @@ __all__ = [
     "select_merge",
     "varlen_scores_and_metric",
     "varlen_select_merge",
+    "split_budget",
 ]
 __version__ = "0.1.0"
 

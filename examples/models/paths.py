@@ -1,7 +1,7 @@
 """Encoder + VisionZip, two ways, on a transformers vision model (CLIP, SigLIP, DINOv2).
 
-- **ours**: the model patched by ``visionzip_kernels.apply`` (SDPA kept, q/k of layer L captured by
-  hooks, our fused ops, the encoder stopped after layer L). Returns ``last_hidden_state`` = the
+- **ours**: the model patched by ``visionzip_kernels.apply`` (SDPA kept, layers 0..L only, q/k of
+  layer L from its own projections, our fused ops). Returns ``last_hidden_state`` = the
   compressed tokens and ``keep``.
 - **upstream**: what dvlab-research/VisionZip does: eager attention with ``output_attentions=True``
   and ``output_hidden_states=True`` over the full encoder, then its op sequence

@@ -14,6 +14,9 @@ attention implementation (SDPA by default) and stops after the layer VisionZip r
     with vz.patched(model, dominant=108, contextual=20):   # the same, undone on exit
         ...
 
+    vz.apply(model, tokens=64)      # the total, split 54:10 -> dominant=54, contextual=10
+    vz.apply(model, ratio=0.11)     # a share of the encoder's N tokens, split 54:10 (577 -> 63 = 53 + 10)
+
 Supported (``config.model_type`` -> class):
 
 ========================  ==================================  ===========================================
@@ -34,8 +37,11 @@ Output contract of a patched encoder (``CLIPVisionModel`` / ``SiglipVisionModel`
 ``model(...)`` returns a :class:`VisionZipOutput` with ``last_hidden_state`` [B, D+K, C] = the
 compressed tokens read from layer ``layer``'s output (before any final layer norm; docs/SPEC.md order:
 dominant tokens in ascending token order, then the K contextual tokens), ``keep`` [B, D] int64
-ascending, ``pooler_output = hidden_states = attentions = None``; ``return_dict=False`` gives
-``(last_hidden_state, keep)``. A patched LLaVA's ``get_image_features`` returns the projected
+ascending, ``pooler_output = attentions = None``, ``hidden_states = None`` unless asked for;
+``return_dict=False`` gives ``(last_hidden_state, keep)``. ``output_hidden_states=True`` gives the
+L+2 states that ran (the embedding output, then layers 0..L: equal to the unpatched model's
+``hidden_states[:L + 2]``); ``output_attentions=True`` raises ``ValueError`` (no attention map is
+computed). A patched LLaVA's ``get_image_features`` returns the projected
 compressed tokens (``pooler_output``: one [D+K, C_text] tensor per image); its LLM sees D+K tokens
 per image, and inputs from the stock processor go through :func:`shrink_inputs` first.
 
@@ -47,14 +53,23 @@ output) and its attention map is ``attentions[layer]``: the tensors upstream Vis
 
 Budget: ``dominant`` (D) counts the CLS token for CLS encoders (upstream's ``dominant=54`` means the
 same 54 tokens: CLS + 53). ``dominant >= 1``, ``contextual >= 0`` and ``D + K <= N`` (checked at
-run time against the actual token count N, with the ops' error messages).
+run time against the actual token count N, with the ops' error messages). Or one total:
+``tokens=T`` or ``ratio=r`` (``T = floor(r * N + 1/2)``), split in the paper's 54:10 proportion by
+:func:`visionzip_kernels.split_budget` with exact integer rounding: ``contextual = floor(T * 10 / 64
++ 1/2)``, ``dominant = T - contextual`` (64 -> 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30, 32 -> 27
++ 5). ``tokens`` / ``ratio`` exclude ``dominant`` / ``contextual`` and each other (``ValueError``).
+A ratio is resolved per call against that call's N for an encoder, once at ``apply`` for LLaVA (its
+tower's N at the configured image size).
 
-Mechanism (:mod:`.common`): forward hooks on layer L's ``q_proj`` / ``k_proj`` capture q (CLS row
-only for CLS encoders) and k; a forward hook on layer L captures its output and raises a private
-exception that a wrapper around the instance's ``forward`` catches, so layers L+1.. never run; the
-wrapper then runs ``cls_attention`` / ``attention_received``, the head-mean metric and
-``select_merge``. No transformers ``forward`` code is copied, and the patch lives on the instance
-only (other instances of the class are untouched).
+Mechanism (:mod:`.common`): the instance's ``forward`` is replaced by a bound method of the patch
+that runs the model's embeddings and then only layers 0..L (a loop dynamo traces: no hooks, no
+exception, no thread-local), computes layer L's q (CLS row only for CLS encoders) and k with that
+layer's own ``q_proj`` / ``k_proj`` on its attention input, and runs ``cls_attention`` /
+``attention_received``, the head-mean metric and ``select_merge``. No transformers ``forward`` code
+is copied, and the patch lives on the instance only (other instances of the class are untouched).
+A patched model works with ``torch.compile`` (``fullgraph=True`` for the encoders), ``copy.deepcopy``
+(the copy has its own patch), ``pickle`` / ``torch.save`` of the whole model, ``state_dict`` round
+trips and ``.to(device / dtype)``.
 
 Applying to a model that is already patched replaces the previous settings. Gradients flow to the
 hidden states (VisionZip‡ fine-tuning); the selection itself is discrete. Not thread-safe to patch
@@ -69,7 +84,7 @@ from collections.abc import Iterator
 import torch
 
 from . import clip, dinov2, llava, llava_next, siglip
-from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
+from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput, resolve_budget
 from .llava import LlavaPatch, shrink_image_tokens, shrink_inputs
 from .llava_next import LlavaNextPatch
 
@@ -135,8 +150,19 @@ def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | None:
     return model.__dict__.get(_ATTR)
 
 
-def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, layer: int = -2) -> torch.nn.Module:
+def apply(model: torch.nn.Module, dominant: int | None = None, contextual: int | None = None, layer: int = -2, *,
+          tokens: int | None = None, ratio: float | None = None) -> torch.nn.Module:
     """Makes ``model`` VisionZip-compressed, in place, and returns it.
+
+    The budget is given one way: ``dominant`` / ``contextual`` explicitly (default 54 / 10), or
+    ``tokens`` (the total D + K), or ``ratio`` (a share of the encoder's tokens). ``tokens`` and
+    ``ratio`` are split dominant:contextual in the paper's 54:10 proportion by
+    :func:`visionzip_kernels.split_budget`: ``contextual = floor(T * 10 / 64 + 1/2)``,
+    ``dominant = T - contextual`` (64 -> 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30, 32 -> 27 + 5).
+    ``ratio`` gives ``T = floor(ratio * N + 1/2)`` of the encoder's N tokens (CLS included): for a
+    stand-alone encoder N is each call's actual token count (DINOv2 at any input size); for LLaVA it
+    is the tower's count at its configured image size, resolved here (the placeholder count must be
+    fixed), e.g. ``ratio=0.11`` of 577 -> 63 = 53 + 10.
 
     Args:
         model: a ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``,
@@ -145,25 +171,31 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
         dominant: D, dominant tokens kept per image (CLS included for CLS encoders). Default 54.
         contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64).
         layer: the encoder layer read, Python-style index into its layer list; default -2.
+        tokens: the total D + K (int >= 1), split 54:10; excludes ``dominant`` / ``contextual``.
+        ratio: a float in (0, 1]: the total as a share of N, split 54:10; excludes the others.
 
     Returns:
         ``model``, patched (see the module docstring for the output contract).
 
     Raises:
         TypeError: unsupported model (the message names the supported model types) or a
-            non-int budget; ValueError: ``layer`` out of range, ``dominant < 1`` or ``contextual < 0``.
+            non-int budget; ValueError: ``layer`` out of range, ``dominant < 1``, ``contextual < 0``,
+            ``tokens < 1``, ``ratio`` outside (0, 1], or the budget given two ways. A budget larger
+            than N raises at run time (``D + K <= N`` is checked against each call's tokens).
     """
+    dominant, contextual, ratio = resolve_budget(dominant, contextual, tokens, ratio)
     previous = get_patch(model)
     if previous is not None:
         remove(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
+    ratio_kwargs = {} if ratio is None else {"ratio": ratio}
     try:
         if composite is not None:
             tower = composite.tower(model)
-            patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer)
+            patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer, **ratio_kwargs)
         else:
-            patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer)
+            patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer, **ratio_kwargs)
     except Exception:
         if previous is not None:  # leave the model as it was
             apply(model, **previous.settings)
@@ -173,7 +205,7 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
-    """Undoes :func:`apply` on ``model`` (hooks, ``forward``, ``get_image_features``); returns it.
+    """Undoes :func:`apply` on ``model`` (``forward``, ``get_image_features``, hooks); returns it.
     A model that is not patched is returned unchanged."""
     patch = model.__dict__.pop(_ATTR, None)
     if patch is not None:
@@ -182,12 +214,13 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, layer: int = -2) -> Iterator[torch.nn.Module]:
-    """Context manager form of :func:`apply`: yields the patched model; on exit the model is
-    restored to what it was on entry (unpatched, or patched with its previous settings)."""
+def patched(model: torch.nn.Module, dominant: int | None = None, contextual: int | None = None, layer: int = -2, *,
+            tokens: int | None = None, ratio: float | None = None) -> Iterator[torch.nn.Module]:
+    """Context manager form of :func:`apply` (same arguments): yields the patched model; on exit the
+    model is restored to what it was on entry (unpatched, or patched with its previous settings)."""
     previous = get_patch(model)
     previous_settings = previous.settings if previous is not None else None
-    apply(model, dominant=dominant, contextual=contextual, layer=layer)
+    apply(model, dominant=dominant, contextual=contextual, layer=layer, tokens=tokens, ratio=ratio)
     try:
         yield model
     finally:

@@ -7,12 +7,17 @@ CLIP has a CLS token at index 0: the scores are the CLS row of layer L's attenti
 ``hidden_states[i + 1]`` (``hidden_states[-2]`` for ``layer=-2``) is ``encoder.layers[i]``'s output,
 which is what the patch captures; ``attentions[i]`` is that same layer's attention map.
 Each ``CLIPEncoderLayer`` has ``self_attn.q_proj`` / ``self_attn.k_proj`` (``nn.Linear``, bias) whose
-outputs are q and k before scaling (the scale, d^-0.5, is passed to the attention function).
+outputs are q and k before scaling (the scale, d^-0.5, is passed to the attention function); the
+attention's input is ``layer_norm1`` of the layer's input. The patched forward runs ``embeddings``
+and ``pre_layrnorm`` (what ``hidden_states[0]`` holds), then ``layer(hidden, None)`` (no attention
+mask) for layers 0..L; transformers 5.17 has the same layout.
 """
 
 from __future__ import annotations
 
-from .common import EncoderFamily, separate_projections
+import torch
+
+from .common import EncoderFamily, QueryKey, layer_output, separate_projections
 
 
 def _model_class():
@@ -21,11 +26,40 @@ def _model_class():
     return CLIPVisionModel
 
 
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.encoder.layers
+
+
+def _query_key(layer: torch.nn.Module) -> QueryKey:
+    return separate_projections(layer.self_attn)
+
+
+def _embed(model: torch.nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
+    return model.pre_layrnorm(model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding))
+
+
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer_output(layer(hidden, None))  # attention_mask is a required positional argument
+
+
+def _attention_input(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.layer_norm1(hidden)
+
+
+def _num_tokens(model: torch.nn.Module) -> int:
+    config = model.config
+    return (config.image_size // config.patch_size) ** 2 + 1
+
+
 FAMILY = EncoderFamily(
     name="CLIP",
     model_types=("clip_vision_model",),
     model_class=_model_class,
     keep_cls=True,
-    layers=lambda model: model.encoder.layers,
-    query_key=lambda layer: separate_projections(layer.self_attn),
+    layers=_layers,
+    query_key=_query_key,
+    embed=_embed,
+    run_layer=_run_layer,
+    attention_input=_attention_input,
+    num_tokens=_num_tokens,
 )

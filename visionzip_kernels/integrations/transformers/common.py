@@ -1,39 +1,50 @@
-"""Hook plumbing shared by the vision encoders (CLIP, SigLIP, DINOv2): capture layer L, stop, compress.
+"""The patched forward shared by the vision encoders (CLIP, SigLIP, DINOv2): run to layer L, compress.
 
 How a patched encoder runs (:class:`EncoderPatch`):
 
-1. ``model.forward`` is replaced, on the instance only, by a wrapper that arms a per-thread capture
-   slot and calls the forward that was there before (the class's own, or whatever another library
-   had set on the instance), so the model runs its own code with its own attention implementation
-   (SDPA, FlashAttention, ...). Nothing of transformers' ``forward`` code is copied.
-2. Forward hooks on layer L's query and key projections (``nn.Linear``; where they are is the
-   family's ``query_key``, e.g. ``q_proj`` / ``k_proj``) store their outputs: the
-   query and key projections after the bias, before the 1/sqrt(d) scaling, as docs/SPEC.md defines q and
-   k. For CLS encoders only the CLS query row is kept (a [B, H, d] copy), so the full q is freed
-   with the layer; k is kept as a [B, N, H, d] view of the projection output.
-3. A forward hook on layer L itself stores the layer's output (layer L's hidden states, with the
-   residual, layer scale, ... exactly what ``hidden_states[L + 1]`` would hold) and raises a private
-   exception, :class:`_StopEncoder`. It unwinds through the encoder loop and transformers'
-   decorators (which only use ``try/finally`` to reset their state) to the wrapper of step 1, which
-   catches its own instance and nothing else. The layers after L, the final layer norm and any
-   pooling head never run.
-4. The wrapper computes the scores (CLS attention of the CLS row, or the attention received without
-   CLS) and the metric (head-mean of k) in one ``scores_and_metric`` call, and calls ``select_merge``.
-   It returns a :class:`VisionZipOutput`.
+1. ``model.forward`` is replaced, on the instance only, by :meth:`EncoderPatch.forward`, a bound
+   method of the patch (no closure, no thread-local: the model stays picklable and deep-copyable,
+   and a deep copy gets its own patch). It runs the model's own submodules, each through its
+   ``__call__`` with its own attention implementation (SDPA, FlashAttention, ...): the family's
+   ``embed`` (the embeddings and, for CLIP, ``pre_layrnorm``: everything before layer 0), then
+   layers ``0..L`` one by one (``run_layer``), a plain loop over the first L+1 entries of the
+   encoder's layer list. The layers after L, the final layer norm and any pooling head never run,
+   and nothing needs an exception to stop: the loop is something dynamo traces
+   (``torch.compile(model, fullgraph=True)`` works). This loop is ours; nothing of transformers'
+   ``forward`` code is copied.
+2. q and k of layer L (docs/SPEC.md: the query and key projections after the bias, before the
+   1/sqrt(d) scaling) are computed by calling layer L's own ``q_proj`` / ``k_proj`` (the family's
+   ``query_key``) on that layer's attention input (``attention_input``: its pre-attention layer
+   norm of the layer's input), after the layer has run. These are the same modules on the same
+   tensor the layer itself uses, so q and k are bit for bit the ones inside the layer (in eager;
+   under torch.compile the compiler may share them with the layer's own). The price in eager is one
+   layer norm and two projections of one layer, once per forward (about 0.7% of CLIP-L/336's
+   23 layers). For CLS encoders only the CLS query row is kept.
+3. The scores (CLS attention of the CLS row, or the attention received without CLS) and the metric
+   (head-mean of k) come from one ``scores_and_metric`` call, then ``select_merge`` runs on layer L's
+   output (with residual, layer scale, ...: exactly ``hidden_states[L + 1]``). It returns a
+   :class:`VisionZipOutput`.
 
-The hooks do nothing unless the wrapper armed them, so calling a submodule directly (e.g. the
-encoder) behaves as unpatched. :meth:`EncoderPatch.remove` removes the three hooks and puts back the
-instance's previous ``forward`` attribute (or deletes ours when there was none): afterwards the model
-is exactly the unpatched model.
+All state of a call lives in that call's local variables, so concurrent forwards in several threads
+are safe. :meth:`EncoderPatch.remove` puts back the instance's previous ``forward`` attribute (or
+deletes ours when there was none): afterwards the model is exactly the unpatched model. No hooks are
+registered and nothing is added to the state dict, so ``state_dict`` / ``load_state_dict``,
+``.to(device / dtype)``, ``copy.deepcopy``, ``pickle`` and ``torch.save`` behave as on the unpatched
+model (the saved model is patched when loaded back).
 
-Caveats: hooks that other code registers on layer L *after* the patch (without ``prepend=True``) do
-not run, because ours raises first; ``output_hidden_states`` / ``output_attentions`` are dropped
-(the patched output has ``hidden_states = attentions = None``).
+``output_hidden_states=True`` gives ``hidden_states`` = the L+2 tensors of the part that ran (the
+embedding output, then the outputs of layers 0..L), equal to the unpatched model's
+``hidden_states[:L + 2]``. ``output_attentions=True`` raises ``ValueError``: a patched encoder
+computes no attention map (it keeps SDPA and reads only q and k).
+
+Caveat: a ``forward`` that another library had set on the instance (e.g. accelerate's hook) is
+set aside while patched (restored by ``remove``), since the patched forward calls the submodules
+itself; hooks on the submodules (layers, embeddings, ...) do run.
 """
 
 from __future__ import annotations
 
-import threading
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,8 +52,20 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ... import ops
+from ...api import check_ratio, checked_ratio_tokens, split_budget, split_checked_budget
 
-_MISSING = object()
+
+class _Missing:
+    """The "no instance attribute" marker; pickles and copies as the one module-level instance."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclass
@@ -58,7 +81,9 @@ class VisionZipOutput(BaseModelOutputWithPooling):
         pooler_output: ``None`` for a patched encoder (the final layers and pooling head do not run).
             A patched LLaVA's ``get_image_features`` puts the projected tokens here, one
             [D+K, C_text] tensor per image, as transformers' LLaVA does with its features.
-        hidden_states, attentions: always ``None``.
+        hidden_states: ``None``, or with ``output_hidden_states=True`` the L+2 states that ran
+            (embedding output, then layers 0..L's outputs, each [B, N, C]).
+        attentions: always ``None`` (``output_attentions=True`` raises ``ValueError``).
     """
 
     keep: torch.LongTensor | None = None
@@ -81,9 +106,16 @@ def separate_projections(attention: torch.nn.Module) -> QueryKey:
     return QueryKey(attention.q_proj, attention.k_proj, head_dim, _softmax_scale(attention, head_dim))
 
 
+def layer_output(output) -> torch.Tensor:
+    """A layer's hidden states from what its ``__call__`` returned (a tensor, or a tuple whose first
+    item is the tensor, as some transformers versions return)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @dataclass(frozen=True)
 class EncoderFamily:
-    """What the plumbing needs to know about one encoder family (one per module: clip, siglip, dinov2)."""
+    """What the patched forward needs to know about one encoder family (one per module: clip,
+    siglip, dinov2). Every callable is a module-level function (picklable by name)."""
 
     name: str  # "CLIP"
     model_types: tuple[str, ...]  # config.model_type values of the supported class
@@ -91,6 +123,15 @@ class EncoderFamily:
     keep_cls: bool  # CLS token at index 0: cls_attention + keep_cls=True; else attention_received
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # the encoder's layer list
     query_key: Callable[[torch.nn.Module], QueryKey]  # one layer's q/k projections, head dim and scale
+    # (model, pixel_values, **the model's own input options) -> [B, N, C]: everything before layer 0,
+    # i.e. what the unpatched model reports as hidden_states[0]
+    embed: Callable[..., torch.Tensor]
+    # (layer, hidden [B, N, C]) -> its output [B, N, C]: one call of the layer module
+    run_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    # (layer, its input hidden states) -> the tensor its attention projects into q / k / v
+    attention_input: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    # (model) -> tokens per image at the configured image size (N, CLS included)
+    num_tokens: Callable[[torch.nn.Module], int]
 
 
 @dataclass(frozen=True)
@@ -100,16 +141,9 @@ class CompositeFamily:
     name: str  # "LLaVA"
     model_types: tuple[str, ...]  # config.model_type values
     tower: Callable[[torch.nn.Module], torch.nn.Module]  # the vision encoder inside the model
-    # (model, the tower's EncoderFamily, dominant, contextual, layer) -> the patch
+    # (model, the tower's EncoderFamily, dominant, contextual, layer[, ratio=r]) -> the patch; with
+    # ratio (passed only when given) dominant and contextual are None
     make_patch: Callable[..., object]
-
-
-class _StopEncoder(Exception):
-    """Raised by the hook on layer L; caught by the wrapper of the patch that raised it."""
-
-    def __init__(self, patch: EncoderPatch):
-        super().__init__("visionzip: encoder stopped after layer L (internal, should never escape)")
-        self.patch = patch
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -128,18 +162,52 @@ def _softmax_scale(attn: torch.nn.Module, head_dim: int) -> float:
     return head_dim**-0.5
 
 
+def resolve_budget(dominant: int | None, contextual: int | None, tokens: int | None,
+                   ratio: float | None) -> tuple[int | None, int | None, float | None]:
+    """The budget arguments of :func:`visionzip_kernels.apply` as (dominant, contextual, ratio).
+
+    Exactly one way of giving the budget: ``dominant`` / ``contextual`` (defaults 54 / 10), or
+    ``tokens`` (split 54:10 by :func:`visionzip_kernels.split_budget`), or ``ratio`` (returned as is,
+    with dominant = contextual = None: the count depends on the encoder's N).
+    """
+    if tokens is not None and ratio is not None:
+        raise ValueError("visionzip.apply: give tokens= or ratio=, not both")
+    if (tokens is not None or ratio is not None) and (dominant is not None or contextual is not None):
+        given = "tokens" if tokens is not None else "ratio"
+        raise ValueError(f"visionzip.apply: {given}= sets dominant and contextual (split 54:10); give either "
+                         f"{given}= or dominant= / contextual=, not both")
+    if ratio is not None:
+        return None, None, check_ratio(ratio)
+    if tokens is not None:
+        dominant, contextual = split_budget(tokens)
+        return dominant, contextual, None
+    dominant = 54 if dominant is None else dominant
+    contextual = 10 if contextual is None else contextual
+    return _check_int("dominant", dominant, 1), _check_int("contextual", contextual, 0), None
+
+
 class EncoderPatch:
     """VisionZip on one vision encoder instance (see the module docstring for the mechanism).
 
     Built by :func:`visionzip_kernels.apply`; holds the settings (``dominant``, ``contextual``,
-    ``layer`` as given, ``layer_index`` resolved to 0..n-1, ``keep_cls``, ``family``).
+    ``ratio``, ``layer`` as given, ``layer_index`` resolved to 0..n-1, ``keep_cls``, ``family``).
+    With a ``ratio``, ``dominant`` and ``contextual`` are ``None`` and each call splits
+    ``round(ratio * N)`` of that call's N tokens (:meth:`counts`).
     """
 
-    def __init__(self, model: torch.nn.Module, family: EncoderFamily, dominant: int, contextual: int, layer: int):
+    def __init__(self, model: torch.nn.Module, family: EncoderFamily, dominant: int | None, contextual: int | None,
+                 layer: int, ratio: float | None = None):
         self.model = model
         self.family = family
-        self.dominant = _check_int("dominant", dominant, 1)
-        self.contextual = _check_int("contextual", contextual, 0)
+        if ratio is None:
+            self.dominant = _check_int("dominant", dominant, 1)
+            self.contextual = _check_int("contextual", contextual, 0)
+            self.ratio = None
+        else:
+            if dominant is not None or contextual is not None:
+                raise ValueError("visionzip.apply: ratio= sets dominant and contextual; give one or the other")
+            self.dominant = self.contextual = None
+            self.ratio = check_ratio(ratio)
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"visionzip.apply: layer must be an int, got {type(layer).__name__}")
         self.layer = layer
@@ -151,107 +219,118 @@ class EncoderPatch:
                              f"{family.name} encoder, got {layer}")
         self.layer_index = layer % n
         self.num_layers = n
-        layer_module = layers[self.layer_index]
-        query_key = family.query_key(layer_module)
+        query_key = family.query_key(layers[self.layer_index])
         self.head_dim = query_key.head_dim
         self.scale = query_key.scale
-        self._local = threading.local()
-        self._handles = [
-            query_key.q_proj.register_forward_hook(self._q_hook),
-            query_key.k_proj.register_forward_hook(self._k_hook),
-            layer_module.register_forward_hook(self._stop_hook),
-        ]
+        # The model's input options the patched forward takes (the family's embed keywords).
+        self.input_options = tuple(inspect.signature(family.embed).parameters)[2:]
         self._saved_forward = model.__dict__.get("forward", _MISSING)
-        self._inner_forward = model.forward  # bound: the class's forward or a previous instance attribute
-        model.forward = self._forward
+        model.forward = self.forward  # a bound method: pickled as (patch, "forward")
         self.removed = False
 
     # -- settings --------------------------------------------------------------------------------
     @property
     def settings(self) -> dict:
+        """The budget and layer as :func:`visionzip_kernels.apply` takes them (to re-apply)."""
+        if self.ratio is not None:
+            return {"ratio": self.ratio, "layer": self.layer}
         return {"dominant": self.dominant, "contextual": self.contextual, "layer": self.layer}
 
+    def counts(self, num_tokens: int) -> tuple[int, int]:
+        """(dominant, contextual) for an input of ``num_tokens`` tokens (N, CLS included)."""
+        if self.ratio is None:
+            return self.dominant, self.contextual
+        # The ratio was checked at apply; N may be a SymInt here (torch.compile, dynamic shapes).
+        return split_checked_budget(checked_ratio_tokens(self.ratio, num_tokens))
+
     def __repr__(self) -> str:
-        return (f"EncoderPatch({self.family.name}, dominant={self.dominant}, contextual={self.contextual}, "
+        budget = (f"ratio={self.ratio}" if self.ratio is not None
+                  else f"dominant={self.dominant}, contextual={self.contextual}")
+        return (f"EncoderPatch({self.family.name}, {budget}, "
                 f"layer={self.layer} -> index {self.layer_index} of {self.num_layers})")
 
-    # -- hooks -----------------------------------------------------------------------------------
-    def _slot(self) -> dict | None:
-        return getattr(self._local, "capture", None)
+    # -- the patched forward ---------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor | None = None, *args, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None, **kwargs):
+        """The patched model's forward: embeddings, layers 0..L, VisionZip (module docstring).
 
-    def _q_hook(self, module, args, output):
-        slot = self._slot()
-        if slot is None:
-            return
-        if self.keep_cls:
-            # Only the CLS query row is used: copy it ([B, H, d]) so the full q can be freed.
-            slot["q"] = output[:, 0].unflatten(-1, (-1, self.head_dim)).contiguous()
-        else:
-            slot["q"] = output.unflatten(-1, (-1, self.head_dim))
-
-    def _k_hook(self, module, args, output):
-        slot = self._slot()
-        if slot is not None:
-            slot["k"] = output.unflatten(-1, (-1, self.head_dim))
-
-    def _stop_hook(self, module, args, output):
-        slot = self._slot()
-        if slot is None:
-            return
-        slot["hidden"] = output[0] if isinstance(output, (tuple, list)) else output
-        raise _StopEncoder(self)
-
-    # -- the wrapped forward ---------------------------------------------------------------------
-    def _forward(self, *args, **kwargs):
-        return_dict = kwargs.pop("return_dict", None)
+        Takes the model's own inputs (``pixel_values`` [B, 3, H, W] and the family's options, e.g.
+        ``interpolate_pos_encoding`` for CLIP / SigLIP, ``bool_masked_pos`` for DINOv2). Returns a
+        :class:`VisionZipOutput`, or its tuple with ``return_dict=False``.
+        """
+        model = self.model
+        config = model.config
+        if output_attentions is None:
+            output_attentions = bool(getattr(config, "output_attentions", False))
+        if output_attentions:
+            raise ValueError(
+                f"visionzip: a VisionZip-patched {self.family.name} encoder computes no attention maps "
+                "(it keeps SDPA and stops after layer L), so output_attentions=True is not supported; "
+                "call visionzip_kernels.remove(model) first for the full model's attentions")
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(config, "output_hidden_states", False))
         if return_dict is None:
-            return_dict = getattr(self.model.config, "return_dict", True)
-        kwargs.pop("output_hidden_states", None)
-        kwargs.pop("output_attentions", None)
-        slot: dict = {}
-        outer = self._slot()
-        self._local.capture = slot
-        try:
-            self._inner_forward(*args, **kwargs)
-        except _StopEncoder as stop:
-            if stop.patch is not self:
-                raise
-        else:
+            return_dict = getattr(config, "return_dict", True)
+        if pixel_values is None:
+            raise ValueError("visionzip: pixel_values is required")
+        family = self.family
+        unknown = [name for name in kwargs if name not in self.input_options]
+        if unknown:
+            raise TypeError(f"visionzip: a VisionZip-patched {family.name} encoder does not take {unknown}; its "
+                            f"inputs are pixel_values and {list(self.input_options)}")
+        layers = family.layers(model)
+        if len(layers) != self.num_layers:
             raise RuntimeError(
-                f"visionzip: the {self.family.name} encoder returned without running layer {self.layer} "
-                f"(index {self.layer_index}); was its layer list changed after visionzip_kernels.apply?"
-            )
-        finally:
-            self._local.capture = outer
-        missing = [name for name in ("q", "k", "hidden") if name not in slot]
-        if missing:
-            raise RuntimeError(f"visionzip: layer {self.layer_index} ran but {missing} were not captured "
-                               "(q_proj/k_proj not called through their modules?)")
-        tokens, keep = self.compress(slot["hidden"], slot["q"], slot["k"])
-        out = VisionZipOutput(last_hidden_state=tokens, keep=keep)
+                f"visionzip: the {family.name} encoder has {len(layers)} layers, {self.num_layers} when "
+                "visionzip_kernels.apply patched it; apply it again after changing the layer list")
+        hidden = family.embed(model, pixel_values, *args, **kwargs)
+        states = [hidden] if output_hidden_states else None
+        for index in range(self.layer_index):
+            hidden = family.run_layer(layers[index], hidden)
+            if states is not None:
+                states.append(hidden)
+        layer = layers[self.layer_index]
+        layer_input = hidden
+        hidden = family.run_layer(layer, layer_input)
+        if states is not None:
+            states.append(hidden)
+        q, k = self.query_key(layer, layer_input)
+        tokens, keep = self.compress(hidden, q, k)
+        out = VisionZipOutput(last_hidden_state=tokens, keep=keep,
+                              hidden_states=tuple(states) if states is not None else None)
         return out if return_dict else out.to_tuple()
 
+    def query_key(self, layer: torch.nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer L's q and k from its own projections on its attention input: the CLS query row
+        [B, H, d] for CLS encoders, else q [B, N, H, d]; k [B, N, H, d]."""
+        projections = self.family.query_key(layer)
+        # The selection and the assignment are discrete: no gradient flows to q, k, scores or metric
+        # (docs/SPEC.md "Gradients"), so q and k are computed without autograd.
+        with torch.no_grad():
+            attention_input = self.family.attention_input(layer, layer_input)
+            q = projections.q_proj(attention_input).unflatten(-1, (-1, self.head_dim))
+            if self.keep_cls:
+                q = q[:, 0].contiguous()  # only the CLS row is used: the full q can be freed
+            k = projections.k_proj(attention_input).unflatten(-1, (-1, self.head_dim))
+        return q, k
+
     def compress(self, hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores, metric and ``select_merge`` on layer L's captured tensors.
+        """Scores, metric and ``select_merge`` on layer L's output and q / k.
 
         ``q`` is the CLS row [B, H, d] for CLS encoders, else [B, N, H, d]; ``k`` is [B, N, H, d].
         """
-        # The selection and the assignment are discrete: no gradient flows to q, k, scores or metric
-        # (docs/SPEC.md "Gradients"); detaching keeps autograd away from the score ops.
         q, k = q.detach(), k.detach()
         if self.keep_cls:
             q = q.unsqueeze(1)  # the CLS row as a one-query [B, 1, H, d]
+        dominant, contextual = self.counts(hidden.shape[1])
         scores, metric = ops.scores_and_metric(q, k, self.scale, self.keep_cls)
-        return ops.select_merge(hidden, scores, metric, self.dominant, self.contextual, self.keep_cls)
+        return ops.select_merge(hidden, scores, metric, dominant, contextual, self.keep_cls)
 
     # -- removal ---------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Removes the hooks and restores the instance's previous ``forward``; idempotent."""
+        """Restores the instance's previous ``forward``; idempotent."""
         if self.removed:
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
         if self._saved_forward is _MISSING:
             self.model.__dict__.pop("forward", None)
         else:

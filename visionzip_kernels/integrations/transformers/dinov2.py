@@ -9,20 +9,28 @@ layer scales and residuals, and no norm is pending, so the captured output is ex
 with ``scaling`` = d^-0.5 on transformers 5.2x; 5.17 has them one level down, as
 ``layer.attention.attention.query`` / ``key`` with ``attention_head_size``: both are recognised. Position embeddings are interpolated, so N follows the
 input size (1 + (size / 14)^2); the budget is checked against the actual N at run time.
-``Dinov2WithRegisters`` (model_type ``dinov2_with_registers``) is not supported.
+``Dinov2WithRegisters`` (model_type ``dinov2_with_registers``) is not supported. The patched
+forward runs ``embeddings`` (``hidden_states[0]``; ``bool_masked_pos`` is passed on), then
+``layer(hidden)`` for layers 0..L (no attention mask: the 5.2x ``attention_mask`` input of
+``Dinov2Model`` is not supported while patched); the attention's input is ``norm1`` of the layer's
+input in both versions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import EncoderFamily, QueryKey, separate_projections
+from .common import EncoderFamily, QueryKey, layer_output, separate_projections
 
 
 def _model_class():
     from transformers import Dinov2Model
 
     return Dinov2Model
+
+
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.encoder.layer
 
 
 def _query_key(layer: torch.nn.Module) -> QueryKey:
@@ -34,11 +42,32 @@ def _query_key(layer: torch.nn.Module) -> QueryKey:
     return QueryKey(inner.query, inner.key, head_dim, float(getattr(inner, "scaling", head_dim**-0.5)))
 
 
+def _embed(model: torch.nn.Module, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+    return model.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+
+
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer_output(layer(hidden))
+
+
+def _attention_input(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.norm1(hidden)
+
+
+def _num_tokens(model: torch.nn.Module) -> int:
+    config = model.config
+    return (config.image_size // config.patch_size) ** 2 + 1
+
+
 FAMILY = EncoderFamily(
     name="DINOv2",
     model_types=("dinov2",),
     model_class=_model_class,
     keep_cls=True,
-    layers=lambda model: model.encoder.layer,
+    layers=_layers,
     query_key=_query_key,
+    embed=_embed,
+    run_layer=_run_layer,
+    attention_input=_attention_input,
+    num_tokens=_num_tokens,
 )

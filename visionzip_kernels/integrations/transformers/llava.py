@@ -3,8 +3,8 @@
 What :func:`visionzip_kernels.apply` does to a LLaVA model (:class:`LlavaPatch`):
 
 - Its vision tower (a ``CLIPVisionModel`` for LLaVA-1.5; a SigLIP or DINOv2 tower works the same
-  way) is patched like a stand-alone encoder (:class:`~.common.EncoderPatch`): SDPA kept, layer L's
-  q/k captured by hooks, the tower stopped after layer L, ``last_hidden_state`` = the compressed
+  way) is patched like a stand-alone encoder (:class:`~.common.EncoderPatch`): SDPA kept, the tower
+  run up to layer L only, layer L's q/k from its own projections, ``last_hidden_state`` = the compressed
   tokens [B, D+K, C_vision] and ``keep`` [B, D].
 - ``LlavaModel.get_image_features`` is replaced on the instance (``LlavaForConditionalGeneration``'s
   own ``get_image_features`` delegates to it, and ``generate()`` pre-encodes images through it) by
@@ -18,6 +18,9 @@ What :func:`visionzip_kernels.apply` does to a LLaVA model (:class:`LlavaPatch`)
   ``vision_feature_layer`` are ignored while patched; the layer is the ``layer`` given to ``apply``
   (``-2``, the default, is LLaVA-1.5's ``vision_feature_layer``). Multi-layer feature lists and
   ``image_sizes`` are not supported.
+- Budget: ``tokens=`` splits 54:10 like for an encoder; ``ratio=`` is resolved once, at ``apply``,
+  against the tower's token count at its configured image size (577 for LLaVA-1.5: ``ratio=0.11``
+  -> 63 tokens, 53 + 10), since the number of image placeholders must be known before any image.
 - A forward pre-hook on ``LlavaModel`` checks that ``input_ids`` holds exactly D+K image placeholder
   tokens per image and otherwise raises a ``ValueError`` that names :func:`shrink_inputs`.
 
@@ -40,6 +43,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ...api import split_budget, tokens_for_ratio
 from .common import _MISSING, CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
 
 IGNORE_INDEX = -100  # transformers' label value for positions without a loss
@@ -72,8 +76,8 @@ class LlavaPatch:
     :class:`EncoderPatch` of its vision tower; ``tokens_per_image`` = D+K;
     ``placeholders_per_image`` = what the stock processor writes (576 for LLaVA-1.5)."""
 
-    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant: int, contextual: int,
-                 layer: int):
+    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant: int | None,
+                 contextual: int | None, layer: int, ratio: float | None = None):
         self.model = model
         self.llava = llava_model(model)
         config = self.llava.config
@@ -85,6 +89,12 @@ class LlavaPatch:
         self.family = tower_family
         self.image_token_id = config.image_token_id
         self.placeholders_per_image = stock_placeholders_per_image(self.llava, tower_family.keep_cls)
+        self.ratio = ratio
+        if ratio is not None:
+            if dominant is not None or contextual is not None:
+                raise ValueError("visionzip.apply: ratio= sets dominant and contextual; give one or the other")
+            tokens = tokens_for_ratio(ratio, tower_family.num_tokens(self.llava.vision_tower))
+            dominant, contextual = split_budget(tokens)
         self.tower_patch = EncoderPatch(self.llava.vision_tower, tower_family, dominant, contextual, layer)
         self._saved_get_image_features = self.llava.__dict__.get("get_image_features", _MISSING)
         self.llava.get_image_features = self.get_image_features
@@ -109,6 +119,9 @@ class LlavaPatch:
 
     @property
     def settings(self) -> dict:
+        """The budget and layer as :func:`visionzip_kernels.apply` takes them (to re-apply)."""
+        if self.ratio is not None:
+            return {"ratio": self.ratio, "layer": self.layer}
         return self.tower_patch.settings
 
     def __repr__(self) -> str:
@@ -139,6 +152,8 @@ class LlavaPatch:
         LLaVA-1.5 (the same for every image; LLaVA-NeXT's differ per image)."""
         return self.tokens_per_image, self.placeholders_per_image
 
+    # Reads counts out of tensors (a graph break under torch.compile): runs eagerly, outside the graph.
+    @torch.compiler.disable
     def _check_placeholders(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -350,9 +365,14 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
         return data
 
 
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision tower of a LLaVA model (``LlavaForConditionalGeneration`` or ``LlavaModel``)."""
+    return llava_model(model).vision_tower
+
+
 FAMILY = CompositeFamily(
     name="LLaVA",
     model_types=("llava",),
-    tower=lambda model: llava_model(model).vision_tower,
+    tower=vision_tower,
     make_patch=LlavaPatch,
 )

@@ -79,8 +79,8 @@ class LlavaNextPatch(LlavaPatch):
     tower's tokens per crop (s * s, plus CLS); :meth:`tokens_for_image` gives one image's count.
     """
 
-    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant: int, contextual: int,
-                 layer: int):
+    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant: int | None,
+                 contextual: int | None, layer: int, ratio: float | None = None):
         llava = llava_model(model)
         for attr in ("image_newline", "pack_image_features"):
             if not hasattr(llava, attr):
@@ -100,7 +100,7 @@ class LlavaNextPatch(LlavaPatch):
                 + (" + CLS)" if tower_family.keep_cls else ")") + ". The budget is per crop: e.g. 54+10 per crop "
                 "is 320 tokens for a 5-crop image."
             )
-        super().__init__(model, tower_family, dominant, contextual, layer)
+        super().__init__(model, tower_family, dominant, contextual, layer, ratio=ratio)  # ratio: of one crop's tokens
 
     def __repr__(self) -> str:
         return (f"LlavaNextPatch(tower={self.tower_patch!r}, {self.crop_tokens} -> {self.tokens_per_image} tokens "

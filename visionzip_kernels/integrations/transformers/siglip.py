@@ -5,12 +5,16 @@ queries (``attention_received``, computed flash-style without the N x N map), an
 tokens are the D highest of all N (``keep_cls=False``). Layout as CLIP's (``embeddings ->
 encoder.layers[i] -> post_layernorm -> head``) except that the post layer norm applies to every
 token and an attention-pooling head follows; neither runs once the encoder stops after layer L, and
-the compressed tokens are layer L's raw output, i.e. ``hidden_states[i + 1]``.
+the compressed tokens are layer L's raw output, i.e. ``hidden_states[i + 1]``. The patched forward
+runs ``embeddings`` (``hidden_states[0]``), then ``layer(hidden, None)`` for layers 0..L; the
+attention's input is ``layer_norm1`` of the layer's input (transformers 5.17: the same).
 """
 
 from __future__ import annotations
 
-from .common import EncoderFamily, separate_projections
+import torch
+
+from .common import EncoderFamily, QueryKey, layer_output, separate_projections
 
 
 def _model_class():
@@ -19,11 +23,40 @@ def _model_class():
     return SiglipVisionModel
 
 
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.encoder.layers
+
+
+def _query_key(layer: torch.nn.Module) -> QueryKey:
+    return separate_projections(layer.self_attn)
+
+
+def _embed(model: torch.nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
+    return model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+
+
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer_output(layer(hidden, None))  # attention_mask is a required positional argument
+
+
+def _attention_input(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.layer_norm1(hidden)
+
+
+def _num_tokens(model: torch.nn.Module) -> int:
+    config = model.config
+    return (config.image_size // config.patch_size) ** 2
+
+
 FAMILY = EncoderFamily(
     name="SigLIP",
     model_types=("siglip_vision_model",),
     model_class=_model_class,
     keep_cls=False,
-    layers=lambda model: model.encoder.layers,
-    query_key=lambda layer: separate_projections(layer.self_attn),
+    layers=_layers,
+    query_key=_query_key,
+    embed=_embed,
+    run_layer=_run_layer,
+    attention_input=_attention_input,
+    num_tokens=_num_tokens,
 )
