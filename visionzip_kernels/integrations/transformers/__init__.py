@@ -24,6 +24,10 @@ model_type                class                               scores / CLS
 ``dinov2``                ``Dinov2Model``                     ``cls_attention``, CLS always kept
 ``llava``                 ``LlavaForConditionalGeneration``,  its vision tower as above, projected
                           ``LlavaModel``                      (see :mod:`.llava`)
+``qwen2_vl``              ``Qwen2VLForConditionalGeneration``, attention received in the last vision block
+                          ``Qwen2VLModel``                    (fused qkv, after rotary), per image, packed
+``qwen2_5_vl``            ``Qwen2_5_VLForConditionalGeneration``, the same, window order undone
+                          ``Qwen2_5_VLModel``                 (see :mod:`.qwen_vl`)
 ========================  ==================================  ===========================================
 
 Anything else raises ``TypeError`` naming the supported types.
@@ -66,9 +70,10 @@ from collections.abc import Iterator
 
 import torch
 
-from . import clip, dinov2, llava, siglip
+from . import clip, dinov2, llava, qwen_vl, siglip
 from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
-from .llava import LlavaPatch, shrink_image_tokens, shrink_inputs
+from .llava import LlavaPatch, shrink_image_tokens
+from .qwen_vl import QwenVLPatch, QwenVisionZipOutput
 
 __all__ = [
     "COMPOSITE_FAMILIES",
@@ -76,6 +81,8 @@ __all__ = [
     "ENCODER_FAMILIES",
     "EncoderPatch",
     "LlavaPatch",
+    "QwenVLPatch",
+    "QwenVisionZipOutput",
     "SUPPORTED_MODEL_TYPES",
     "VisionZipOutput",
     "apply",
@@ -88,13 +95,15 @@ __all__ = [
 
 # The registry: every supported model type, and nothing about a model type outside it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
-COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY,)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, qwen_vl.QWEN2_VL, qwen_vl.QWEN2_5_VL)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_TYPE)
 
 # The attribute a patched model carries (a plain attribute: not a submodule, not in the state dict).
 _ATTR = "_visionzip_patch"
+
+_ENCODER_DEFAULTS = (54, 10, -2)  # dominant, contextual, layer (LLaVA-1.5's budget and layer)
 
 _HINTS = {
     "clip": "a CLIPModel: apply VisionZip to its vision tower, a CLIPVisionModel (model.vision_model)",
@@ -126,20 +135,25 @@ def encoder_family(model: torch.nn.Module) -> EncoderFamily:
     return family
 
 
-def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | None:
+def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | QwenVLPatch | None:
     """The active patch of ``model`` (with its ``settings``), or ``None`` when it is not patched."""
     return model.__dict__.get(_ATTR)
 
 
-def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, layer: int = -2) -> torch.nn.Module:
+def apply(model: torch.nn.Module, dominant: int | float | None = None, contextual: int | float | None = None,
+          layer: int | None = None) -> torch.nn.Module:
     """Makes ``model`` VisionZip-compressed, in place, and returns it.
 
     Args:
         model: a ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``,
             ``LlavaForConditionalGeneration`` or ``LlavaModel`` (recognised by ``config.model_type``).
         dominant: D, dominant tokens kept per image (CLS included for CLS encoders). Default 54.
-        contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64).
-        layer: the encoder layer read, Python-style index into its layer list; default -2.
+            Qwen2-VL / Qwen2.5-VL: a count per image (int) or a ratio of each image's merged tokens
+            (float in (0, 1]); default 0.65 (see :mod:`.qwen_vl`).
+        contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64); Qwen: a
+            count or a ratio, default 0.05 (at least one per image).
+        layer: the encoder layer read, Python-style index into its layer list; default -2 (Qwen: -1,
+            the last vision block, which must be a full-attention block).
 
     Returns:
         ``model``, patched (see the module docstring for the output contract).
@@ -155,9 +169,12 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
     composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
     try:
         if composite is not None:
+            dominant, contextual, layer = _with_defaults(composite.defaults, dominant, contextual, layer)
             tower = composite.tower(model)
-            patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer)
+            tower_family = composite.tower_family or encoder_family(tower)
+            patch = composite.make_patch(model, tower_family, dominant, contextual, layer)
         else:
+            dominant, contextual, layer = _with_defaults(_ENCODER_DEFAULTS, dominant, contextual, layer)
             patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer)
     except Exception:
         if previous is not None:  # leave the model as it was
@@ -165,6 +182,21 @@ def apply(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, laye
         raise
     model.__dict__[_ATTR] = patch
     return model
+
+
+def _with_defaults(defaults: tuple, dominant, contextual, layer) -> tuple:
+    given = (dominant, contextual, layer)
+    return tuple(default if value is None else value for value, default in zip(given, defaults))
+
+
+def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
+    """The stock processor's output made consistent with the VisionZip-patched ``model``: for LLaVA,
+    :func:`.llava.shrink_inputs` (D+K placeholders per image); for Qwen2-VL / Qwen2.5-VL,
+    :func:`.qwen_vl.shrink_inputs` (the images encoded once, the kept tokens at their original
+    3-D positions, ``inputs_embeds`` ready). Keyword arguments go to that function."""
+    if isinstance(get_patch(model), QwenVLPatch):
+        return qwen_vl.shrink_inputs(model, inputs, **kwargs)
+    return llava.shrink_inputs(model, inputs, **kwargs)
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -177,7 +209,8 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, dominant: int = 54, contextual: int = 10, layer: int = -2) -> Iterator[torch.nn.Module]:
+def patched(model: torch.nn.Module, dominant: int | float | None = None, contextual: int | float | None = None,
+            layer: int | None = None) -> Iterator[torch.nn.Module]:
     """Context manager form of :func:`apply`: yields the patched model; on exit the model is
     restored to what it was on entry (unpatched, or patched with its previous settings)."""
     previous = get_patch(model)

@@ -66,12 +66,32 @@ class VisionZipOutput(BaseModelOutputWithPooling):
 
 @dataclass(frozen=True)
 class QueryKey:
-    """Where one encoder layer's q and k come from (docs/SPEC.md: after the bias, before any scaling)."""
+    """Where one encoder layer's q and k come from (docs/SPEC.md: after the bias, before any scaling):
+    two separate projections, with no rotary embedding (CLIP, SigLIP, DINOv2)."""
 
     q_proj: torch.nn.Module  # its output is q, [B, N, H * head_dim]
     k_proj: torch.nn.Module  # its output is k, [B, N, H * head_dim]
     head_dim: int
     scale: float  # the softmax scale the model uses
+
+
+@dataclass(frozen=True)
+class FusedQueryKey:
+    """q and k from one fused projection, taken after the rotary embedding (Qwen2-VL, Qwen2.5-VL).
+
+    ``qkv_proj``'s output [T, 3 * num_heads * head_dim] is (q, k, v) x heads x head_dim, as the model
+    splits it. ``attention`` is the module whose call receives the rotary inputs (keyword
+    ``position_embeddings`` = (cos, sin)) and the packed ``cu_seqlens``; ``rotary`` is the model's own
+    function ``(q, k, cos, sin) -> (q, k)`` on [T, H, d]: q and k are taken AFTER it, as the
+    attention sees them (``None``: the model has no rotary embedding, q and k are the projection's).
+    """
+
+    attention: torch.nn.Module
+    qkv_proj: torch.nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float  # the softmax scale the model uses
+    rotary: Callable | None
 
 
 def separate_projections(attention: torch.nn.Module) -> QueryKey:
@@ -90,7 +110,8 @@ class EncoderFamily:
     model_class: Callable[[], type]  # the supported class (a subclass also matches), imported lazily
     keep_cls: bool  # CLS token at index 0: cls_attention + keep_cls=True; else attention_received
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # the encoder's layer list
-    query_key: Callable[[torch.nn.Module], QueryKey]  # one layer's q/k projections, head dim and scale
+    # one layer's q/k: separate projections (QueryKey) or a fused qkv after rotary (FusedQueryKey)
+    query_key: Callable[[torch.nn.Module], QueryKey | FusedQueryKey]
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,10 @@ class CompositeFamily:
     tower: Callable[[torch.nn.Module], torch.nn.Module]  # the vision encoder inside the model
     # (model, the tower's EncoderFamily, dominant, contextual, layer) -> the patch
     make_patch: Callable[..., object]
+    # what apply() uses for dominant, contextual, layer when they are not given
+    defaults: tuple = (54, 10, -2)
+    # the tower's family when it is not a stand-alone encoder family (Qwen's packed towers)
+    tower_family: EncoderFamily | None = None
 
 
 class _StopEncoder(Exception):
@@ -153,6 +178,9 @@ class EncoderPatch:
         self.num_layers = n
         layer_module = layers[self.layer_index]
         query_key = family.query_key(layer_module)
+        if not isinstance(query_key, QueryKey):
+            raise TypeError(f"visionzip.apply: the {family.name} encoder's q/k are not two separate projections "
+                            f"({type(query_key).__name__}); it is supported only inside its composite model")
         self.head_dim = query_key.head_dim
         self.scale = query_key.scale
         self._local = threading.local()
