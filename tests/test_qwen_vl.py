@@ -1,11 +1,11 @@
 """VisionZip on Qwen2-VL / Qwen2.5-VL (visionzip_kernels.integrations.transformers.qwen_vl).
 
-Tiny random models built from config (offline, ~1 s each). The oracle is written the way upstream's
-Qwen2.5-VL port computes it: the unpatched model runs, the test's own hook takes the last block's
-input and rotary (cos, sin), q/k are recomputed from ``norm1`` and ``qkv`` with the rotate-half
-formula, the full [H, T, T] softmax is materialised per image, mean over heads, sum over rows,
-mean per merge unit of 4, ``argsort(window_index)``, topk, masks, bmm similarity, one-hot bmm
-merge, and the kept tokens are put in original order.
+Tiny random models built from config (offline, ~1 s each). The oracle (tests/qwen_oracle.py) is
+written the way upstream's Qwen2.5-VL port computes it: the unpatched model runs, a hook takes the
+last block's input and rotary (cos, sin), q/k are recomputed from ``norm1`` and ``qkv`` with the
+rotate-half formula, the full [H, T, T] softmax is materialised for one image, mean over heads, sum
+over rows, mean per merge unit of 4, ``argsort(window_index)``, topk, masks, bmm similarity, one-hot
+bmm merge, and the kept tokens are put in original order.
 
 Random-init attention is nearly uniform (near-ties everywhere), so every model gets its q/k rows of
 ``qkv`` re-initialised with a larger std (peaked attention, like a trained tower), and every
@@ -26,6 +26,7 @@ from visionzip_kernels.integrations import transformers as vzt  # noqa: E402
 from visionzip_kernels.integrations.transformers import qwen_vl  # noqa: E402
 
 from helpers import topk_is_separated  # noqa: E402
+from qwen_oracle import budget, upstream_way  # noqa: E402
 
 PATCH = 4  # pixels per patch side (tiny; Qwen uses 14)
 MERGE = 2  # spatial_merge_size: 2x2 patches per LLM token
@@ -115,68 +116,12 @@ def merged_tokens(grids) -> list[int]:
 # The upstream-style oracle
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def oracle_one_image(model, pixels, grid, dominant: float = 0.65, contextual: float = 0.05):
-    """Upstream's way on the UNPATCHED model for one image: (kept positions [D+K] ascending, kept
-    tokens [D+K, C_llm], scores [N] in original order, dominant count)."""
-    visual = model.model.visual
-    block = visual.blocks[-1]
-    seen = {}
-
-    def take_block_inputs(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["cos_sin"] = kwargs["position_embeddings"]
-
-    handle = block.register_forward_pre_hook(take_block_inputs, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            tokens = torch.cat(list(model.model.get_image_features(pixels, grid).pooler_output))
-    finally:
-        handle.remove()
+    """Upstream's way (tests/qwen_oracle.py) on the UNPATCHED model for ONE image: (kept positions
+    [D+K] ascending, kept tokens [D+K, C_llm], scores [N] in original order, D)."""
     with torch.no_grad():
-        x = block.norm1(seen["x"])
-        T = x.shape[0]
-        heads = block.attn.num_heads
-        q, k, _ = block.attn.qkv(x).reshape(T, 3, heads, -1).permute(1, 0, 2, 3)
-        cos, sin = (t.unsqueeze(-2).float() for t in seen["cos_sin"])
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
-        d = q.shape[-1]
-        attn = torch.softmax(torch.matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2)) * d**-0.5, dim=-1)
-        received = attn.mean(dim=0).sum(dim=0)  # [T]: mean over heads, sum over query rows
-        scores = received.view(-1, 4).mean(dim=1)  # per merge unit, window order
-        metric = k.view(-1, 4, heads, d).mean(dim=1)
-        if hasattr(visual, "window_size"):
-            from transformers.vision_utils import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(grid, MERGE, visual.window_size, visual.patch_size)
-            reverse = torch.argsort(window_index)
-            scores, metric = scores[reverse], metric[reverse]
-        metric = metric.mean(dim=1)  # over heads
-        N = tokens.shape[0]
-        D, K = int(dominant * N), max(int(contextual * N), 1)
-        dominant_idx = scores.topk(D).indices
-        mask = torch.ones(N, dtype=torch.bool)
-        mask[dominant_idx] = False
-        rest = mask.nonzero().squeeze(1)
-        metric_rest = metric[mask]
-        hidden_rest = tokens.masked_select(mask.unsqueeze(-1)).view(-1, tokens.shape[1])
-        normed = metric_rest / metric_rest.norm(dim=-1, keepdim=True)
-        step = max(1, normed.shape[0] // K)
-        targets = torch.arange(0, normed.shape[0], step)[:K]
-        not_target = ~torch.isin(torch.arange(normed.shape[0]), targets)
-        similarity = torch.bmm(normed[not_target][None], normed[targets].T[None])[0]
-        one_hot = torch.zeros(int(not_target.sum()), K).scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
-        counts = one_hot.sum(dim=0).clamp(min=1).unsqueeze(-1)
-        contextual_tokens = hidden_rest[targets] + torch.bmm(one_hot.T[None], hidden_rest[not_target][None])[0] / counts
-        positions = torch.cat([dominant_idx, rest[targets]])
-        order = positions.argsort()
-        kept = torch.cat([tokens[dominant_idx], contextual_tokens])[order]
-    return positions[order], kept, scores, D
+        positions, kept, scores = upstream_way(model, pixels, grid, dominant, contextual)
+    return positions[0], kept[0], scores, budget(scores.shape[0], dominant, contextual)[0]
 
 
 def assert_separated(scores: torch.Tensor, dominant: int) -> None:
