@@ -160,7 +160,8 @@ TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
   // The score ops and the top-k are not differentiable (docs/SPEC.md "Gradients": q, k, scores and metric get
   // no gradient; the selection is discrete): falling through the autograd key, their outputs never
   // require grad, whatever their inputs do, and backward never meets them.
-  for (const char* op : {"cls_attention", "attention_received", "scores_and_metric", "dominant_topk"}) {
+  for (const char* op : {"cls_attention", "attention_received", "scores_and_metric", "dominant_topk",
+                         "varlen_scores_and_metric"}) {
     m.impl(op, torch::CppFunction::makeFallthrough());
   }
   m.impl("contextual_merge", &contextual_merge_autograd);

@@ -200,4 +200,59 @@ void check_finite_scores(const char* op, const at::Tensor& scores) {
   check_finite_scores(op, scores, scores.to(at::kCPU, at::kFloat).contiguous());
 }
 
+void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const char* data_name,
+                      const at::Tensor& data) {
+  check_rank(op, "cu_seqlens", cu_seqlens, 1, "[n + 1]");
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+                   "visionzip.", op, ": cu_seqlens must be int32 or int64, got ",
+                   cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.device() == data.device() || cu_seqlens.device().is_cpu(),
+                    "visionzip.", op, ": cu_seqlens must be on the device of ", data_name, " (",
+                    data.device(), ") or on the CPU, got ", cu_seqlens.device());
+  TORCH_CHECK_VALUE(cu_seqlens.sym_size(0) >= 1, "visionzip.", op,
+                    ": cu_seqlens must hold at least one offset (cu_seqlens[0] = 0), got shape ",
+                    cu_seqlens.sym_sizes());
+}
+
+void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
+                             int64_t unit) {
+  TORCH_CHECK(unit >= 1 && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.device().is_cpu(),
+              "visionzip.", op, ": check_cu_seqlens_values needs a CPU cu_seqlens [n + 1] and unit >= 1");
+  const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* cu = offsets.const_data_ptr<int64_t>();
+  const int64_t n = offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(cu[0] == 0, "visionzip.", op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t length = cu[i + 1] - cu[i];
+    TORCH_CHECK_VALUE(length >= 0, "visionzip.", op,
+                      ": cu_seqlens must be non-decreasing, got cu_seqlens[", i + 1, "] = ", cu[i + 1],
+                      " < cu_seqlens[", i, "] = ", cu[i]);
+    TORCH_CHECK_VALUE(length % unit == 0, "visionzip.", op, ": image ", i, " has ", length,
+                      " tokens (cu_seqlens[", i + 1, "] - cu_seqlens[", i,
+                      "]), not a multiple of unit (", unit, ")");
+  }
+  TORCH_CHECK_VALUE(cu[n] == total_tokens, "visionzip.", op, ": cu_seqlens[-1] must equal the token count T (",
+                    total_tokens, "), got ", cu[n]);
+}
+
+void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& cu_seqlens, int64_t unit) {
+  constexpr const char* op = "varlen_scores_and_metric";
+  check_rank(op, "q", q, 3, "[T, H, d]");
+  check_rank(op, "k", k, 3, "[T, H, d]");
+  check_float(op, "q", q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op,
+                   ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
+  check_same_device(op, "k", k, "q", q);
+  for (int64_t dim = 0; dim < 3; ++dim) {
+    check_dim(op, "k", k, dim, "q", q.sym_size(dim), "the same size");
+  }
+  // Dim 0 is the packed token count: T = 0 (no tokens) gives empty outputs.
+  check_positive_sizes(op, "k", k);
+  check_cu_seqlens(op, cu_seqlens, "q", q);
+  TORCH_CHECK_VALUE(unit == 1 || unit == 4, "visionzip.", op, ": unit must be 1 or 4, got ", unit);
+  TORCH_CHECK_VALUE(q.sym_size(0) % unit == 0, "visionzip.", op, ": q.size(0) (T = ", q.sym_size(0),
+                    ") must be a multiple of unit (", unit, ")");
+}
+
 }  // namespace visionzip

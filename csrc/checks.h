@@ -31,4 +31,18 @@ void check_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
                              const at::Tensor& metric, int64_t dominant, int64_t contextual,
                              bool keep_cls);
 
+
+// Packed (varlen) layout: cu_seqlens [n+1] int32/int64 on the data's device or on the CPU. The
+// shape/dtype/device rule (no values read, so the fake kernels can apply it) ...
+void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const char* data_name,
+                      const at::Tensor& data);
+// ... and the value rule, data-dependent: cu[0] = 0, non-decreasing, cu[n] = total_tokens, every
+// length divisible by unit. It reads the values, so only for a CPU cu_seqlens (never a fake one):
+// a CUDA one would need a host sync.
+void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
+                             int64_t unit);
+// q, k [T, H, d] with cu_seqlens and unit in {1, 4}; T divisible by unit. Shapes only.
+void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& cu_seqlens, int64_t unit);
+
 }  // namespace visionzip

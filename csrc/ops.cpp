@@ -27,4 +27,10 @@ TORCH_LIBRARY(visionzip, m) {
   m.def(
       "select_merge(Tensor hidden, Tensor scores, Tensor metric, int dominant, int contextual,"
       " bool keep_cls=True) -> (Tensor tokens, Tensor keep)");
+  // Packed (varlen) scores: q, k [T,H,d] of images concatenated along T, image i = tokens
+  // cu_seqlens[i]..cu_seqlens[i+1]; attention within each image only; pooled over groups of `unit`
+  // consecutive tokens (1 or 4) -> (scores [T/unit] fp32, metric [T/unit, d] in k's dtype).
+  m.def(
+      "varlen_scores_and_metric(Tensor q, Tensor k, Tensor cu_seqlens, float scale, int unit=1)"
+      " -> (Tensor scores, Tensor metric)");
 }

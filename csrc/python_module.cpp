@@ -65,4 +65,14 @@ PYBIND11_MODULE(_C, m) {
           visionzip::check_budget(op.c_str(), num_tokens, dominant, contextual, keep_cls);
         },
         py::arg("op"), py::arg("num_tokens"), py::arg("dominant"), py::arg("contextual"), py::arg("keep_cls"));
+  m.def("varlen_scores_and_metric_args",
+        [](const Tensor& q, const Tensor& k, const Tensor& cu_seqlens, int64_t unit) {
+          visionzip::check_varlen_scores_and_metric_args(q, k, cu_seqlens, unit);
+        },
+        py::arg("q"), py::arg("k"), py::arg("cu_seqlens"), py::arg("unit"));
+  m.def("cu_seqlens_values",
+        [](const std::string& op, const Tensor& cu_seqlens, int64_t total_tokens, int64_t unit) {
+          visionzip::check_cu_seqlens_values(op.c_str(), cu_seqlens, total_tokens, unit);
+        },
+        py::arg("op"), py::arg("cu_seqlens"), py::arg("total_tokens"), py::arg("unit") = 1);
 }

@@ -39,6 +39,11 @@ def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
             return (case.q, case.k, case.scale), {"keep_cls": dtype == torch.float32}
         q = case.q[:, 0] if op == "cls_attention" else case.q
         return (q, case.k, case.scale), {}
+    if op == "varlen_scores_and_metric":
+        # Two images (12 + 20 tokens) packed, merge unit 4; strided: q and k are views of a fused qkv.
+        case = make_case(1, 32, 1, H=3, d=8, dtype=dtype, strided=strided)
+        cu_seqlens = torch.tensor([0, 12, 32], dtype=torch.int32)
+        return (case.q[0], case.k[0], cu_seqlens, case.scale), {"unit": 4}
     hidden, scores, metric, keep, D, K = _merge(dtype, strided)
     if op == "dominant_topk":
         return (scores.to(dtype), D), {"keep_cls": False}
@@ -53,7 +58,7 @@ def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
 
 
 ALL_OPS = ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge",
-           "contextual_merge_backward", "select_merge"]
+           "contextual_merge_backward", "select_merge", "varlen_scores_and_metric"]
 DIFFERENTIABLE = {"contextual_merge", "contextual_merge_backward", "select_merge"}
 OPCHECK_CASES = (
     [(op, torch.float32, False, False) for op in ALL_OPS]

@@ -7,6 +7,8 @@
 - :func:`dominant_topk`: the top-k selection alone, for scores from elsewhere (triton_ops/topk.py).
 - :func:`attention_received`: flash-style attention each token receives, never N x N
   (triton_ops/attention_received.py).
+- :func:`varlen_scores_and_metric`: the same for packed images with cu_seqlens (Qwen2-VL's layout),
+  pooled over merge units, with the metric (triton_ops/varlen_scores.py).
 
 Import this package only after deciding on TRITON_INTERPRET: the @triton.jit decorators read it
 when they run. visionzip_kernels imports it lazily, at the first Triton launch.
@@ -16,5 +18,7 @@ from .attention_received import attention_received
 from .cls_attention_topk import cls_attention, cls_attention_topk
 from .scores_and_metric import scores_and_metric
 from .topk import dominant_topk
+from .varlen_scores import varlen_scores_and_metric
 
-__all__ = ["attention_received", "cls_attention", "cls_attention_topk", "dominant_topk", "scores_and_metric"]
+__all__ = ["attention_received", "cls_attention", "cls_attention_topk", "dominant_topk", "scores_and_metric",
+           "varlen_scores_and_metric"]

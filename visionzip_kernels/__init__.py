@@ -17,6 +17,7 @@ from .ops import (
     dominant_topk,
     scores_and_metric,
     select_merge,
+    varlen_scores_and_metric,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "reference",
     "scores_and_metric",
     "select_merge",
+    "varlen_scores_and_metric",
 ]
 __version__ = "0.1.0"
 

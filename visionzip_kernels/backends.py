@@ -1,10 +1,11 @@
 """Which kernels serve which device.
 
 - CPU tensors: the C++ kernels (csrc/cpu), always registered by ``_C``.
-- CUDA tensors: cls_attention, attention_received, scores_and_metric and dominant_topk run the Triton kernels in
-  triton_ops/, registered here under the CUDA key of the same ops (so the C++-defined schemas, the
-  Python fake kernels, opcheck and torch.compile all keep working).
-- ``VISIONZIP_BACKEND=triton`` (read once, at import) also routes CPU tensors of those four ops
+- CUDA tensors: cls_attention, attention_received, scores_and_metric, dominant_topk and
+  varlen_scores_and_metric run the Triton kernels in triton_ops/, registered here under the CUDA
+  key of the same ops (so the C++-defined schemas, the Python fake kernels, opcheck and
+  torch.compile all keep working).
+- ``VISIONZIP_BACKEND=triton`` (read once, at import) also routes CPU tensors of those ops
   through Triton. That needs ``TRITON_INTERPRET=1`` in the environment before the import; it is how
   the tests, and anyone without a GPU, check the Triton kernels.
 
@@ -21,7 +22,7 @@ import warnings
 import torch
 
 BACKEND_ENV = "VISIONZIP_BACKEND"
-TRITON_OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk")
+TRITON_OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "varlen_scores_and_metric")
 
 
 def triton_available() -> bool:
@@ -53,8 +54,16 @@ def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -
     return triton_ops.dominant_topk(scores, dominant, keep_cls)
 
 
+def _varlen_scores_and_metric(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                              unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    import triton_ops
+
+    return triton_ops.varlen_scores_and_metric(q, k, cu_seqlens, scale, unit)
+
+
 _LAUNCHERS = {"cls_attention": _cls_attention, "attention_received": _attention_received,
-              "scores_and_metric": _scores_and_metric, "dominant_topk": _dominant_topk}
+              "scores_and_metric": _scores_and_metric, "dominant_topk": _dominant_topk,
+              "varlen_scores_and_metric": _varlen_scores_and_metric}
 
 
 def requested_cpu_backend() -> str:

@@ -8,7 +8,10 @@ before any kernel runs. Sizes are read symbolically, so the checks also run unde
 
 Each function takes the op's arguments and returns None or raises; ``budget(op, N, D, K, keep_cls)``
 checks 1 <= D <= N and 0 <= K <= N - D; ``finite_scores(op, scores)``, the one data-dependent rule,
-reads the scores (a device sync on CUDA).
+reads the scores (a device sync on CUDA). Packed (varlen) ops: ``varlen_scores_and_metric_args``
+checks shapes, dtypes and devices (cu_seqlens included) without reading values;
+``cu_seqlens_values(op, cu_seqlens, T, unit)`` reads a CPU cu_seqlens (0 first, non-decreasing, T
+last, lengths divisible by unit) and is never called on a fake or CUDA one.
 """
 
 from ._C import (  # noqa: F401  (re-exported)
@@ -17,8 +20,10 @@ from ._C import (  # noqa: F401  (re-exported)
     cls_attention_args,
     contextual_merge_args,
     contextual_merge_backward_args,
+    cu_seqlens_values,
     dominant_topk_args,
     finite_scores,
     scores_and_metric_args,
     select_merge_args,
+    varlen_scores_and_metric_args,
 )

@@ -18,6 +18,7 @@ __all__ = [
     "contextual_merge",
     "contextual_merge_backward",
     "select_merge",
+    "varlen_scores_and_metric",
 ]
 
 _ops = torch.ops.visionzip
@@ -79,6 +80,16 @@ def _select_merge_fake(
     tokens = hidden.new_empty((hidden.shape[0], dominant + contextual, hidden.shape[2]))
     keep = hidden.new_empty((hidden.shape[0], dominant), dtype=torch.int64)
     return tokens, keep
+
+
+@torch.library.register_fake("visionzip::varlen_scores_and_metric")
+def _varlen_scores_and_metric_fake(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, unit: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Shapes only: cu_seqlens' values are data (the CPU kernel checks them; a fake tensor has none).
+    check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
+    units = k.shape[0] // unit
+    return k.new_empty((units,), dtype=torch.float32), k.new_empty((units, k.shape[2]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,3 +221,35 @@ def select_merge(
     op = "select_merge"
     return _ops.select_merge(hidden, scores, metric, _int_arg(op, "dominant", dominant),
                              _int_arg(op, "contextual", contextual), _bool_arg(op, "keep_cls", keep_cls))
+
+
+def varlen_scores_and_metric(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None, unit: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token scores and the merge metric of packed images (Qwen2-VL's NaViT layout), per image.
+
+    Images are concatenated along the token axis: image i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]``
+    and attends only to itself, as the encoder's full-attention block does. No T x T (nor L x L)
+    map is materialised: O(T * H) extra memory.
+
+    Args:
+        q, k: [T, H, d] queries and keys of the scoring layer (after the vision rotary embedding);
+            the last dim must be the fastest, any other strides (e.g. views of a fused qkv
+            [T, 3, H, d]) are read in place.
+        cu_seqlens: [n + 1] int32 or int64 offsets: 0 first, non-decreasing, T last; on q's device or
+            on the CPU (only a CPU cu_seqlens has its values checked: on CUDA that would be a sync).
+        scale: the softmax scale; None gives d ** -0.5.
+        unit: tokens per merge unit, 1 or 4 (Qwen's 2x2 patch merger); every image's length must be
+            a multiple of it.
+
+    Returns:
+        (scores [T / unit] float32, metric [T / unit, d] in ``k.dtype``), in input token order:
+        ``raw[t] = sum_i mean_h softmax_t(scale * q_i . k_t)`` over the queries i of t's image,
+        ``scores[j] = mean(raw[j*unit:(j+1)*unit])``; ``metric[j]`` = k over the unit's tokens
+        averaged, then over heads (float32 sums, float64 for float64 input, rounded once).
+        Neither output requires grad.
+    """
+    op = "varlen_scores_and_metric"
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _ops.varlen_scores_and_metric(q, k, cu_seqlens, float(scale), _int_arg(op, "unit", unit))

@@ -142,3 +142,26 @@ def select_merge(
     check.select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls)
     keep = dominant_topk(scores, dominant, keep_cls)
     return contextual_merge(hidden, metric, keep, contextual, upcast=upcast), keep
+
+
+def varlen_scores_and_metric(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, unit: int = 1, upcast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed q, k [T,H,d] with cu_seqlens [n+1] -> (scores [T/unit] float32, metric [T/unit, d]):
+    per image, the dense softmax over its own tokens, mean over heads, sum over query rows, then the
+    mean over each merge unit; the metric is k averaged over the unit, then over heads."""
+    op = "varlen_scores_and_metric"
+    check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
+    offsets = cu_seqlens.cpu()  # the loop over images below needs the offsets on the host anyway
+    check.cu_seqlens_values(op, offsets, q.shape[0], unit)
+    dt = _compute_dtype(k.dtype, upcast)
+    T, H, d = k.shape
+    received = torch.zeros(T, dtype=dt, device=q.device)
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        queries = q[start:end].to(dt).transpose(0, 1)  # [H, L, d]
+        keys = k[start:end].to(dt).transpose(0, 1)
+        probs = (queries @ keys.transpose(1, 2) * scale).softmax(dim=-1)  # [H, L, L]
+        received[start:end] = probs.mean(dim=0).sum(dim=0)
+    scores = received.view(-1, unit).mean(dim=1).float()
+    metric = k.to(dt).reshape(T // unit, unit, H, d).mean(dim=1).mean(dim=1).to(k.dtype)
+    return scores, metric

@@ -52,3 +52,23 @@ def upstream_select_merge(
     return torch.cat([dominant_tokens, contextual_tokens], dim=1), all_indices.sort(dim=1).values
 
 
+
+
+def varlen_scores_and_metric(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, unit: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's Qwen2.5-VL way (after dvlab-research/VisionZip, Qwen2_5_VL/qwen2_5vl_visionzip.py),
+    in q's dtype: the whole [H, T, T] eager softmax over every packed token, here with a
+    block-diagonal mask so that each image attends only to itself (as the model's full-attention
+    block does; upstream's port leaves images attending to each other), mean over heads, sum over
+    query rows, ``view(-1, unit).mean``; the metric as ``k.view(-1, unit, H, d).mean(1).mean(1)``.
+    q, k [T, H, d] -> (scores [T/unit], metric [T/unit, d])."""
+    T, H, d = k.shape
+    qh, kh = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, d]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(q.device)
+    image_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+    mask = torch.zeros(T, T, dtype=q.dtype, device=q.device)
+    mask.masked_fill_(image_of[:, None] != image_of[None, :], float("-inf"))
+    attn = torch.softmax(torch.matmul(qh * scale, kh.transpose(-1, -2)) + mask, dim=-1)  # [H, T, T]
+    received = attn.mean(dim=0).sum(dim=0)
+    return received.view(-1, unit).mean(dim=-1), k.view(-1, unit, H, d).mean(1).mean(1)
