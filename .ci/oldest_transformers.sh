@@ -15,4 +15,4 @@ if ! PYTHONPATH="$target" "$python" -c "import sys, transformers; sys.exit(trans
   "$python" -m pip install -q --target "$target" httpx
 fi
 echo "oldest transformers: $(PYTHONPATH="$target" "$python" -c 'import transformers; print(transformers.__version__)')"
-PYTHONPATH="$target" "$python" -m pytest tests/test_integrations.py -q -p no:cacheprovider
+PYTHONPATH="$target" "$python" -m pytest tests/test_integrations.py tests/test_qwen_vl.py -q -p no:cacheprovider
