@@ -154,6 +154,116 @@ std::tuple<at::Tensor, at::Tensor> select_merge_autograd(const at::Tensor& hidde
   return {out[0], out[1]};
 }
 
+// ---------------------------------------------------------------------------------------------
+// varlen_select_merge: the same formulas per image. The backward recomputes the selection from the
+// saved scores and metric (like the dense backward recomputes the assignment); the backward op is
+// linear with the forward's tokens as its adjoint, so double backward is one forward call.
+
+using VarlenOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+VarlenOutputs call_varlen_select_merge(const at::Tensor& hidden, const at::Tensor& scores,
+                                       const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                       c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("visionzip::varlen_select_merge", "")
+                             .typed<VarlenOutputs(const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&,
+                                                  c10::IntArrayRef, c10::IntArrayRef)>();
+  return op.call(hidden, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+at::Tensor call_varlen_select_merge_backward(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("visionzip::varlen_select_merge_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&,
+                                               c10::IntArrayRef, c10::IntArrayRef)>();
+  return op.call(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+void save_varlen(AutogradContext* ctx, const at::Tensor& scores, const at::Tensor& metric,
+                 const at::Tensor& cu_seqlens, c10::IntArrayRef dominant,
+                 c10::IntArrayRef contextual) {
+  ctx->save_for_backward({scores, metric, cu_seqlens});
+  ctx->saved_data["dominant"] = dominant.vec();
+  ctx->saved_data["contextual"] = contextual.vec();
+}
+
+class VarlenSelectMerge : public torch::autograd::Function<VarlenSelectMerge> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden,
+                               const at::Tensor& scores, const at::Tensor& metric,
+                               const at::Tensor& cu_seqlens, c10::IntArrayRef dominant,
+                               c10::IntArrayRef contextual) {
+    at::Tensor tokens, keep, cu_seqlens_out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(tokens, keep, cu_seqlens_out) =
+          call_varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual);
+    }
+    save_varlen(ctx, scores, metric, cu_seqlens, dominant, contextual);
+    ctx->mark_non_differentiable({keep, cu_seqlens_out});
+    return {tokens, keep, cu_seqlens_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    return {call_varlen_select_merge_backward(grads[0], saved[0], saved[1], saved[2],
+                                              ctx->saved_data["dominant"].toIntVector(),
+                                              ctx->saved_data["contextual"].toIntVector()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class VarlenSelectMergeBackward : public torch::autograd::Function<VarlenSelectMergeBackward> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_tokens,
+                            const at::Tensor& scores, const at::Tensor& metric,
+                            const at::Tensor& cu_seqlens, c10::IntArrayRef dominant,
+                            c10::IntArrayRef contextual) {
+    save_varlen(ctx, scores, metric, cu_seqlens, dominant, contextual);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant,
+                                             contextual);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor tokens = std::get<0>(call_varlen_select_merge(
+        grads[0], saved[0], saved[1], saved[2], ctx->saved_data["dominant"].toIntVector(),
+        ctx->saved_data["contextual"].toIntVector()));
+    return {tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+VarlenOutputs varlen_select_merge_autograd(const at::Tensor& hidden, const at::Tensor& scores,
+                                           const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                           c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  if (!needs_grad(hidden)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual);
+  }
+  const variable_list out =
+      VarlenSelectMerge::apply(hidden, scores, metric, cu_seqlens, dominant, contextual);
+  return {out[0], out[1], out[2]};
+}
+
+at::Tensor varlen_select_merge_backward_autograd(const at::Tensor& grad_tokens,
+                                                 const at::Tensor& scores, const at::Tensor& metric,
+                                                 const at::Tensor& cu_seqlens,
+                                                 c10::IntArrayRef dominant,
+                                                 c10::IntArrayRef contextual) {
+  if (!needs_grad(grad_tokens)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant,
+                                             contextual);
+  }
+  return VarlenSelectMergeBackward::apply(grad_tokens, scores, metric, cu_seqlens, dominant,
+                                          contextual);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
@@ -167,6 +277,8 @@ TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
   m.impl("contextual_merge", &contextual_merge_autograd);
   m.impl("contextual_merge_backward", &contextual_merge_backward_autograd);
   m.impl("select_merge", &select_merge_autograd);
+  m.impl("varlen_select_merge", &varlen_select_merge_autograd);
+  m.impl("varlen_select_merge_backward", &varlen_select_merge_backward_autograd);
 }
 
 }  // namespace visionzip

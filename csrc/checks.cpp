@@ -256,3 +256,125 @@ void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& 
 }
 
 }  // namespace visionzip
+
+// ---------------------------------------------------------------------------------------------
+// Packed (varlen) images.
+
+namespace visionzip {
+
+void check_cu_seqlens_shape(const char* op, const at::Tensor& cu_seqlens, const char* ref_name,
+                            const at::Tensor& ref) {
+  check_rank(op, "cu_seqlens", cu_seqlens, 1, "[n + 1] (image boundaries)");
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+                   "visionzip.", op, ": cu_seqlens must be int32 or int64, got ",
+                   cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.device() == ref.device() || cu_seqlens.device().is_cpu(), "visionzip.",
+                    op, ": cu_seqlens must be on the device of ", ref_name, " (", ref.device(),
+                    ") or on the CPU, got ", cu_seqlens.device());
+  TORCH_CHECK_VALUE(cu_seqlens.sym_size(0) >= 1, "visionzip.", op,
+                    ": cu_seqlens must hold n + 1 >= 1 entries (0 first), got shape ",
+                    cu_seqlens.sym_sizes());
+}
+
+namespace {
+
+void check_budget_list(const char* op, const char* name, c10::IntArrayRef budgets,
+                       const c10::SymInt& num_images) {
+  TORCH_CHECK_VALUE(num_images == static_cast<int64_t>(budgets.size()), "visionzip.", op, ": ",
+                    name, " must hold one count per image (", num_images,
+                    " images: cu_seqlens.size(0) - 1), got ", budgets.size());
+  for (size_t i = 0; i < budgets.size(); ++i) {
+    TORCH_CHECK_VALUE(budgets[i] >= 0, "visionzip.", op, ": ", name, "[", i,
+                      "] (image ", i, ") must be >= 0, got ", budgets[i]);
+  }
+}
+
+}  // namespace
+
+void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                    c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  constexpr const char* op = "varlen_select_merge";
+  check_rank(op, "hidden", hidden, 2, "[T, C]");
+  check_float(op, "hidden", hidden);
+  check_positive_sizes(op, "hidden", hidden);
+  check_rank(op, "scores", scores, 1, "[T]");
+  check_float(op, "scores", scores);
+  check_same_device(op, "scores", scores, "hidden", hidden);
+  check_dim(op, "scores", scores, 0, "hidden", hidden.sym_size(0), "the token count");
+  check_rank(op, "metric", metric, 2, "[T, d]");
+  check_float(op, "metric", metric);
+  check_same_device(op, "metric", metric, "hidden", hidden);
+  check_dim(op, "metric", metric, 0, "hidden", hidden.sym_size(0), "the token count");
+  check_positive_sizes(op, "metric", metric);
+  check_cu_seqlens_shape(op, cu_seqlens, "hidden", hidden);
+  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
+  check_budget_list(op, "dominant", dominant, num_images);
+  check_budget_list(op, "contextual", contextual, num_images);
+}
+
+void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  constexpr const char* op = "varlen_select_merge_backward";
+  check_rank(op, "grad_tokens", grad_tokens, 2, "[sum(D_i + K_i), C]");
+  check_float(op, "grad_tokens", grad_tokens);
+  check_positive_sizes(op, "grad_tokens", grad_tokens);
+  check_rank(op, "scores", scores, 1, "[T]");
+  check_float(op, "scores", scores);
+  check_same_device(op, "scores", scores, "grad_tokens", grad_tokens);
+  check_rank(op, "metric", metric, 2, "[T, d]");
+  check_float(op, "metric", metric);
+  check_same_device(op, "metric", metric, "grad_tokens", grad_tokens);
+  check_dim(op, "metric", metric, 0, "scores", scores.sym_size(0), "the token count");
+  check_positive_sizes(op, "metric", metric);
+  check_cu_seqlens_shape(op, cu_seqlens, "grad_tokens", grad_tokens);
+  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
+  check_budget_list(op, "dominant", dominant, num_images);
+  check_budget_list(op, "contextual", contextual, num_images);
+  int64_t kept = 0;
+  for (size_t i = 0; i < dominant.size(); ++i) kept += dominant[i] + contextual[i];
+  check_dim(op, "grad_tokens", grad_tokens, 0, "dominant + contextual", kept, "the sum");
+}
+
+std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens,
+                                             int64_t num_tokens, c10::IntArrayRef dominant,
+                                             c10::IntArrayRef contextual) {
+  const at::Tensor cu_host = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cu_ptr = cu_host.const_data_ptr<int64_t>();
+  std::vector<int64_t> cu(cu_ptr, cu_ptr + cu_host.numel());
+  const int64_t n = static_cast<int64_t>(cu.size()) - 1;
+  TORCH_CHECK_VALUE(cu[0] == 0, "visionzip.", op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(cu[i + 1] >= cu[i], "visionzip.", op,
+                      ": cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", cu[i],
+                      " > cu_seqlens[", i + 1, "] = ", cu[i + 1]);
+  }
+  TORCH_CHECK_VALUE(cu[n] == num_tokens, "visionzip.", op, ": cu_seqlens[-1] must equal T (",
+                    num_tokens, ", the token count), got ", cu[n]);
+  for (int64_t i = 0; i < n && i < static_cast<int64_t>(dominant.size()); ++i) {
+    const int64_t size = cu[i + 1] - cu[i];
+    TORCH_CHECK_VALUE(dominant[i] <= size, "visionzip.", op, ": dominant[", i,
+                      "] must be <= N_", i, " (image ", i, " has ", size, " tokens), got ",
+                      dominant[i]);
+    TORCH_CHECK_VALUE(contextual[i] <= size - dominant[i], "visionzip.", op, ": contextual[", i,
+                      "] must be <= N_", i, " - dominant[", i, "] (image ", i, ": ", size, " - ",
+                      dominant[i], " = ", size - dominant[i], "), got ", contextual[i]);
+  }
+  return cu;
+}
+
+void check_finite_packed_scores(const char* op, const at::Tensor& scores) {
+  const at::Tensor scores_f32 = scores.to(at::kCPU, at::kFloat).contiguous();
+  const float* s = scores_f32.const_data_ptr<float>();
+  for (int64_t t = 0; t < scores_f32.numel(); ++t) {
+    if (std::isfinite(s[t])) continue;
+    const double original = scores[t].item<double>();
+    TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", t, "] = ", original,
+                      " is outside float32's range (scores are ranked in float32)");
+    TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", t, "] = ",
+                      s[t]);
+  }
+}
+
+}  // namespace visionzip

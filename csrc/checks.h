@@ -7,6 +7,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
+
+#include <vector>
 
 namespace visionzip {
 
@@ -44,5 +47,34 @@ void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64
 // q, k [T, H, d] with cu_seqlens and unit in {1, 4}; T divisible by unit. Shapes only.
 void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& cu_seqlens, int64_t unit);
+
+}  // namespace visionzip
+
+// ---------------------------------------------------------------------------------------------
+// Packed (varlen) images: tokens of n images concatenated along dim 0, image i being the rows
+// cu_seqlens[i] .. cu_seqlens[i+1].
+namespace visionzip {
+
+// cu_seqlens [n+1] int32/int64 on ref's device or on the CPU, and one budget per image in each
+// budget list (shape-only, so the fake kernels run it).
+void check_cu_seqlens_shape(const char* op, const at::Tensor& cu_seqlens, const char* ref_name,
+                            const at::Tensor& ref);
+// hidden [T, C], scores [T], metric [T, d], cu_seqlens [n+1], len(dominant) == len(contextual) == n,
+// every budget >= 0. The rules that need cu_seqlens' values are check_cu_seqlens_values'.
+void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                    c10::IntArrayRef dominant, c10::IntArrayRef contextual);
+// grad_tokens [sum(D_i + K_i), C] and the forward's scores [T], metric [T, d], cu_seqlens, budgets.
+void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual);
+// Reads cu_seqlens (one small device-to-host copy when it is on a GPU) and returns it as host ints
+// after checking cu[0] == 0, cu non-decreasing, cu[n] == num_tokens and, per image i of
+// N_i = cu[i+1] - cu[i] tokens, dominant[i] <= N_i and contextual[i] <= N_i - dominant[i].
+std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens,
+                                             int64_t num_tokens, c10::IntArrayRef dominant,
+                                             c10::IntArrayRef contextual);
+// check_finite_scores for packed scores [T]: names the bad entry as scores[t].
+void check_finite_packed_scores(const char* op, const at::Tensor& scores);
 
 }  // namespace visionzip

@@ -7,6 +7,7 @@
 
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 
@@ -75,4 +76,30 @@ PYBIND11_MODULE(_C, m) {
           visionzip::check_cu_seqlens_values(op.c_str(), cu_seqlens, total_tokens, unit);
         },
         py::arg("op"), py::arg("cu_seqlens"), py::arg("total_tokens"), py::arg("unit") = 1);
+  // Packed (varlen) images.
+  m.def("varlen_select_merge_args",
+        [](const Tensor& hidden, const Tensor& scores, const Tensor& metric, const Tensor& cu_seqlens,
+           const std::vector<int64_t>& dominant, const std::vector<int64_t>& contextual) {
+          visionzip::check_varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual);
+        },
+        py::arg("hidden"), py::arg("scores"), py::arg("metric"), py::arg("cu_seqlens"), py::arg("dominant"),
+        py::arg("contextual"));
+  m.def("varlen_select_merge_backward_args",
+        [](const Tensor& grad_tokens, const Tensor& scores, const Tensor& metric, const Tensor& cu_seqlens,
+           const std::vector<int64_t>& dominant, const std::vector<int64_t>& contextual) {
+          visionzip::check_varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant,
+                                                             contextual);
+        },
+        py::arg("grad_tokens"), py::arg("scores"), py::arg("metric"), py::arg("cu_seqlens"), py::arg("dominant"),
+        py::arg("contextual"));
+  m.def("cu_seqlens_values",
+        [](const std::string& op, const Tensor& cu_seqlens, int64_t num_tokens, const std::vector<int64_t>& dominant,
+           const std::vector<int64_t>& contextual) {
+          return visionzip::check_cu_seqlens_values(op.c_str(), cu_seqlens, num_tokens, dominant, contextual);
+        },
+        py::arg("op"), py::arg("cu_seqlens"), py::arg("num_tokens"), py::arg("dominant"), py::arg("contextual"));
+  m.def("finite_packed_scores", [](const std::string& op, const Tensor& scores) {
+          visionzip::check_finite_packed_scores(op.c_str(), scores);
+        },
+        py::arg("op"), py::arg("scores"));
 }

@@ -44,6 +44,8 @@ def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
         case = make_case(1, 32, 1, H=3, d=8, dtype=dtype, strided=strided)
         cu_seqlens = torch.tensor([0, 12, 32], dtype=torch.int32)
         return (case.q[0], case.k[0], cu_seqlens, case.scale), {"unit": 4}
+    if op.startswith("varlen_"):
+        return _varlen_samples(op, dtype, strided, requires_grad)
     hidden, scores, metric, keep, D, K = _merge(dtype, strided)
     if op == "dominant_topk":
         return (scores.to(dtype), D), {"keep_cls": False}
@@ -57,9 +59,24 @@ def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
     raise AssertionError(op)
 
 
+def _varlen_samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
+    from test_varlen_merge import packed_inputs
+
+    sizes, dominant, contextual = [40, 17, 29], [5, 17, 0], [6, 0, 5]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, C=8, d=4, dtype=dtype, strided=strided)
+    if op == "varlen_select_merge":
+        return (hidden.detach().clone().requires_grad_(requires_grad), scores, metric, cu, dominant, contextual), {}
+    if op == "varlen_select_merge_backward":
+        grad = torch.randn(sum(dominant) + sum(contextual), 8).to(dtype).requires_grad_(requires_grad)
+        return (grad, scores, metric, cu, dominant, contextual), {}
+    raise AssertionError(op)
+
+
 ALL_OPS = ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge",
            "contextual_merge_backward", "select_merge", "varlen_scores_and_metric"]
 DIFFERENTIABLE = {"contextual_merge", "contextual_merge_backward", "select_merge"}
+ALL_OPS += ["varlen_select_merge", "varlen_select_merge_backward"]
+DIFFERENTIABLE |= {"varlen_select_merge", "varlen_select_merge_backward"}
 OPCHECK_CASES = (
     [(op, torch.float32, False, False) for op in ALL_OPS]
     + [(op, torch.float32, False, True) for op in sorted(DIFFERENTIABLE)]
@@ -234,6 +251,7 @@ def _empty_batch_calls(device: str):
     N, C, H, d, D, K = 17, 8, 2, 4, 5, 3
     z = lambda *shape, dtype=torch.float32: torch.zeros(0, *shape, dtype=dtype, device=device)  # noqa: E731
     keep = z(D, dtype=torch.int64)
+    no_images = torch.zeros(1, dtype=torch.int64, device=device)
     return {
         "cls_attention": (("cls_attention", (z(H, d), z(N, H, d), 0.5)), (0, N)),
         "attention_received": (("attention_received", (z(N, H, d), z(N, H, d), 0.5)), (0, N)),
@@ -242,6 +260,10 @@ def _empty_batch_calls(device: str):
         "contextual_merge": (("contextual_merge", (z(N, C), z(N, d), keep, K)), (0, D + K, C)),
         "contextual_merge_backward": (("contextual_merge_backward", (z(D + K, C), z(N, d), keep, N)), (0, N, C)),
         "select_merge": (("select_merge", (z(N, C), z(N), z(N, d), D, K, True)), ((0, D + K, C), (0, D))),
+        # no images: T = 0, cu_seqlens = [0]
+        "varlen_select_merge": (("varlen_select_merge", (z(C), z(), z(d), no_images, [], [])), ((0, C), (0,), (1,))),
+        "varlen_select_merge_backward": (("varlen_select_merge_backward", (z(C), z(), z(d), no_images, [], [])),
+                                         (0, C)),
     }
 
 

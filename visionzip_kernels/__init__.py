@@ -18,6 +18,7 @@ from .ops import (
     scores_and_metric,
     select_merge,
     varlen_scores_and_metric,
+    varlen_select_merge,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "scores_and_metric",
     "select_merge",
     "varlen_scores_and_metric",
+    "varlen_select_merge",
 ]
 __version__ = "0.1.0"
 

@@ -12,6 +12,12 @@ reads the scores (a device sync on CUDA). Packed (varlen) ops: ``varlen_scores_a
 checks shapes, dtypes and devices (cu_seqlens included) without reading values;
 ``cu_seqlens_values(op, cu_seqlens, T, unit)`` reads a CPU cu_seqlens (0 first, non-decreasing, T
 last, lengths divisible by unit) and is never called on a fake or CUDA one.
+
+Packed (varlen) images: ``varlen_select_merge_args`` checks shapes, dtypes, devices and the budget
+lists; ``cu_seqlens_values(op, cu_seqlens, T, dominant, contextual)`` (an overload of the same name)
+reads cu_seqlens (a small copy to the host), checks its values and every image's budget against its
+size, and returns it as a list of ints; ``finite_packed_scores(op, scores)`` is ``finite_scores`` for
+scores [T].
 """
 
 from ._C import (  # noqa: F401  (re-exported)
@@ -26,4 +32,7 @@ from ._C import (  # noqa: F401  (re-exported)
     scores_and_metric_args,
     select_merge_args,
     varlen_scores_and_metric_args,
+    varlen_select_merge_args,
+    varlen_select_merge_backward_args,
+    finite_packed_scores,
 )

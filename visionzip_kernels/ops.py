@@ -6,6 +6,8 @@ csrc/autograd.cpp); this module is imported after visionzip_kernels._C has been 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import checks as check
@@ -19,6 +21,7 @@ __all__ = [
     "contextual_merge_backward",
     "select_merge",
     "varlen_scores_and_metric",
+    "varlen_select_merge",
 ]
 
 _ops = torch.ops.visionzip
@@ -92,6 +95,28 @@ def _varlen_scores_and_metric_fake(
     return k.new_empty((units,), dtype=torch.float32), k.new_empty((units, k.shape[2]))
 
 
+@torch.library.register_fake("visionzip::varlen_select_merge")
+def _varlen_select_merge_fake(
+    hidden: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, cu_seqlens: torch.Tensor,
+    dominant: list[int], contextual: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The rules on cu_seqlens' values (and so D_i + K_i <= N_i) need its data: the kernels check them.
+    check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
+    kept = sum(dominant) + sum(contextual)
+    tokens = hidden.new_empty((kept, hidden.shape[1]))
+    keep = hidden.new_empty((kept,), dtype=torch.int64)
+    return tokens, keep, torch.empty_like(cu_seqlens)
+
+
+@torch.library.register_fake("visionzip::varlen_select_merge_backward")
+def _varlen_select_merge_backward_fake(
+    grad_tokens: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, cu_seqlens: torch.Tensor,
+    dominant: list[int], contextual: list[int],
+) -> torch.Tensor:
+    check.varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant, contextual)
+    return grad_tokens.new_empty((scores.shape[0], grad_tokens.shape[1]))
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd of contextual_merge, contextual_merge_backward and select_merge is registered in C++
 # (csrc/autograd.cpp), so that inference calls never enter Python; the score ops and dominant_topk
@@ -116,6 +141,16 @@ def _bool_arg(op: str, name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"visionzip.{op}: {name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def budget_list(op: str, name: str, budget, num_images: int) -> list[int]:
+    """A per-image budget given as an int (the same for every image) or a sequence of ints -> a list
+    of ``num_images`` ints (a sequence keeps its length: the op checks it against the image count)."""
+    if isinstance(budget, (int, torch.SymInt)) and not isinstance(budget, bool):
+        return [_int_arg(op, name, budget)] * num_images
+    if isinstance(budget, (torch.Tensor, str, bytes)) or not isinstance(budget, Sequence):
+        raise TypeError(f"visionzip.{op}: {name} must be an int or a sequence of ints, got {type(budget).__name__}")
+    return [_int_arg(op, f"{name}[{i}]", b) for i, b in enumerate(budget)]
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,3 +288,40 @@ def varlen_scores_and_metric(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return _ops.varlen_scores_and_metric(q, k, cu_seqlens, float(scale), _int_arg(op, "unit", unit))
+
+
+def varlen_select_merge(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    metric: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dominant: int | Sequence[int],
+    contextual: int | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip on packed images (NaViT encoders such as Qwen2-VL's): per image, :func:`select_merge`
+    with ``keep_cls=False``, the kept tokens staying in original token order (docs/SPEC.md "Packed
+    (varlen) select_merge").
+
+    Args:
+        hidden: [T, C] the tokens of n images concatenated, image i being rows
+            ``cu_seqlens[i]:cu_seqlens[i+1]`` (N_i tokens).
+        scores: [T] finite scores (any float dtype, ranked in float32); metric: [T, d].
+        cu_seqlens: [n+1] int32 or int64, 0 first, non-decreasing, T last; on hidden's device or on
+            the CPU. Its values are read on the host once, to check them (a CUDA tensor costs one
+            small device-to-host copy; pass a CPU one to avoid it).
+        dominant, contextual: per-image budgets D_i, K_i: an int (the same for every image) or a
+            sequence of n ints, with D_i >= 0, K_i >= 0 and D_i + K_i <= N_i.
+
+    Returns:
+        (tokens [sum(D_i+K_i), C] in ``hidden.dtype``, keep [sum(D_i+K_i)] int64, cu_seqlens_out
+        [n+1]). Per image, keep holds the packed indices (into T) of its top-D_i tokens and its K_i
+        contextual targets, ascending; the token of a target position is the merged contextual token.
+        cu_seqlens_out is the cumulative sum of D_i + K_i, in cu_seqlens' dtype and device.
+        Differentiable w.r.t. ``hidden``.
+    """
+    op = "varlen_select_merge"
+    num_images = cu_seqlens.shape[0] - 1 if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 else 0
+    return _ops.varlen_select_merge(
+        hidden, scores, metric, cu_seqlens,
+        budget_list(op, "dominant", dominant, num_images), budget_list(op, "contextual", contextual, num_images),
+    )

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks as check
+from .ops import budget_list
 
 # The attention_received reference works on this many query rows at a time.
 _QUERY_CHUNK = 512
@@ -64,6 +65,11 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     """[B,N] -> keep [B,D] int64 ascending; token 0 always kept when keep_cls; ties to the lower index."""
     check.dominant_topk_args(scores, dominant, keep_cls)
     check.finite_scores("dominant_topk", scores)
+    return _dominant_topk(scores, dominant, keep_cls)
+
+
+def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool) -> torch.Tensor:
+    """dominant_topk on checked arguments (dominant may be 0 without keep_cls)."""
     s = scores.float()
     first = 1 if keep_cls else 0
     # A stable descending sort keeps equal scores in index order: ties go to the lower index.
@@ -93,6 +99,13 @@ def contextual_merge(
 ) -> torch.Tensor:
     """[B,N,C], [B,N,d], [B,D] -> [B,D+K,C]: dominant rows in keep's order, then K contextual rows."""
     check.contextual_merge_args(hidden, metric, keep, contextual)
+    return _contextual_merge(hidden, metric, keep, contextual, upcast)
+
+
+def _contextual_merge(
+    hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int, upcast: bool
+) -> torch.Tensor:
+    """contextual_merge on checked arguments (keep may have no columns)."""
     B, N, C = hidden.shape
     D = keep.shape[1]
     dt = _compute_dtype(hidden.dtype, upcast)
@@ -165,3 +178,68 @@ def varlen_scores_and_metric(
     scores = received.view(-1, unit).mean(dim=1).float()
     metric = k.to(dt).reshape(T // unit, unit, H, d).mean(dim=1).mean(dim=1).to(k.dtype)
     return scores, metric
+def _targets(keep: torch.Tensor, num_tokens: int, contextual: int) -> torch.Tensor:
+    """[D] ascending dominant indices of one image -> [K] its targets' token indices, ascending: the
+    not-kept tokens at positions 0, step, ..., (K-1)*step, step = max(1, M // K) (docs/SPEC.md)."""
+    kept = torch.zeros(num_tokens, dtype=torch.bool, device=keep.device)
+    kept[keep] = True
+    rest = (~kept).nonzero().flatten()
+    step = max(1, rest.numel() // contextual) if contextual else 1
+    return rest[torch.arange(contextual, device=keep.device) * step]
+
+
+def varlen_select_merge(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    metric: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dominant,
+    contextual,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed images [T, ...] with per-image budgets (docs/SPEC.md "Packed (varlen) select_merge"):
+    per image, select_merge with keep_cls=False, then the kept rows in original token order.
+    -> (tokens [sum(D_i+K_i), C], keep [sum(D_i+K_i)] int64 packed indices, cu_seqlens_out [n+1])."""
+    op = "varlen_select_merge"
+    num_images = cu_seqlens.shape[0] - 1 if cu_seqlens.dim() == 1 else 0
+    dominant = budget_list(op, "dominant", dominant, num_images)
+    contextual = budget_list(op, "contextual", contextual, num_images)
+    check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
+    cu = check.cu_seqlens_values(op, cu_seqlens, hidden.shape[0], dominant, contextual)
+    check.finite_packed_scores(op, scores)
+    tokens, keep = [], []
+    for i, (D, K) in enumerate(zip(dominant, contextual)):
+        start, end = cu[i], cu[i + 1]
+        if D + K == 0:
+            continue
+        image_keep = _dominant_topk(scores[None, start:end], D, keep_cls=False)
+        merged = _contextual_merge(hidden[None, start:end], metric[None, start:end], image_keep, K, upcast)[0]
+        positions = torch.cat([image_keep[0], _targets(image_keep[0], end - start, K)])
+        order = positions.argsort()  # dominant rows then contextual rows -> original token order
+        tokens.append(merged[order])
+        keep.append(positions[order] + start)
+    counts = [D + K for D, K in zip(dominant, contextual)]
+    cu_out = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(cu_seqlens.dtype).to(cu_seqlens.device)
+    if not tokens:
+        return hidden.new_empty(0, hidden.shape[1]), torch.empty(0, dtype=torch.int64, device=hidden.device), cu_out
+    return torch.cat(tokens), torch.cat(keep), cu_out
+
+
+def varlen_select_merge_backward(
+    grad_tokens: torch.Tensor,
+    scores: torch.Tensor,
+    metric: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dominant: list[int],
+    contextual: list[int],
+    upcast: bool = True,
+) -> torch.Tensor:
+    """[sum(D_i+K_i), C] -> [T, C]: the vector-Jacobian product of :func:`varlen_select_merge`, by autograd."""
+    check.varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant, contextual)
+    hidden = grad_tokens.new_zeros((scores.shape[0], grad_tokens.shape[1]), requires_grad=True)
+    with torch.enable_grad():
+        tokens = varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual, upcast=upcast)[0]
+        if not tokens.requires_grad:  # no budget anywhere: nothing depends on hidden
+            return torch.zeros_like(hidden, requires_grad=False)
+        (grad_hidden,) = torch.autograd.grad(tokens, hidden, grad_tokens)
+    return grad_hidden

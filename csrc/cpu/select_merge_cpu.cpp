@@ -15,6 +15,7 @@
 
 #include "../checks.h"
 #include "../merge_math.h"
+#include "select_merge_cpu.h"
 #include "tensor_views.h"
 
 namespace visionzip::cpu {
@@ -321,6 +322,33 @@ at::Tensor contextual_merge_backward_cpu(const at::Tensor& grad_tokens, const at
                                          const at::Tensor& keep, int64_t num_tokens) {
   check_contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens);
   check_keep_values("contextual_merge_backward", keep, num_tokens);
+  return contextual_merge_backward_unchecked(grad_tokens, metric, keep, num_tokens);
+}
+
+std::tuple<at::Tensor, at::Tensor> select_merge_cpu(const at::Tensor& hidden,
+                                                    const at::Tensor& scores,
+                                                    const at::Tensor& metric, int64_t dominant,
+                                                    int64_t contextual, bool keep_cls) {
+  check_select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls);
+  at::Tensor keep = dominant_topk_impl("select_merge", scores, dominant, keep_cls);
+  return {merge_forward(hidden, metric, keep, contextual), keep};
+}
+
+}  // namespace
+
+// The entry points of select_merge_cpu.h.
+
+at::Tensor dominant_topk_unchecked(const char* op, const at::Tensor& scores, int64_t dominant) {
+  return dominant_topk_impl(op, scores, dominant, /*keep_cls=*/false);
+}
+
+at::Tensor contextual_merge_unchecked(const at::Tensor& hidden, const at::Tensor& metric,
+                                      const at::Tensor& keep, int64_t contextual) {
+  return merge_forward(hidden, metric, keep, contextual);
+}
+
+at::Tensor contextual_merge_backward_unchecked(const at::Tensor& grad_tokens, const at::Tensor& metric,
+                                               const at::Tensor& keep, int64_t num_tokens) {
   const at::Tensor grad = with_unit_last_stride(grad_tokens);
   const int64_t B = grad.size(0), C = grad.size(2), D = keep.size(1);
   const int64_t contextual = grad.size(1) - D;
@@ -334,17 +362,6 @@ at::Tensor contextual_merge_backward_cpu(const at::Tensor& grad_tokens, const at
                                   });
   return grad_hidden;
 }
-
-std::tuple<at::Tensor, at::Tensor> select_merge_cpu(const at::Tensor& hidden,
-                                                    const at::Tensor& scores,
-                                                    const at::Tensor& metric, int64_t dominant,
-                                                    int64_t contextual, bool keep_cls) {
-  check_select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls);
-  at::Tensor keep = dominant_topk_impl("select_merge", scores, dominant, keep_cls);
-  return {merge_forward(hidden, metric, keep, contextual), keep};
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, CPU, m) {
   m.impl("dominant_topk", &dominant_topk_cpu);
