@@ -307,7 +307,7 @@ def test_registry_describes_fused_qkv_after_rotary():
     assert isinstance(query_key, vzt.common.FusedQueryKey)
     assert query_key.qkv_proj is model.model.visual.blocks[-1].attn.qkv
     assert query_key.rotary is not None and query_key.num_heads * query_key.head_dim * 3 == query_key.qkv_proj.out_features
-    with pytest.raises(TypeError, match="not supported"):
+    with pytest.raises(TypeError, match="apply VisionZip to the whole Qwen2_5_VLForConditionalGeneration"):
         vz.apply(model.model.visual)  # the packed tower alone is not a stand-alone encoder
 
 

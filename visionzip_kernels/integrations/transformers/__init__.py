@@ -109,6 +109,8 @@ _HINTS = {
     "clip": "a CLIPModel: apply VisionZip to its vision tower, a CLIPVisionModel (model.vision_model)",
     "siglip": "a SiglipModel: apply VisionZip to its vision tower, a SiglipVisionModel (model.vision_model)",
     "dinov2_with_registers": "DINOv2 with registers is not supported (only Dinov2Model)",
+    "qwen2_vl_vision": "a Qwen2-VL vision tower: apply VisionZip to the whole Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl_vision": "a Qwen2.5-VL vision tower: apply VisionZip to the whole Qwen2_5_VLForConditionalGeneration",
 }
 
 
