@@ -264,6 +264,10 @@ def _empty_batch_calls(device: str):
         "varlen_select_merge": (("varlen_select_merge", (z(C), z(), z(d), no_images, [], [])), ((0, C), (0,), (1,))),
         "varlen_select_merge_backward": (("varlen_select_merge_backward", (z(C), z(), z(d), no_images, [], [])),
                                          (0, C)),
+        # Packed: T = 0 tokens, cu_seqlens = [0] (no images).
+        "varlen_scores_and_metric": (
+            ("varlen_scores_and_metric", (z(H, d), z(H, d), torch.zeros(1, dtype=torch.int32, device=device), 0.5, 4)),
+            ((0,), (0, d))),
     }
 
 

@@ -41,6 +41,7 @@ def _configs():
     ar = importlib.import_module("triton_ops.attention_received")
     cls = importlib.import_module("triton_ops.cls_attention_topk")
     topk = importlib.import_module("triton_ops.topk")
+    varlen = importlib.import_module("triton_ops.varlen_scores")
 
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     seen = set()
@@ -51,6 +52,16 @@ def _configs():
             io = {"q_ptr": t, "k_ptr": t}
             yield f"row_stats {t} d={d}", ar._row_stats_kernel, io, tiles, warps
             yield f"column_sums {t} d={d}", ar._column_sums_kernel, io, tiles, warps
+            # Packed (varlen) passes: the same tiles, the image looked up from block_starts.
+            varlen_io = dict(io, cu_ptr="i32", block_starts_ptr="i32")
+            varlen_tiles = dict(tiles, CHUNK=varlen.IMAGE_CHUNK)
+            yield f"varlen_row_stats {t} d={d}", varlen._varlen_row_stats_kernel, varlen_io, varlen_tiles, warps
+            yield f"varlen_column_sums {t} d={d}", varlen._varlen_column_sums_kernel, varlen_io, varlen_tiles, warps
+            for unit in (1, 4) if d == 80 else (4,):  # merge units of Qwen2-VL's ViT (d = 80)
+                consts = dict(NUM_HEADS=H, UNIT=unit, BLOCK=varlen.POOL_BLOCK, BLOCK_D=head_block(d),
+                              ACC_DTYPE=accumulator_dtype(dtype))
+                yield (f"varlen_pool {t} H={H} d={d} unit={unit}", varlen._varlen_pool_kernel,
+                       {"k_ptr": t, "metric_ptr": t}, consts, 4)
             for B in BATCHES:
                 block_n = cls.token_block(B, N, d, dtype.itemsize, SMS)
                 for with_logits, with_metric in ((True, True), (True, False), (False, True)):

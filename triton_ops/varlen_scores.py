@@ -32,7 +32,7 @@ from .attention_received import INTERPRETED, LOG2_E, _logits, _row_tiles, tile_c
 
 OP = "varlen_scores_and_metric"
 IMAGE_CHUNK = 64  # block_starts read this many at a time when a program looks up its image
-POOL_BLOCK = 32  # merge units per program of the pooling kernel
+POOL_BLOCK = 16  # merge units per program of the pooling kernel ([16, 128] fp32 tiles: no spills)
 
 
 @triton.jit
@@ -60,23 +60,28 @@ def _varlen_row_stats_kernel(q_ptr, k_ptr, cu_ptr, block_starts_ptr, max_ptr, in
     h = tl.program_id(1).to(tl.int64)
     image, first_block, start, end = _image_bounds(cu_ptr, block_starts_ptr, n_images, n_tokens, block, CHUNK)
     if image < n_images:
-        offs_m = start + (block - first_block).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end
-        q_lo, q_hi = _row_tiles(q_ptr + h * stride_qh, offs_m, m_mask, stride_qt, head_dim, D_LO, D_HI, OPERAND)
-        k_head = k_ptr + h * stride_kh
+        # The image's first token goes into the (64-bit) base pointers; offsets within the image stay
+        # 32-bit, as in the dense kernels (64-bit row offsets cost registers, and spill on sm_90).
+        length = (end - start).to(tl.int32)
+        offs_m = (block - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < length
+        q_lo, q_hi = _row_tiles(q_ptr + start * stride_qt + h * stride_qh, offs_m, m_mask, stride_qt, head_dim, D_LO,
+                                D_HI, OPERAND)
+        k_head = k_ptr + start * stride_kt + h * stride_kh
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in range(0, length, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
+            n_mask = offs_n < length
             logits = _logits(q_lo, q_hi, k_head, offs_n, n_mask, stride_kt, head_dim, D_LO, D_HI, OPERAND,
                              PRECISION) * qk_scale
             logits = tl.where(n_mask[None, :], logits, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))
             row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), axis=1)
             row_max = new_max
-        tl.store(max_ptr + h * n_tokens + offs_m, row_max, mask=m_mask)
-        tl.store(inv_sum_ptr + h * n_tokens + offs_m, 1.0 / row_sum, mask=m_mask)
+        stats = h * n_tokens + start
+        tl.store(max_ptr + stats + offs_m, row_max, mask=m_mask)
+        tl.store(inv_sum_ptr + stats + offs_m, 1.0 / row_sum, mask=m_mask)
 
 
 @triton.jit
@@ -88,56 +93,62 @@ def _varlen_column_sums_kernel(q_ptr, k_ptr, cu_ptr, block_starts_ptr, max_ptr, 
     h = tl.program_id(1).to(tl.int64)
     image, first_block, start, end = _image_bounds(cu_ptr, block_starts_ptr, n_images, n_tokens, block, CHUNK)
     if image < n_images:
-        offs_n = start + (block - first_block).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        q_head = q_ptr + h * stride_qh
+        length = (end - start).to(tl.int32)
+        offs_n = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < length
+        q_head = q_ptr + start * stride_qt + h * stride_qh
+        stats = h * n_tokens + start
         # k^T is the fixed operand: logits^T [BLOCK_N, BLOCK_M] = k . q^T, so the column sums are
         # row sums of the tile.
-        k_lo, k_hi = _row_tiles(k_ptr + h * stride_kh, offs_n, n_mask, stride_kt, head_dim, D_LO, D_HI, OPERAND)
+        k_lo, k_hi = _row_tiles(k_ptr + start * stride_kt + h * stride_kh, offs_n, n_mask, stride_kt, head_dim, D_LO,
+                                D_HI, OPERAND)
         received = tl.zeros([BLOCK_N], tl.float32)
-        for m0 in range(start, end, BLOCK_M):
+        for m0 in range(0, length, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            row_max = tl.load(max_ptr + h * n_tokens + offs_m, mask=m_mask, other=0.0)
-            inv_sum = tl.load(inv_sum_ptr + h * n_tokens + offs_m, mask=m_mask, other=0.0)
+            m_mask = offs_m < length
+            row_max = tl.load(max_ptr + stats + offs_m, mask=m_mask, other=0.0)
+            inv_sum = tl.load(inv_sum_ptr + stats + offs_m, mask=m_mask, other=0.0)
             logits_t = _logits(k_lo, k_hi, q_head, offs_m, m_mask, stride_qt, head_dim, D_LO, D_HI, OPERAND,
                                PRECISION) * qk_scale
             probs_t = tl.exp2(logits_t - row_max[None, :]) * inv_sum[None, :]
             received += tl.sum(tl.where(m_mask[None, :], probs_t, 0.0), axis=1)
-        tl.store(out_ptr + h * n_tokens + offs_n, received, mask=n_mask)
+        tl.store(out_ptr + stats + offs_n, received, mask=n_mask)
 
 
 @triton.jit
 def _varlen_pool_kernel(per_head_ptr, k_ptr, scores_ptr, metric_ptr, n_units, n_tokens, head_dim, stride_kt,
                         stride_kh, NUM_HEADS: tl.constexpr, UNIT: tl.constexpr, BLOCK: tl.constexpr,
                         BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    offs_j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    j_mask = offs_j < n_units
+    first_unit = tl.program_id(0).to(tl.int64) * BLOCK  # 64-bit base pointers, 32-bit offsets
+    offs_j = tl.arange(0, BLOCK)
+    j_mask = offs_j < n_units - first_unit
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = j_mask[:, None] & (offs_d < head_dim)[None, :]
+    per_head_block = per_head_ptr + first_unit * UNIT
+    k_block = k_ptr + first_unit * UNIT * stride_kt
     # Scores: per token the sum over heads in head order / H, then the unit's mean (as the C++ kernel).
     # IEEE divisions: fp32 `/` compiles to div.approx.f32; x / 4 and x * 0.25 are the same number.
     received = tl.zeros([BLOCK], tl.float32)
-    for u in tl.static_range(UNIT):
+    for u in range(UNIT):
         over_heads = tl.zeros([BLOCK], tl.float32)
         for h in range(NUM_HEADS):
-            over_heads += tl.load(per_head_ptr + h * n_tokens + offs_j * UNIT + u, mask=j_mask, other=0.0)
+            over_heads += tl.load(per_head_block + h * n_tokens + offs_j * UNIT + u, mask=j_mask, other=0.0)
         received += tl.math.div_rn(over_heads, tl.full([BLOCK], NUM_HEADS, tl.float32))
-    tl.store(scores_ptr + offs_j, received * (1.0 / UNIT), mask=j_mask)
+    tl.store(scores_ptr + first_unit + offs_j, received * (1.0 / UNIT), mask=j_mask)
     # Metric: k summed over the unit's tokens, / unit, summed over heads in head order, / H.
     head_sum = tl.zeros([BLOCK, BLOCK_D], ACC_DTYPE)
     for h in range(NUM_HEADS):
         unit_sum = tl.zeros([BLOCK, BLOCK_D], ACC_DTYPE)
-        for u in tl.static_range(UNIT):
+        for u in range(UNIT):
             rows = (offs_j * UNIT + u) * stride_kt + h * stride_kh
-            unit_sum += tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+            unit_sum += tl.load(k_block + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
         head_sum += unit_sum * (1.0 / UNIT)
     if ACC_DTYPE == tl.float64:
         metric = head_sum / NUM_HEADS
     else:
         metric = tl.math.div_rn(head_sum, tl.full([BLOCK, BLOCK_D], NUM_HEADS, ACC_DTYPE))
-    tl.store(metric_ptr + offs_j[:, None] * head_dim + offs_d[None, :], metric.to(metric_ptr.dtype.element_ty),
-             mask=tile_mask)
+    tl.store(metric_ptr + first_unit * head_dim + offs_j[:, None] * head_dim + offs_d[None, :],
+             metric.to(metric_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def _block_starts(lengths: torch.Tensor, block: int) -> torch.Tensor:

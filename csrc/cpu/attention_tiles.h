@@ -54,27 +54,36 @@ struct ReceivedScratch {
   std::vector<float> keys_t, logits, queries;
 };
 
-// received[j] = sum over the n query rows i of softmax_j(scale * q_i . k_j), for one head of one
-// image: q_rows / k_rows point at token 0's row of that head, rows row_stride apart (d contiguous).
-// The keys are copied once to fp32 [d, n_pad]; the queries go through in blocks of kBlockRows:
-// register-tiled logits, softmax, added to received in query order (so the bits depend on nothing
-// but the inputs). The key padding (j >= n) holds stale values that add_softmax_rows masks to -inf,
-// and query rows past a short last block give logits that it does not read.
+// received[j] = sum over the query rows i in [query_begin, query_end) of softmax_j(scale * q_i . k_j)
+// over the n keys of one head of one image: q_rows / k_rows point at token 0's row of that head,
+// rows row_stride apart (d contiguous). The keys are copied once to fp32 [d, n_pad]; the queries go
+// through in blocks of kBlockRows: register-tiled logits, softmax, added to received in query order
+// (so the bits depend on nothing but the inputs). The key padding (j >= n) holds stale values that
+// add_softmax_rows masks to -inf, and query rows past a short last block give logits that it does
+// not read.
 template <typename scalar_t>
 void received_one_head(const scalar_t* q_rows, int64_t q_row_stride, const scalar_t* k_rows,
                        int64_t k_row_stride, int64_t n, int64_t d, float scale,
-                       ReceivedScratch& scratch, float* received) {
+                       ReceivedScratch& scratch, float* received, int64_t query_begin = 0,
+                       int64_t query_end = -1) {
+  if (query_end < 0) query_end = n;
   std::fill(received, received + n, 0.f);
-  if (n == 0) return;
+  if (n == 0 || query_begin >= query_end) return;
   const int64_t n_pad = padded_columns(n);
   float* keys_t = scratch.keys_t.data();
   float* queries = scratch.queries.data();
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* k_row = k_rows + j * k_row_stride;
-    for (int64_t c = 0; c < d; ++c) keys_t[c * n_pad + j] = static_cast<float>(widen(k_row[c]));
+  // Transposed kTileCols keys at a time: each write is a run of kTileCols floats (one cache line),
+  // not d scattered floats n_pad apart per key.
+  for (int64_t j0 = 0; j0 < n; j0 += kTileCols) {
+    const int64_t cols = std::min(kTileCols, n - j0);
+    const scalar_t* k_block = k_rows + j0 * k_row_stride;
+    for (int64_t c = 0; c < d; ++c) {
+      float* dst = keys_t + c * n_pad + j0;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<float>(widen(k_block[j * k_row_stride + c]));
+    }
   }
-  for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, n - i0);
+  for (int64_t i0 = query_begin; i0 < query_end; i0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, query_end - i0);
     const int64_t tiled_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* q_row = q_rows + (i0 + r) * q_row_stride;
