@@ -189,6 +189,21 @@ def test_budget_as_count_and_ratio():
     assert vzt.get_patch(model).settings == {"dominant": 0.5, "contextual": 0.2, "layer": -1}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs(dtype):
+    """A half-precision model runs: tokens in its dtype, finite, every image's budget met (the op
+    tests compare the half-precision kernels with the reference)."""
+    model = tiny_qwen("qwen2_5_vl")
+    pixels, grid = images([(8, 12), (6, 10)])
+    vz.apply(model.to(dtype))
+    with torch.no_grad():
+        out = model.model.get_image_features(pixels.to(dtype), grid)
+    assert all(p.dtype == dtype for p in out.pooler_output)
+    counts = [sum(budget(n)) for n in merged_tokens([(8, 12), (6, 10)])]
+    assert [p.shape[0] for p in out.pooler_output] == counts
+    assert all(torch.isfinite(p).all() for p in out.pooler_output)
+
+
 # ------------------------------------------------------------------------------------------------
 # LLM side: shrink_inputs, positions, batches, generate
 

@@ -83,7 +83,7 @@ class FusedQueryKey:
     splits it. ``attention`` is the module whose call receives the rotary inputs (keyword
     ``position_embeddings`` = (cos, sin)) and the packed ``cu_seqlens``; ``rotary`` is the model's own
     function ``(q, k, cos, sin) -> (q, k)`` on [T, H, d]: q and k are taken AFTER it, as the
-    attention sees them (``None``: the model has no rotary embedding, q and k are the projection's).
+    attention sees them (``None``: q and k are the projection's outputs, before any rotary).
     """
 
     attention: torch.nn.Module
