@@ -41,7 +41,7 @@ KINDS = ("qwen2_vl", "qwen2_5_vl")
 # Tiny models
 
 
-def tiny_qwen(kind: str, seed: int = 0, depth: int = 2):
+def tiny_qwen(kind: str, seed: int = 0, depth: int = 2, attn: str = "sdpa"):
     """A random Qwen2-VL / Qwen2.5-VL (vision width 32, 2 heads, ``depth`` blocks; LLM width 48, 2
     layers). Qwen2.5-VL: window of 2x2 merge units, the last block full-attention."""
     text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -58,7 +58,7 @@ def tiny_qwen(kind: str, seed: int = 0, depth: int = 2):
         model_cls, config_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig
     config = config_cls(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
                         vision_start_token_id=VSTART, vision_end_token_id=VEND, pad_token_id=PAD)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
@@ -132,9 +132,9 @@ def assert_separated(scores: torch.Tensor, dominant: int) -> None:
 # Vision side: one image, several images
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_one_image_equals_upstream_oracle(kind):
-    model = tiny_qwen(kind)
+@pytest.mark.parametrize("kind, attn", [(kind, "sdpa") for kind in KINDS] + [("qwen2_5_vl", "eager")])
+def test_one_image_equals_upstream_oracle(kind, attn):
+    model = tiny_qwen(kind, attn=attn)
     pixels, grid = images([(8, 12)])
     positions, kept, scores, D = oracle_one_image(model, pixels, grid)
     assert_separated(scores, D)
@@ -313,6 +313,22 @@ def test_remove_restores_bit_for_bit(kind):
         features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         expected = stock.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     assert torch.equal(features.pooler_output[0], expected.pooler_output[0])
+
+
+def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    model = tiny_qwen("qwen2_5_vl")
+    vz.apply(model)
+    clone = copy.deepcopy(model)
+    patch = vzt.get_patch(clone)
+    assert patch is not vzt.get_patch(model) and patch.model is clone
+    assert patch.query_key.qkv_proj is clone.model.visual.blocks[-1].attn.qkv
+    pixels, grid = images([(8, 12)])
+    with torch.no_grad():
+        ours, theirs = model.model.get_image_features(pixels, grid), clone.model.get_image_features(pixels, grid)
+    assert torch.equal(ours.pooler_output[0], theirs.pooler_output[0]) and torch.equal(ours.keep, theirs.keep)
+    vz.remove(clone)
+    assert "get_image_features" not in clone.model.__dict__ and not clone.model._forward_pre_hooks
+    assert vzt.get_patch(model) is not None and "get_image_features" in model.model.__dict__
 
 
 def test_registry_describes_fused_qkv_after_rotary():
