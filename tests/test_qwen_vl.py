@@ -269,11 +269,21 @@ def test_generate_two_images_and_a_batch(kind):
     inputs = batch_inputs([prompt(merged_tokens(grids))], grids)
     with torch.no_grad():
         shrunk = vzt.shrink_inputs(model, inputs)
-        out = model.generate(**shrunk, max_new_tokens=4, do_sample=False)
+        generated = model.generate(**shrunk, max_new_tokens=4, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+        out = generated.sequences
         first = model(**shrunk).logits[:, -1].argmax(-1)
-    assert out.shape == (1, shrunk["input_ids"].shape[1] + 4)
-    assert torch.equal(out[:, : shrunk["input_ids"].shape[1]], shrunk["input_ids"])
-    assert torch.equal(out[:, shrunk["input_ids"].shape[1]], first)
+    S = shrunk["input_ids"].shape[1]
+    assert out.shape == (1, S + 4)
+    assert torch.equal(out[:, :S], shrunk["input_ids"])
+    assert torch.equal(out[:, S], first)
+    # The second token, recomputed without a cache: the new token sits at the original last position + 1.
+    with torch.no_grad():
+        step = model(inputs_embeds=torch.cat([shrunk["inputs_embeds"], model.get_input_embeddings()(out[:, S:S + 1])], 1),
+                     position_ids=torch.cat([shrunk["position_ids"], shrunk["position_ids"][..., -1:] + 1], -1),
+                     attention_mask=torch.cat([shrunk["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1))
+    assert torch.equal(step.logits[:, -1].argmax(-1), out[:, S + 1])
+    torch.testing.assert_close(generated.logits[1], step.logits[:, -1], atol=1e-4, rtol=1e-4)
     # A batch of two prompts with images of different sizes (left padding).
     grids_a, grids_b = [(8, 12)], [(6, 6)]
     batch = batch_inputs([prompt(merged_tokens(grids_a), seed=3), prompt(merged_tokens(grids_b), seed=4)],
