@@ -22,7 +22,8 @@ sizes, about 1024 tokens each (4096 in all). The issue's targets: ours no slower
 scoring memory O(T H) (at 4 x 1024 tokens, peak >= 10x below upstream's way).
 
 LLM prefill: a small random-init Qwen2.5-VL language model (width 1024, ``VZ_QWEN_LLM_LAYERS``
-layers: 4 on CPU, 8 on CUDA; 16 heads, SwiGLU 2816) prefills one image at real geometry (1288 x 728 px: 92 x 52 patches, 1196 LLM tokens)
+layers: 4 on CPU, 8 on CUDA; 16 heads, SwiGLU 2816) prefills one image at real geometry
+(1288 x 728 px: 92 x 52 patches, 1196 LLM tokens)
 plus ``VZ_PREFILL_TEXT`` (64) text tokens: the stock prompt vs the kept tokens at the default budget
 (0.65 / 0.05: 70 % kept) and at the 0.45 / 0.05 budget of upstream's README.
 
@@ -91,7 +92,8 @@ class _Summary:
             return
         write = terminalreporter.write_line
         write("")
-        write(f"Qwen2.5-VL tower ({DEPTH} blocks, {DEVICE}, {str(DTYPE).removeprefix('torch.')}) + VisionZip 0.65/0.05:")
+        dtype = str(DTYPE).removeprefix("torch.")
+        write(f"Qwen2.5-VL tower ({DEPTH} blocks, {DEVICE}, {dtype}) + VisionZip 0.65/0.05:")
         for group, paths in _TOWER.items():
             if {"stock", "ours", "upstream"} - set(paths):
                 continue

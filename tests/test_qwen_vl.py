@@ -279,7 +279,8 @@ def test_generate_two_images_and_a_batch(kind):
     assert torch.equal(out[:, S], first)
     # The second token, recomputed without a cache: the new token sits at the original last position + 1.
     with torch.no_grad():
-        step = model(inputs_embeds=torch.cat([shrunk["inputs_embeds"], model.get_input_embeddings()(out[:, S:S + 1])], 1),
+        new_token = model.get_input_embeddings()(out[:, S:S + 1])
+        step = model(inputs_embeds=torch.cat([shrunk["inputs_embeds"], new_token], 1),
                      position_ids=torch.cat([shrunk["position_ids"], shrunk["position_ids"][..., -1:] + 1], -1),
                      attention_mask=torch.cat([shrunk["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1))
     assert torch.equal(step.logits[:, -1].argmax(-1), out[:, S + 1])
@@ -347,7 +348,8 @@ def test_registry_describes_fused_qkv_after_rotary():
     query_key = family.query_key(family.layers(model.model.visual)[-1])
     assert isinstance(query_key, vzt.common.FusedQueryKey)
     assert query_key.qkv_proj is model.model.visual.blocks[-1].attn.qkv
-    assert query_key.rotary is not None and query_key.num_heads * query_key.head_dim * 3 == query_key.qkv_proj.out_features
+    assert query_key.rotary is not None
+    assert query_key.num_heads * query_key.head_dim * 3 == query_key.qkv_proj.out_features
     with pytest.raises(TypeError, match="apply VisionZip to the whole Qwen2_5_VLForConditionalGeneration"):
         vz.apply(model.model.visual)  # the packed tower alone is not a stand-alone encoder
 

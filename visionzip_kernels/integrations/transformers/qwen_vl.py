@@ -218,7 +218,8 @@ class QwenVLPatch:
         if self.windowed:
             full = list(getattr(self.visual, "fullatt_block_indexes", None) or [])
             if self.layer_index not in full:
-                raise ValueError(f"visionzip.apply: layer {layer} (block {self.layer_index}) of the {tower_family.name} "
+                raise ValueError(f"visionzip.apply: layer {layer} (block {self.layer_index}) of the "
+                                 f"{tower_family.name} "
                                  f"tower is a windowed block; the scoring layer must be a full-attention block, "
                                  f"one of fullatt_block_indexes = {full}")
         merge = getattr(self.visual, "spatial_merge_size", None)
@@ -321,7 +322,8 @@ class QwenVLPatch:
         slot: dict = {}
         query_key = self.query_key
         handles = [
-            query_key.attention.register_forward_pre_hook(partial(self._capture_attention_inputs, slot), with_kwargs=True),
+            query_key.attention.register_forward_pre_hook(partial(self._capture_attention_inputs, slot),
+                                                          with_kwargs=True),
             query_key.qkv_proj.register_forward_hook(partial(self._capture_qkv, slot)),
         ]
         try:
