@@ -68,10 +68,9 @@ void received_per_chunk(const at::Tensor& q, const at::Tensor& k, const std::vec
   });
 }
 
-// scores[j] = mean over the unit's tokens of (mean over heads of the chunks' column sums, added in
-// chunk order), and metric[j] = k
-// averaged over the unit's tokens, then over heads (summed in that order in the accumulator type,
-// rounded once), for every merge unit j.
+// For every merge unit j: scores[j] = mean over the unit's tokens of (mean over heads of the chunks'
+// column sums, added in chunk order); metric[j] = k averaged over the unit's tokens, then over
+// heads (summed in that order in the accumulator type, rounded once).
 template <typename scalar_t>
 void pool_units(const float* partial, const at::Tensor& k, int64_t unit, float* scores, scalar_t* metric) {
   using acc_t = metric_acc_t<scalar_t>;
