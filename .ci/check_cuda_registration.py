@@ -15,7 +15,7 @@ import torch
 import visionzip_kernels
 
 OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge", "contextual_merge_backward",
-       "select_merge", "varlen_scores_and_metric")
+       "select_merge", "varlen_scores_and_metric", "varlen_select_merge", "varlen_select_merge_backward")
 
 assert torch.version.cuda, "this check needs the CUDA build of torch"
 # torch has no public query for "is a kernel registered for this key"; this one is what

@@ -205,8 +205,7 @@ def test_no_images_and_empty_budgets():
     assert tokens.shape == (0, 24) and cu_out.tolist() == [0, 0, 0]
 
 
-def test_cuda_seqlens_on_cpu_beside_data_is_accepted():
-    """cu_seqlens may live on the CPU (it does here anyway); a CPU int32 one keeps its dtype."""
+def test_int32_cu_seqlens_keeps_its_dtype():
     hidden, scores, metric, cu = packed_inputs([30, 20], [5, 4], [3, 2], cu_dtype=torch.int32)
     _, _, cu_out = ops.varlen_select_merge(hidden, scores, metric, cu, [5, 4], [3, 2])
     assert cu_out.dtype == torch.int32 and cu_out.device.type == "cpu"
@@ -393,3 +392,43 @@ def test_compile_fullgraph_forward_and_backward():
     assert_close_verbose(grad, ref_grad, atol=1e-5, rtol=FP32_RTOL, name="compiled grad vs reference")
     assert_equal_verbose(got[1], reference.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)[1],
                          "compiled keep vs reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (csrc/cuda/varlen_merge_cuda.cu): the dense CUDA launches per image use the CPU kernels'
+# formulas in the same order, so tokens, keep and gradients must equal the CPU kernel's bit for bit.
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("cu_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+def test_cuda_equals_cpu_kernel(dtype, cu_device, strided):
+    sizes, dominant, contextual = [40, 17, 1, 0, 29, 300], [0, 17, 1, 0, 4, 195], [6, 0, 0, 0, 25, 15]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, dtype=dtype, strided=strided,
+                                               cu_dtype=torch.int32)
+    expected = ops.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)
+    h = hidden.cuda().requires_grad_()
+    tokens, keep, cu_out = ops.varlen_select_merge(h, scores.cuda(), metric.cuda(), cu.to(cu_device), dominant,
+                                                   contextual)
+    assert cu_out.device.type == cu_device and cu_out.dtype == torch.int32
+    assert_equal_verbose(keep.cpu(), expected[1], "keep")
+    assert_equal_verbose(cu_out.cpu(), expected[2], "cu_seqlens_out")
+    assert_equal_verbose(tokens.detach().cpu(), expected[0], "tokens vs CPU kernel")
+    grad_out = torch.randn(tokens.shape).to(dtype)
+    (grad,) = torch.autograd.grad(tokens, h, grad_out.cuda())
+    cpu_grad = ops.varlen_select_merge_backward(grad_out, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(grad.cpu(), cpu_grad, "grad of hidden vs CPU kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_opcheck_and_gradcheck():
+    sizes, dominant, contextual = [40, 17, 29], [5, 17, 0], [6, 0, 5]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, C=8, d=4, dtype=torch.float64)
+    h, s, m = hidden.cuda().requires_grad_(), scores.cuda(), metric.cuda()
+    torch.library.opcheck(ops.varlen_select_merge.default, (h, s, m, cu, dominant, contextual))
+    fn = lambda x: ops.varlen_select_merge(x, s, m, cu, dominant, contextual)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h,))
