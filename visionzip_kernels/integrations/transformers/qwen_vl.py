@@ -13,7 +13,8 @@ port computes it (docs/SPEC.md, "Qwen2-VL and Qwen2.5-VL"), but image-local:
   ``fullatt_block_indexes``). Its q and k are read from its fused ``qkv`` Linear (a forward hook on
   it) and rotated with the rotary (cos, sin) the attention received (a forward pre-hook on the
   attention) by the model's own ``apply_rotary_pos_emb_vision``: q and k AFTER the rotary, as the
-  attention sees them. The hooks exist only while the patched ``get_image_features`` runs.
+  attention sees them. The hooks exist only while the patched ``get_image_features`` runs (no
+  thread-local or global state; so two threads must not run one patched model's image features at once).
 - The tower runs unchanged (its attention implementation included) and the patch merger runs on all
   tokens; that layer is the last one, so nothing is skipped.
 - ``varlen_scores_and_metric`` (attention within each image, per ``cu_seqlens``; pooled per merge
