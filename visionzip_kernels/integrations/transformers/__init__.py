@@ -29,6 +29,10 @@ model_type                class                               scores / CLS
                           ``LlavaModel``                      (see :mod:`.llava`)
 ``llava_next``            ``LlavaNextForConditionalGeneration``, every anyres crop as above, laid
                           ``LlavaNextModel``                  out on the crop grid (:mod:`.llava_next`)
+``qwen2_vl``              ``Qwen2VLForConditionalGeneration``, attention received in the last vision block
+                          ``Qwen2VLModel``                    (fused qkv, after rotary), per image, packed
+``qwen2_5_vl``            ``Qwen2_5_VLForConditionalGeneration``, the same, window order undone
+                          ``Qwen2_5_VLModel``                 (see :mod:`.qwen_vl`)
 ========================  ==================================  ===========================================
 
 Anything else raises ``TypeError`` naming the supported types.
@@ -83,10 +87,12 @@ from collections.abc import Iterator
 
 import torch
 
-from . import clip, dinov2, llava, llava_next, siglip
+from ...api import CONTEXTUAL_SHARE, DOMINANT_SHARE
+from . import clip, dinov2, llava, llava_next, qwen_vl, siglip
 from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput, resolve_budget
-from .llava import LlavaPatch, shrink_image_tokens, shrink_inputs
+from .llava import LlavaPatch, shrink_image_tokens
 from .llava_next import LlavaNextPatch
+from .qwen_vl import QwenVLPatch, QwenVisionZipOutput
 
 __all__ = [
     "COMPOSITE_FAMILIES",
@@ -95,6 +101,8 @@ __all__ = [
     "EncoderPatch",
     "LlavaNextPatch",
     "LlavaPatch",
+    "QwenVLPatch",
+    "QwenVisionZipOutput",
     "SUPPORTED_MODEL_TYPES",
     "VisionZipOutput",
     "apply",
@@ -107,7 +115,7 @@ __all__ = [
 
 # The registry: every supported model type, and nothing about a model type outside it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
-COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL, qwen_vl.QWEN2_5_VL)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_TYPE)
@@ -115,10 +123,14 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_
 # The attribute a patched model carries (a plain attribute: not a submodule, not in the state dict).
 _ATTR = "_visionzip_patch"
 
+_ENCODER_DEFAULTS = (54, 10, -2)  # dominant, contextual, layer (LLaVA-1.5's budget and layer)
+
 _HINTS = {
     "clip": "a CLIPModel: apply VisionZip to its vision tower, a CLIPVisionModel (model.vision_model)",
     "siglip": "a SiglipModel: apply VisionZip to its vision tower, a SiglipVisionModel (model.vision_model)",
     "dinov2_with_registers": "DINOv2 with registers is not supported (only Dinov2Model)",
+    "qwen2_vl_vision": "a Qwen2-VL vision tower: apply VisionZip to the whole Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl_vision": "a Qwen2.5-VL vision tower: apply VisionZip to the whole Qwen2_5_VLForConditionalGeneration",
 }
 
 
@@ -145,13 +157,13 @@ def encoder_family(model: torch.nn.Module) -> EncoderFamily:
     return family
 
 
-def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | None:
+def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | QwenVLPatch | None:
     """The active patch of ``model`` (with its ``settings``), or ``None`` when it is not patched."""
     return model.__dict__.get(_ATTR)
 
 
-def apply(model: torch.nn.Module, dominant: int | None = None, contextual: int | None = None, layer: int = -2, *,
-          tokens: int | None = None, ratio: float | None = None) -> torch.nn.Module:
+def apply(model: torch.nn.Module, dominant: int | float | None = None, contextual: int | float | None = None,
+          layer: int | None = None, *, tokens: int | None = None, ratio: float | None = None) -> torch.nn.Module:
     """Makes ``model`` VisionZip-compressed, in place, and returns it.
 
     The budget is given one way: ``dominant`` / ``contextual`` explicitly (default 54 / 10), or
@@ -169,10 +181,18 @@ def apply(model: torch.nn.Module, dominant: int | None = None, contextual: int |
             ``LlavaForConditionalGeneration``, ``LlavaModel`` or their LLaVA-NeXT counterparts
             (recognised by ``config.model_type``; for LLaVA-NeXT the budget is per crop).
         dominant: D, dominant tokens kept per image (CLS included for CLS encoders). Default 54.
-        contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64).
-        layer: the encoder layer read, Python-style index into its layer list; default -2.
         tokens: the total D + K (int >= 1), split 54:10; excludes ``dominant`` / ``contextual``.
         ratio: a float in (0, 1]: the total as a share of N, split 54:10; excludes the others.
+            Qwen2-VL / Qwen2.5-VL: a count per image (int) or a ratio of each image's merged tokens
+            (float in (0, 1]); default 0.65 (see :mod:`.qwen_vl`).
+        contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64); Qwen: a
+            count or a ratio, default 0.05 (at least one per image).
+        layer: the encoder layer read, Python-style index into its layer list; default -2 (Qwen: -1,
+            the last vision block, which must be a full-attention block).
+        tokens: the total D + K (int >= 1), split 54:10; excludes ``dominant`` / ``contextual``.
+            Qwen: per image.
+        ratio: a float in (0, 1]: the total as a share of N, split 54:10; excludes the others.
+            Qwen: per image, as the ratios dominant = ratio * 54/64, contextual = ratio * 10/64.
 
     Returns:
         ``model``, patched (see the module docstring for the output contract).
@@ -183,25 +203,63 @@ def apply(model: torch.nn.Module, dominant: int | None = None, contextual: int |
             ``tokens < 1``, ``ratio`` outside (0, 1], or the budget given two ways. A budget larger
             than N raises at run time (``D + K <= N`` is checked against each call's tokens).
     """
-    dominant, contextual, ratio = resolve_budget(dominant, contextual, tokens, ratio)
     previous = get_patch(model)
     if previous is not None:
         remove(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
-    ratio_kwargs = {} if ratio is None else {"ratio": ratio}
     try:
         if composite is not None:
+            dominant, contextual, layer = _with_defaults(composite.defaults, dominant, contextual, layer)
             tower = composite.tower(model)
-            patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer, **ratio_kwargs)
+        if composite is not None and composite.tower_family is not None:
+            # Packed towers (Qwen): per-image budgets, counts or ratios of each image's tokens.
+            dominant, contextual = _packed_budget(dominant, contextual, tokens, ratio)
+            dominant, contextual, layer = _with_defaults(composite.defaults, dominant, contextual, layer)
+            patch = composite.make_patch(model, composite.tower_family, dominant, contextual, layer)
         else:
-            patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer, **ratio_kwargs)
+            dominant, contextual, ratio = resolve_budget(dominant, contextual, tokens, ratio)
+            ratio_kwargs = {} if ratio is None else {"ratio": ratio}
+            layer = (composite.defaults if composite is not None else _ENCODER_DEFAULTS)[2] if layer is None else layer
+            if composite is not None:
+                tower = composite.tower(model)
+                patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer, **ratio_kwargs)
+            else:
+                patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer, **ratio_kwargs)
     except Exception:
         if previous is not None:  # leave the model as it was
             apply(model, **previous.settings)
         raise
     model.__dict__[_ATTR] = patch
     return model
+
+
+def _packed_budget(dominant, contextual, tokens, ratio) -> tuple:
+    """``tokens=`` / ``ratio=`` for a packed tower (Qwen), per image: ``tokens`` split 54:10 into
+    counts, ``ratio`` into the ratios ``ratio * 54/64`` and ``ratio * 10/64`` (rounded per image as
+    upstream rounds its ratios). Without them, ``dominant`` / ``contextual`` pass as given."""
+    if tokens is None and ratio is None:
+        return dominant, contextual
+    dominant, contextual, ratio = resolve_budget(dominant, contextual, tokens, ratio)
+    if ratio is None:
+        return dominant, contextual
+    total = DOMINANT_SHARE + CONTEXTUAL_SHARE
+    return ratio * DOMINANT_SHARE / total, ratio * CONTEXTUAL_SHARE / total
+
+
+def _with_defaults(defaults: tuple, dominant, contextual, layer) -> tuple:
+    given = (dominant, contextual, layer)
+    return tuple(default if value is None else value for value, default in zip(given, defaults))
+
+
+def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
+    """The stock processor's output made consistent with the VisionZip-patched ``model``: for LLaVA,
+    :func:`.llava.shrink_inputs` (D+K placeholders per image); for Qwen2-VL / Qwen2.5-VL,
+    :func:`.qwen_vl.shrink_inputs` (the images encoded once, the kept tokens at their original
+    3-D positions, ``inputs_embeds`` ready). Keyword arguments go to that function."""
+    if isinstance(get_patch(model), QwenVLPatch):
+        return qwen_vl.shrink_inputs(model, inputs, **kwargs)
+    return llava.shrink_inputs(model, inputs, **kwargs)
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -214,8 +272,9 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, dominant: int | None = None, contextual: int | None = None, layer: int = -2, *,
-            tokens: int | None = None, ratio: float | None = None) -> Iterator[torch.nn.Module]:
+def patched(model: torch.nn.Module, dominant: int | float | None = None, contextual: int | float | None = None,
+            layer: int | None = None, *, tokens: int | None = None, ratio: float | None = None
+            ) -> Iterator[torch.nn.Module]:
     """Context manager form of :func:`apply` (same arguments): yields the patched model; on exit the
     model is restored to what it was on entry (unpatched, or patched with its previous settings)."""
     previous = get_patch(model)

@@ -91,12 +91,32 @@ class VisionZipOutput(BaseModelOutputWithPooling):
 
 @dataclass(frozen=True)
 class QueryKey:
-    """Where one encoder layer's q and k come from (docs/SPEC.md: after the bias, before any scaling)."""
+    """Where one encoder layer's q and k come from (docs/SPEC.md: after the bias, before any scaling):
+    two separate projections, with no rotary embedding (CLIP, SigLIP, DINOv2)."""
 
     q_proj: torch.nn.Module  # its output is q, [B, N, H * head_dim]
     k_proj: torch.nn.Module  # its output is k, [B, N, H * head_dim]
     head_dim: int
     scale: float  # the softmax scale the model uses
+
+
+@dataclass(frozen=True)
+class FusedQueryKey:
+    """q and k from one fused projection, taken after the rotary embedding (Qwen2-VL, Qwen2.5-VL).
+
+    ``qkv_proj``'s output [T, 3 * num_heads * head_dim] is (q, k, v) x heads x head_dim, as the model
+    splits it. ``attention`` is the module whose call receives the rotary inputs (keyword
+    ``position_embeddings`` = (cos, sin)) and the packed ``cu_seqlens``; ``rotary`` is the model's own
+    function ``(q, k, cos, sin) -> (q, k)`` on [T, H, d]: q and k are taken AFTER it, as the
+    attention sees them (``None``: q and k are the projection's outputs, before any rotary).
+    """
+
+    attention: torch.nn.Module
+    qkv_proj: torch.nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float  # the softmax scale the model uses
+    rotary: Callable | None
 
 
 def separate_projections(attention: torch.nn.Module) -> QueryKey:
@@ -122,16 +142,19 @@ class EncoderFamily:
     model_class: Callable[[], type]  # the supported class (a subclass also matches), imported lazily
     keep_cls: bool  # CLS token at index 0: cls_attention + keep_cls=True; else attention_received
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # the encoder's layer list
-    query_key: Callable[[torch.nn.Module], QueryKey]  # one layer's q/k projections, head dim and scale
+    # one layer's q/k: separate projections (QueryKey) or a fused qkv after rotary (FusedQueryKey)
+    query_key: Callable[[torch.nn.Module], QueryKey | FusedQueryKey]
+    # How a stand-alone encoder runs (EncoderPatch); None for a tower that is only patched inside its
+    # composite model (Qwen's packed towers, whose patch keeps the tower's own forward).
     # (model, pixel_values, **the model's own input options) -> [B, N, C]: everything before layer 0,
     # i.e. what the unpatched model reports as hidden_states[0]
-    embed: Callable[..., torch.Tensor]
+    embed: Callable[..., torch.Tensor] | None = None
     # (layer, hidden [B, N, C]) -> its output [B, N, C]: one call of the layer module
-    run_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    run_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     # (layer, its input hidden states) -> the tensor its attention projects into q / k / v
-    attention_input: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    attention_input: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     # (model) -> tokens per image at the configured image size (N, CLS included)
-    num_tokens: Callable[[torch.nn.Module], int]
+    num_tokens: Callable[[torch.nn.Module], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,10 @@ class CompositeFamily:
     # (model, the tower's EncoderFamily, dominant, contextual, layer[, ratio=r]) -> the patch; with
     # ratio (passed only when given) dominant and contextual are None
     make_patch: Callable[..., object]
+    # what apply() uses for dominant, contextual, layer when they are not given
+    defaults: tuple = (54, 10, -2)
+    # the tower's family when it is not a stand-alone encoder family (Qwen's packed towers)
+    tower_family: EncoderFamily | None = None
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -220,6 +247,9 @@ class EncoderPatch:
         self.layer_index = layer % n
         self.num_layers = n
         query_key = family.query_key(layers[self.layer_index])
+        if not isinstance(query_key, QueryKey):
+            raise TypeError(f"visionzip.apply: the {family.name} encoder's q/k are not two separate projections "
+                            f"({type(query_key).__name__}); it is supported only inside its composite model")
         self.head_dim = query_key.head_dim
         self.scale = query_key.scale
         # The model's input options the patched forward takes (the family's embed keywords).

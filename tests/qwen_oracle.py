@@ -1,0 +1,112 @@
+"""Upstream's way for Qwen2-VL / Qwen2.5-VL, written the way upstream's port computes it: the stock
+tower runs, the last block's input and rotary (cos, sin) are taken by a hook, q/k are recomputed
+from ``norm1`` and ``qkv`` with the rotate-half formula, the whole [H, T, T] softmax is materialised,
+mean over heads, sum over rows, mean per merge unit of 4, ``argsort(window_index)``, then topk,
+masks, bmm similarity and a one-hot bmm merge, the kept tokens put back in original order.
+
+Used as the tests' oracle (one image at a time, so attention is the image's own) and as the
+benchmark's "upstream" path (``packed=True``: all images in one softmax, as upstream does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNIT = 4  # tokens per 2x2 merge unit
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def stock_tower_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
+    """The unpatched model's image features: (merged tokens [T/4, C_llm] in original order,
+    the last block's input [T, C], its rotary (cos, sin))."""
+    block = model.model.visual.blocks[-1]
+    seen = {}
+
+    def take_block_inputs(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["cos_sin"] = kwargs["position_embeddings"]
+
+    handle = block.register_forward_pre_hook(take_block_inputs, with_kwargs=True)
+    try:
+        tokens = torch.cat(list(model.model.get_image_features(pixels, grid).pooler_output))
+    finally:
+        handle.remove()
+    return tokens, seen["x"], seen["cos_sin"]
+
+
+def upstream_scores_and_metric(model, x: torch.Tensor, cos_sin, grid: torch.Tensor):
+    """Eager full softmax over all T tokens of ``x`` (images attend to each other when several are
+    packed, as upstream does): (scores [T/4], metric [T/4, d]) in original order."""
+    visual = model.model.visual
+    block = visual.blocks[-1]
+    x = block.norm1(x)
+    T = x.shape[0]
+    heads = block.attn.num_heads
+    q, k, _ = block.attn.qkv(x).reshape(T, 3, heads, -1).permute(1, 0, 2, 3)
+    cos, sin = (t.unsqueeze(-2).float() for t in cos_sin)
+    q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
+    k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
+    d = q.shape[-1]
+    attn = torch.softmax(torch.matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2)) * d**-0.5, dim=-1)
+    received = attn.mean(dim=0).sum(dim=0)  # [T]: mean over heads, sum over query rows
+    scores = received.view(-1, UNIT).mean(dim=1)  # per merge unit, window order
+    metric = k.view(-1, UNIT, heads, d).mean(dim=1)
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: back to the original order
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        reverse = torch.argsort(window_index)
+        scores, metric = scores[reverse], metric[reverse]
+    return scores, metric.mean(dim=1)
+
+
+def upstream_select_merge(tokens: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int,
+                          contextual: int):
+    """One image: topk, masks, bmm, one-hot merge; (kept positions [D+K] ascending, kept tokens)."""
+    N, C = tokens.shape
+    dominant_idx = scores.topk(dominant).indices
+    mask = torch.ones(N, dtype=torch.bool, device=tokens.device)
+    mask[dominant_idx] = False
+    rest = mask.nonzero().squeeze(1)
+    metric_rest = metric[mask]
+    hidden_rest = tokens.masked_select(mask.unsqueeze(-1)).view(-1, C)
+    normed = metric_rest / metric_rest.norm(dim=-1, keepdim=True)
+    step = max(1, normed.shape[0] // contextual)
+    targets = torch.arange(0, normed.shape[0], step, device=tokens.device)[:contextual]
+    not_target = ~torch.isin(torch.arange(normed.shape[0], device=tokens.device), targets)
+    similarity = torch.bmm(normed[not_target][None], normed[targets].T[None])[0]
+    one_hot = torch.zeros(int(not_target.sum()), contextual, dtype=tokens.dtype, device=tokens.device)
+    one_hot.scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
+    counts = one_hot.sum(dim=0).clamp(min=1).unsqueeze(-1)
+    merged = torch.bmm(one_hot.T[None], hidden_rest[not_target][None])[0] / counts
+    contextual_tokens = hidden_rest[targets] + merged
+    positions = torch.cat([dominant_idx, rest[targets]])
+    order = positions.argsort()
+    return positions[order], torch.cat([tokens[dominant_idx], contextual_tokens])[order]
+
+
+def budget(n: int, dominant: float = 0.65, contextual: float = 0.05) -> tuple[int, int]:
+    """Upstream's per-image budget: int(0.65 N) dominant, max(int(0.05 N), 1) contextual."""
+    return int(dominant * n), max(int(contextual * n), 1)
+
+
+def upstream_way(model, pixels: torch.Tensor, grid: torch.Tensor, dominant: float = 0.65, contextual: float = 0.05):
+    """The whole upstream path for the images of ``grid`` (one softmax over all of them):
+    (per-image kept positions, per-image kept tokens, scores [T/4])."""
+    tokens, x, cos_sin = stock_tower_with_last_block(model, pixels, grid)
+    scores, metric = upstream_scores_and_metric(model, x, cos_sin, grid)
+    merge = model.model.visual.spatial_merge_size ** 2
+    positions, kept, start = [], [], 0
+    for t, h, w in grid.tolist():
+        n = t * h * w // merge
+        d, k = budget(n, dominant, contextual)
+        p, tok = upstream_select_merge(tokens[start:start + n], scores[start:start + n], metric[start:start + n], d, k)
+        positions.append(p)
+        kept.append(tok)
+        start += n
+    return positions, kept, scores

@@ -1,0 +1,530 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
+and their ``...Model``): the LLM gets each image's VisionZip tokens, at their own 3-D rope positions.
+
+The vision tower is NaViT-style: the images of a call are packed into one [T, C] sequence (T = sum of
+t*h*w patches) with ``cu_seqlens``; a patch merger pools every 2x2 merge unit (4 consecutive tokens)
+into one LLM token, so image i gives N_i = t*h*w/4 tokens. Qwen2.5-VL also reorders the units into
+attention windows (``window_index``) and puts the LLM tokens back with ``argsort(window_index)``.
+
+What :func:`visionzip_kernels.apply` does (:class:`QwenVLPatch`), as upstream VisionZip's Qwen2.5-VL
+port computes it (docs/SPEC.md, "Qwen2-VL and Qwen2.5-VL"), but image-local:
+
+- Scoring layer: the last vision block (``layer=-1``; on Qwen2.5-VL it must be one of
+  ``fullatt_block_indexes``). Its q and k are read from its fused ``qkv`` Linear (a forward hook on
+  it) and rotated with the rotary (cos, sin) the attention received (a forward pre-hook on the
+  attention) by the model's own ``apply_rotary_pos_emb_vision``: q and k AFTER the rotary, as the
+  attention sees them. The hooks exist only while the patched ``get_image_features`` runs (no
+  thread-local or global state; so two threads must not run one patched model's image features at once).
+- The tower runs unchanged (its attention implementation included) and the patch merger runs on all
+  tokens; that layer is the last one, so nothing is skipped.
+- ``varlen_scores_and_metric`` (attention within each image, per ``cu_seqlens``; pooled per merge
+  unit of 4 tokens in window order) gives scores [T/4] and metric [T/4, d]; they are put in the
+  original order with ``argsort(window_index)`` (Qwen2.5-VL; identity for Qwen2-VL).
+- ``varlen_select_merge`` on the merger's outputs with per-image budgets keeps each image's tokens in
+  original order, the contextual token at its target's position.
+
+``get_image_features`` of the inner model is replaced on the instance; it returns a
+:class:`QwenVisionZipOutput` whose ``pooler_output`` is one [D_i+K_i, C_llm] tensor per image.
+
+Budgets, per image, with N_i = the image's merged tokens: ``dominant`` a count (int) or a ratio
+(float in (0, 1]: D_i = int(r * N_i), upstream's default 0.65), ``contextual`` a count or a ratio
+(K_i = max(int(r * N_i), 1), default 0.05). D_i + K_i <= N_i is checked for every image.
+
+The prompt: the stock processor writes N_i placeholders per image, and the 3-D rope positions of a
+VisionZip prompt are the original ones at the kept tokens (the text after an image keeps its
+positions). :func:`shrink_inputs` does both: it encodes the images once (the patched tower), computes
+the 3-D positions for the ORIGINAL prompt with the model's own ``get_rope_index``, drops the removed
+image tokens from ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` and the
+positions, re-pads the rows, and returns ``inputs_embeds`` with the VisionZip tokens in place (the
+images are not encoded again)::
+
+    vz.apply(model)                                   # dominant=0.65, contextual=0.05 per image
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = shrink_inputs(model, inputs)             # input_ids, attention_mask, position_ids, inputs_embeds, ...
+    out = model.generate(**inputs, max_new_tokens=32) # out = the shrunk input_ids + new tokens
+
+A forward pre-hook on the inner model rejects inputs whose placeholder count does not match the
+patched model (the stock prompt with ``pixel_values``), naming :func:`shrink_inputs`. Videos
+(``pixel_values_videos``) are left alone. ``remove()`` restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ... import ops
+from .common import CompositeFamily, EncoderFamily, FusedQueryKey, VisionZipOutput
+
+IGNORE_INDEX = -100  # transformers' label value for positions without a loss
+DEFAULTS = (0.65, 0.05, -1)  # upstream's dominant / contextual ratios, the last vision block
+
+
+@dataclass
+class QwenVisionZipOutput(VisionZipOutput):
+    """Output of a patched Qwen ``get_image_features``.
+
+    Attributes:
+        pooler_output: tuple of [D_i+K_i, C_llm] per image: the kept merger outputs in original order.
+        keep: [sum(D_i+K_i)] int64: the kept merge units, packed (index into all images' N_i units in
+            input order), ascending within each image.
+        cu_seqlens: [n+1] int64: cumulative D_i+K_i (image i's rows in ``keep``).
+        last_hidden_state: the tower's last hidden state [T, C_vision] (window order on Qwen2.5-VL),
+            as the stock ``get_image_features`` returns it.
+    """
+
+    cu_seqlens: torch.Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry records (no lambdas: plain functions, so the records copy and pickle)
+
+
+def _qwen2_vl_tower_class():
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return Qwen2VisionTransformerPretrainedModel
+
+
+def _qwen2_5_vl_tower_class():
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    return Qwen2_5_VisionTransformerPretrainedModel
+
+
+def _missing(what: str, owner: torch.nn.Module) -> AttributeError:
+    return AttributeError(f"visionzip.apply: {type(owner).__name__} has no {what}; this transformers version's "
+                          "Qwen vision tower is laid out differently from the supported 5.17-5.23")
+
+
+def _blocks(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    blocks = getattr(tower, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise _missing("`blocks` (the vision blocks)", tower)
+    return blocks
+
+
+def _fused_query_key(block: torch.nn.Module) -> FusedQueryKey:
+    """The vision block's ``attn`` with its fused ``qkv`` Linear; q/k after the model's own
+    ``apply_rotary_pos_emb_vision`` (looked up in the attention class's module)."""
+    attention = getattr(block, "attn", None)
+    if attention is None:
+        raise _missing("`attn` in its vision block", block)
+    qkv = getattr(attention, "qkv", None)
+    if not isinstance(qkv, torch.nn.Linear):
+        raise _missing("fused `attn.qkv` Linear", block)
+    num_heads = int(getattr(attention, "num_heads", 0))
+    if num_heads <= 0 or qkv.out_features % (3 * num_heads):
+        raise _missing("`attn.num_heads` that divides its qkv output", block)
+    head_dim = qkv.out_features // (3 * num_heads)
+    rotary = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb_vision", None)
+    if rotary is None:
+        raise _missing(f"apply_rotary_pos_emb_vision beside {type(attention).__name__}", block)
+    scale = getattr(attention, "scaling", None)
+    scale = float(scale) if isinstance(scale, (int, float)) else head_dim**-0.5
+    return FusedQueryKey(attention, qkv, num_heads, head_dim, scale, rotary)
+
+
+QWEN2_VL_TOWER = EncoderFamily(
+    name="Qwen2-VL vision", model_types=("qwen2_vl_vision",), model_class=_qwen2_vl_tower_class,
+    keep_cls=False, layers=_blocks, query_key=_fused_query_key,
+)
+QWEN2_5_VL_TOWER = EncoderFamily(
+    name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_vision",), model_class=_qwen2_5_vl_tower_class,
+    keep_cls=False, layers=_blocks, query_key=_fused_query_key,
+)
+
+
+def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The inner ``Qwen2VLModel`` / ``Qwen2_5_VLModel`` (``visual`` + ``get_rope_index``) of ``model``."""
+    for candidate in (model, getattr(model, "model", None)):
+        if candidate is not None and hasattr(candidate, "visual") and hasattr(candidate, "get_rope_index"):
+            return candidate
+    raise TypeError(f"visionzip.apply: {type(model).__name__} has a Qwen-VL model_type but no inner model with "
+                    "`visual` and `get_rope_index` was found in it")
+
+
+def _visual(model: torch.nn.Module) -> torch.nn.Module:
+    return qwen_model(model).visual
+
+
+# ------------------------------------------------------------------------------------------------
+# Budgets
+
+
+def _check_budget(name: str, value) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"visionzip.apply: {name} must be an int (a count per image) or a float (a ratio of each "
+                        f"image's tokens), got {type(value).__name__}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"visionzip.apply: {name} must be >= 0, got {value}")
+    elif not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"visionzip.apply: {name} as a ratio must be in (0, 1], got {value}")
+    return value
+
+
+def image_budgets(dominant: int | float, contextual: int | float, tokens: list[int],
+                  grids: list[list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """Per-image (D_i, K_i) for images of ``tokens`` = [N_i] merged tokens: a ratio r gives
+    D_i = int(r * N_i) and K_i = max(int(r * N_i), 1) (upstream's rounding), a count is used as is.
+    Raises ``ValueError`` naming the image when D_i + K_i > N_i."""
+    dominants, contextuals = [], []
+    for i, n in enumerate(tokens):
+        d = int(dominant * n) if isinstance(dominant, float) else dominant
+        k = max(int(contextual * n), 1) if isinstance(contextual, float) else contextual
+        if d + k > n:
+            grid = f" (grid t, h, w = {grids[i]})" if grids is not None else ""
+            raise ValueError(f"visionzip: image {i}{grid} has {n} merged tokens, fewer than dominant {d} + "
+                             f"contextual {k}; lower the budget or pass it as a ratio")
+        dominants.append(d)
+        contextuals.append(k)
+    return dominants, contextuals
+
+
+# ------------------------------------------------------------------------------------------------
+# The patch
+
+
+class QwenVLPatch:
+    """VisionZip on a Qwen2-VL / Qwen2.5-VL model instance (see the module docstring).
+
+    ``settings`` = what was given to ``apply`` (``dominant``, ``contextual``: int counts or float
+    ratios per image; ``layer``); ``layer_index`` = the scoring block, 0..depth-1."""
+
+    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant, contextual, layer: int):
+        self.model = model
+        self.qwen = qwen_model(model)
+        self.visual = self.qwen.visual
+        self.family = tower_family
+        self.dominant = _check_budget("dominant", dominant)
+        self.contextual = _check_budget("contextual", contextual)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"visionzip.apply: layer must be an int, got {type(layer).__name__}")
+        blocks = tower_family.layers(self.visual)
+        n = len(blocks)
+        if not -n <= layer < n:
+            raise ValueError(f"visionzip.apply: layer must be in [-{n}, {n - 1}] for this {n}-block "
+                             f"{tower_family.name} tower, got {layer}")
+        self.layer = layer
+        self.layer_index = layer % n
+        self.num_layers = n
+        # Qwen2.5-VL: windowed blocks attend within windows; VisionZip reads a full-attention block.
+        self.windowed = hasattr(self.visual, "window_size") or hasattr(self.visual, "fullatt_block_indexes")
+        if self.windowed:
+            full = list(getattr(self.visual, "fullatt_block_indexes", None) or [])
+            if self.layer_index not in full:
+                raise ValueError(f"visionzip.apply: layer {layer} (block {self.layer_index}) of the "
+                                 f"{tower_family.name} "
+                                 f"tower is a windowed block; the scoring layer must be a full-attention block, "
+                                 f"one of fullatt_block_indexes = {full}")
+        merge = getattr(self.visual, "spatial_merge_size", None)
+        if not isinstance(merge, int):
+            raise _missing("`spatial_merge_size`", self.visual)
+        self.spatial_merge_size = merge
+        self.unit = merge * merge
+        self.query_key: FusedQueryKey = tower_family.query_key(blocks[self.layer_index])
+        config = self.qwen.config
+        self.image_token_id = config.image_token_id
+        self.video_token_id = getattr(config, "video_token_id", None)
+        # None: no instance attribute before ours (a plain None, not a sentinel object, so that a
+        # deep copy of the patched model still recognises it).
+        self._saved_get_image_features = self.qwen.__dict__.get("get_image_features")
+        self._inner_get_image_features = self.qwen.get_image_features  # bound: the class's, or a previous attribute
+        self.qwen.get_image_features = self.get_image_features
+        self._pre_hook = self.qwen.register_forward_pre_hook(self._check_inputs, with_kwargs=True)
+        self.removed = False
+
+    @property
+    def settings(self) -> dict:
+        return {"dominant": self.dominant, "contextual": self.contextual, "layer": self.layer}
+
+    def __repr__(self) -> str:
+        return (f"QwenVLPatch({self.family.name}, dominant={self.dominant}, contextual={self.contextual}, "
+                f"layer={self.layer} -> block {self.layer_index} of {self.num_layers})")
+
+    # -- grids and budgets -----------------------------------------------------------------------
+    def _grids(self, image_grid_thw, patches: int | None) -> list[list[int]]:
+        if image_grid_thw is None:
+            raise ValueError("visionzip: image_grid_thw is required with pixel_values (one [t, h, w] row per image)")
+        if not isinstance(image_grid_thw, torch.Tensor) or image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+            raise ValueError("visionzip: image_grid_thw must be an [n_images, 3] tensor of (t, h, w), got "
+                             f"{getattr(image_grid_thw, 'shape', type(image_grid_thw).__name__)}")
+        grids = image_grid_thw.tolist()
+        m = self.spatial_merge_size
+        for i, (t, h, w) in enumerate(grids):
+            if t != 1:
+                raise NotImplementedError(f"visionzip: image {i} has t = {t} temporal patches; VisionZip for Qwen "
+                                          "handles still images (t = 1) only, videos go through get_video_features")
+            if h <= 0 or w <= 0 or h % m or w % m:
+                raise ValueError(f"visionzip: image_grid_thw row {i} = {[t, h, w]}: h and w must be positive "
+                                 f"multiples of spatial_merge_size = {m}")
+        total = sum(t * h * w for t, h, w in grids)
+        if patches is not None and patches != total:
+            raise ValueError(f"visionzip: pixel_values has {patches} patch rows but image_grid_thw describes {total} "
+                             f"(sum of t*h*w over {len(grids)} image(s)): mismatched grids")
+        return grids
+
+    def budgets(self, image_grid_thw: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+        """(N_i, D_i, K_i) per image of ``image_grid_thw``."""
+        grids = self._grids(image_grid_thw, None)
+        tokens = [t * h * w // self.unit for t, h, w in grids]
+        dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
+        return tokens, dominants, contextuals
+
+    # -- capture (hooks that exist only inside get_image_features) ------------------------------
+    @staticmethod
+    def _capture_attention_inputs(slot: dict, module, args, kwargs):
+        slot["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        slot["rotary"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
+
+    @staticmethod
+    def _capture_qkv(slot: dict, module, args, output):
+        slot["qkv"] = output
+
+    def window_index(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's window order of the merge units, from transformers' own function."""
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:
+            get_vision_window_index = None
+        if get_vision_window_index is not None:
+            index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=self.spatial_merge_size,
+                                               window_size=self.visual.window_size, patch_size=self.visual.patch_size)
+            return index
+        if hasattr(self.visual, "get_window_index"):  # older transformers: a method of the tower
+            return self.visual.get_window_index(image_grid_thw)[0]
+        raise _missing("window index function (transformers.vision_utils.get_vision_window_index)", self.visual)
+
+    # -- the replacement of <Qwen model>.get_image_features ---------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
+                           **kwargs) -> QwenVisionZipOutput:
+        """VisionZip image features: per image, the kept patch-merger outputs in original order.
+
+        Args:
+            pixel_values: [sum(t*h*w), C*temporal*patch*patch], as the stock processor gives.
+            image_grid_thw: [n, 3] (t, h, w) in patches, t = 1.
+
+        Returns:
+            :class:`QwenVisionZipOutput` (``pooler_output``: tuple of [D_i+K_i, C_llm]; ``keep``;
+            ``cu_seqlens``); ``return_dict=False`` gives its tuple.
+        """
+        return_dict = kwargs.pop("return_dict", True)
+        for key in ("output_hidden_states", "output_attentions"):
+            kwargs.pop(key, None)
+        grids = self._grids(image_grid_thw, pixel_values.shape[0] if pixel_values.dim() >= 1 else None)
+        tokens = [t * h * w // self.unit for t, h, w in grids]
+        dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
+        slot: dict = {}
+        query_key = self.query_key
+        handles = [
+            query_key.attention.register_forward_pre_hook(partial(self._capture_attention_inputs, slot),
+                                                          with_kwargs=True),
+            query_key.qkv_proj.register_forward_hook(partial(self._capture_qkv, slot)),
+        ]
+        try:
+            out = self._inner_get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in ("qkv", "cu_seqlens", "rotary") if name not in slot]
+        if missing:
+            raise RuntimeError(f"visionzip: block {self.layer_index} of the {self.family.name} tower ran without "
+                               f"{missing} being captured (its attention / qkv not called as modules?)")
+        merged = out.pooler_output
+        merged = torch.cat(list(merged), dim=0) if isinstance(merged, (list, tuple)) else merged
+        tokens_out, keep, cu_out = self.compress(merged, slot["qkv"], slot["rotary"], slot["cu_seqlens"],
+                                                 image_grid_thw, dominants, contextuals)
+        counts = [d + k for d, k in zip(dominants, contextuals)]
+        result = QwenVisionZipOutput(last_hidden_state=out.last_hidden_state, pooler_output=tokens_out.split(counts),
+                                     keep=keep, cu_seqlens=cu_out)
+        return result if return_dict else result.to_tuple()
+
+    def compress(self, merged: torch.Tensor, qkv: torch.Tensor, rotary: tuple, cu_seqlens: torch.Tensor,
+                 image_grid_thw: torch.Tensor, dominants: list[int], contextuals: list[int]):
+        """Scores and metric from the captured fused qkv [T, 3*H*d] (window order) and the rotary
+        (cos, sin), put in original order, then ``varlen_select_merge`` on ``merged`` [T/4, C_llm]."""
+        query_key = self.query_key
+        qkv = qkv.detach()
+        T = qkv.shape[0]
+        q, k, _ = qkv.view(T, 3, query_key.num_heads, query_key.head_dim).unbind(1)
+        if query_key.rotary is not None:
+            cos, sin = rotary
+            q, k = query_key.rotary(q, k, cos, sin)
+        scores, metric = ops.varlen_scores_and_metric(q, k, cu_seqlens, scale=query_key.scale, unit=self.unit)
+        if self.windowed:
+            original = torch.argsort(self.window_index(image_grid_thw)).to(scores.device)
+            scores, metric = scores[original], metric[original]
+        cu_units = torch.div(cu_seqlens, self.unit, rounding_mode="floor")
+        return ops.varlen_select_merge(merged, scores, metric, cu_units, dominants, contextuals)
+
+    # -- input check -------------------------------------------------------------------------------
+    def _check_inputs(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pixel_values = kwargs.get("pixel_values")
+        if input_ids is None or pixel_values is None:
+            return None
+        _, dominants, contextuals = self.budgets(kwargs.get("image_grid_thw"))
+        rows = sum(dominants) + sum(contextuals)
+        found = int((input_ids == self.image_token_id).sum())
+        if found != rows:
+            raise ValueError(
+                f"visionzip: input_ids holds {found} image placeholder tokens (id {self.image_token_id}) but the "
+                f"VisionZip-patched model produces {rows} image tokens ({len(dominants)} image(s), dominant "
+                f"{self.dominant} + contextual {self.contextual} per image). Pass the processor's output through "
+                "visionzip_kernels.integrations.transformers.shrink_inputs(model, inputs) first.")
+        if kwargs.get("position_ids") is None:
+            raise ValueError("visionzip: a VisionZip prompt needs its 3-D position_ids (the original positions of the "
+                             "kept tokens); take them from shrink_inputs(model, inputs)")
+        return None
+
+    def remove(self) -> None:
+        """Restores ``get_image_features`` and removes the pre-hook; idempotent."""
+        if self.removed:
+            return
+        self._pre_hook.remove()
+        if self._saved_get_image_features is None:
+            self.qwen.__dict__.pop("get_image_features", None)
+        else:
+            self.qwen.get_image_features = self._saved_get_image_features
+        self.removed = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt shrinking
+
+
+def _padding_side(attention_mask: torch.Tensor | None) -> str:
+    if attention_mask is not None and attention_mask.shape[1] and bool((attention_mask[:, -1] == 0).any()):
+        return "right"
+    return "left"
+
+
+def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str | None = None,
+                  pad_token_id: int | None = None):
+    """The stock processor's output, made into a VisionZip prompt for a patched Qwen-VL ``model``.
+
+    Encodes the images once with the patched tower, computes the 3-D rope positions of the ORIGINAL
+    prompt (the model's own ``get_rope_index``), keeps the text and the kept image tokens, and
+    returns a mapping of the same kind with:
+
+    - ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` and any other [B, S]
+      tensor: [B, S'] with the removed image tokens (and the old padding) gone, rows re-padded;
+    - ``position_ids`` [3, B, S']: the original positions at the kept tokens (0 on padding);
+    - ``inputs_embeds`` [B, S', C]: the token embeddings with the VisionZip image tokens in place;
+    - ``pixel_values`` removed (already encoded); ``image_grid_thw`` and everything else passed on.
+
+    Args:
+        inputs: ``input_ids`` [B, S], ``pixel_values``, ``image_grid_thw`` and optionally
+            ``attention_mask``, ``mm_token_type_ids``, ``labels``, ``video_grid_thw``, ...
+        padding_side: where shorter rows are padded; default: the side the inputs were padded on
+            (left when they were not padded).
+        pad_token_id: default: the model's ``pad_token_id`` (config or text config), else 0.
+    """
+    from . import get_patch
+
+    patch = get_patch(model)
+    if not isinstance(patch, QwenVLPatch):
+        raise TypeError("shrink_inputs: model is not a Qwen2-VL / Qwen2.5-VL model patched by visionzip_kernels.apply")
+    for key in ("input_ids", "pixel_values", "image_grid_thw"):
+        if inputs.get(key) is None:
+            raise KeyError(f"shrink_inputs: inputs has no {key!r}")
+    input_ids = inputs["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"shrink_inputs: input_ids must be [B, S], got shape {list(input_ids.shape)}")
+    attention_mask = inputs.get("attention_mask")
+    side = padding_side or _padding_side(attention_mask)
+    if side not in ("left", "right"):
+        raise ValueError(f"shrink_inputs: padding_side must be 'left' or 'right', got {side!r}")
+    qwen = patch.qwen
+    grid = inputs["image_grid_thw"]
+    tokens, _, _ = patch.budgets(grid)
+    is_image = input_ids == patch.image_token_id
+    if attention_mask is not None:
+        is_image &= attention_mask.bool()
+    found = int(is_image.sum())
+    if found != sum(tokens):
+        raise ValueError(f"shrink_inputs: input_ids holds {found} image placeholders but image_grid_thw describes "
+                         f"{sum(tokens)} merged tokens ({tokens} per image): mismatched grids")
+    mm_token_type_ids = inputs.get("mm_token_type_ids")
+    if mm_token_type_ids is None:  # what the processor writes: 1 at image tokens, 2 at video tokens
+        mm_token_type_ids = is_image.int()
+        if patch.video_token_id is not None:
+            mm_token_type_ids = mm_token_type_ids + 2 * (input_ids == patch.video_token_id).int()
+
+    features = patch.get_image_features(inputs["pixel_values"], grid)
+    rope_kwargs = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if inputs.get(k) is not None}
+    position_ids, _ = qwen.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=grid,
+                                          attention_mask=attention_mask, **rope_kwargs)
+
+    # The kept positions: text (and video) tokens, and the kept image tokens. The images' placeholders
+    # come in row-major order, as the model scatters the features; features.keep indexes them.
+    kept = ~is_image
+    if attention_mask is not None:
+        kept &= attention_mask.bool()
+    image_positions = is_image.nonzero()
+    chosen = image_positions[features.keep.to(image_positions.device)]
+    kept[chosen[:, 0], chosen[:, 1]] = True
+
+    if pad_token_id is None:
+        config = qwen.config
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(config, "text_config", None), "pad_token_id", None)
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
+    lengths = kept.sum(dim=1)
+    width = int(lengths.max()) if input_ids.shape[0] else 0
+    B = input_ids.shape[0]
+    # Destination column of every kept position, so each tensor is packed by one scatter.
+    rank = kept.long().cumsum(dim=1) - 1
+    if side == "left":
+        rank = rank + (width - lengths).unsqueeze(1)
+    rows, cols = kept.nonzero(as_tuple=True)
+    dest = rank[rows, cols]
+
+    def pack(t: torch.Tensor, fill, seq_dim: int = 1) -> torch.Tensor:
+        t = t.movedim(seq_dim, 1)
+        out = t.new_full((B, width, *t.shape[2:]), fill)
+        out[rows, dest] = t[rows, cols]
+        return out.movedim(1, seq_dim)
+
+    new_mask = pack(torch.ones_like(input_ids) if attention_mask is None else attention_mask, 0)
+    new_ids = pack(input_ids, pad_token_id)
+    data = dict(inputs.items())
+    data.pop("pixel_values")
+    data["input_ids"] = new_ids
+    data["attention_mask"] = new_mask
+    data["mm_token_type_ids"] = pack(mm_token_type_ids, 0)
+    data["position_ids"] = pack(position_ids.permute(1, 2, 0), 0).permute(2, 0, 1).contiguous()
+    if inputs.get("labels") is not None:
+        data["labels"] = pack(inputs["labels"], IGNORE_INDEX)
+    for key, value in inputs.items():
+        if key not in data or key in ("input_ids", "attention_mask", "mm_token_type_ids", "labels"):
+            continue
+        if isinstance(value, torch.Tensor) and value.shape == input_ids.shape:
+            data[key] = pack(value, 0)
+    embeds = qwen.get_input_embeddings()(new_ids)
+    image_rows = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
+    image_mask = (new_ids == patch.image_token_id) & new_mask.bool()
+    data["inputs_embeds"] = embeds.masked_scatter(image_mask.unsqueeze(-1), image_rows)
+    if isinstance(inputs, dict) and type(inputs) is dict:
+        return data
+    try:
+        return type(inputs)(data)
+    except Exception:  # a mapping type that cannot be rebuilt from a dict
+        return data
+
+
+QWEN2_VL = CompositeFamily(
+    name="Qwen2-VL", model_types=("qwen2_vl",), tower=_visual, make_patch=QwenVLPatch,
+    defaults=DEFAULTS, tower_family=QWEN2_VL_TOWER,
+)
+QWEN2_5_VL = CompositeFamily(
+    name="Qwen2.5-VL", model_types=("qwen2_5_vl",), tower=_visual, make_patch=QwenVLPatch,
+    defaults=DEFAULTS, tower_family=QWEN2_5_VL_TOWER,
+)
