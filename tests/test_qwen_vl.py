@@ -187,6 +187,16 @@ def test_budget_as_count_and_ratio():
         out = model.model.get_image_features(pixels, grid)
     assert [p.shape[0] for p in out.pooler_output] == [12 + 4, 4 + 1]
     assert vzt.get_patch(model).settings == {"dominant": 0.5, "contextual": 0.2, "layer": -1}
+    # The budget API shared with the other families: tokens= per image split 54:10 (7 -> 6 + 1),
+    # ratio= as the ratios r * 54/64 and r * 10/64 with upstream's rounding per image.
+    vz.apply(model, tokens=7)
+    assert vzt.get_patch(model).settings == {"dominant": 6, "contextual": 1, "layer": -1}
+    vz.apply(model, ratio=0.64)  # 24 tokens: int(0.54 * 24) + max(int(0.1 * 24), 1) = 12 + 2; 9: 4 + 1
+    with torch.no_grad():
+        out = model.model.get_image_features(pixels, grid)
+    assert [p.shape[0] for p in out.pooler_output] == [12 + 2, 4 + 1]
+    with pytest.raises(ValueError, match="not both"):
+        vz.apply(model, tokens=7, dominant=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

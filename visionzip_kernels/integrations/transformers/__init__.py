@@ -209,9 +209,6 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
     try:
-        if composite is not None:
-            dominant, contextual, layer = _with_defaults(composite.defaults, dominant, contextual, layer)
-            tower = composite.tower(model)
         if composite is not None and composite.tower_family is not None:
             # Packed towers (Qwen): per-image budgets, counts or ratios of each image's tokens.
             dominant, contextual = _packed_budget(dominant, contextual, tokens, ratio)
