@@ -101,18 +101,27 @@ void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k) {
   check_query_key("cls_attention", "q_cls", q_cls, 3, "[B, H, d]", k);
 }
 
-void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
-  constexpr const char* op = "attention_received";
-  check_rank(op, "q", q, 4, "[B, N, H, d]");
-  check_rank(op, "k", k, 4, "[B, N, H, d]");
+namespace {
+
+// q and k of one layout: the same rank, a float dtype, one device and the same sizes.
+void check_query_key_pair(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t rank,
+                          const char* layout) {
+  check_rank(op, "q", q, rank, layout);
+  check_rank(op, "k", k, rank, layout);
   check_float(op, "q", q);
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op,
                    ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
   check_same_device(op, "k", k, "q", q);
-  for (int64_t dim = 0; dim < 4; ++dim) {
+  for (int64_t dim = 0; dim < rank; ++dim) {
     check_dim(op, "k", k, dim, "q", q.sym_size(dim), "the same size");
   }
-  check_positive_sizes(op, "k", k);
+  check_positive_sizes(op, "k", k);  // dim 0 (B, or the packed T) may be 0: empty outputs
+}
+
+}  // namespace
+
+void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
+  check_query_key_pair("attention_received", q, k, 4, "[B, N, H, d]");
 }
 
 void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool keep_cls) {
@@ -239,17 +248,7 @@ void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64
 void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& cu_seqlens, int64_t unit) {
   constexpr const char* op = "varlen_scores_and_metric";
-  check_rank(op, "q", q, 3, "[T, H, d]");
-  check_rank(op, "k", k, 3, "[T, H, d]");
-  check_float(op, "q", q);
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "visionzip.", op,
-                   ": k must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type());
-  check_same_device(op, "k", k, "q", q);
-  for (int64_t dim = 0; dim < 3; ++dim) {
-    check_dim(op, "k", k, dim, "q", q.sym_size(dim), "the same size");
-  }
-  // Dim 0 is the packed token count: T = 0 (no tokens) gives empty outputs.
-  check_positive_sizes(op, "k", k);
+  check_query_key_pair(op, q, k, 3, "[T, H, d]");
   check_cu_seqlens(op, cu_seqlens, "q", q);
   TORCH_CHECK_VALUE(unit == 1 || unit == 4, "visionzip.", op, ": unit must be 1 or 4, got ", unit);
   TORCH_CHECK_VALUE(q.sym_size(0) % unit == 0, "visionzip.", op, ": q.size(0) (T = ", q.sym_size(0),

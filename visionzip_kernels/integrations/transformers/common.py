@@ -132,6 +132,16 @@ def layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def run_layer_without_mask(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One call of a CLIP / SigLIP encoder layer, whose attention_mask is a required positional argument."""
+    return layer_output(layer(hidden, None))
+
+
+def layer_norm1_input(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What a CLIP / SigLIP layer's attention projects: its first layer norm of the input."""
+    return layer.layer_norm1(hidden)
+
+
 @dataclass(frozen=True)
 class EncoderFamily:
     """What the patched forward needs to know about one encoder family (one per module: clip,

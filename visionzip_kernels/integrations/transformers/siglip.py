@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import EncoderFamily, QueryKey, layer_output, separate_projections
+from .common import EncoderFamily, QueryKey, layer_norm1_input, run_layer_without_mask, separate_projections
 
 
 def _model_class():
@@ -35,14 +35,6 @@ def _embed(model: torch.nn.Module, pixel_values: torch.Tensor, interpolate_pos_e
     return model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
 
 
-def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return layer_output(layer(hidden, None))  # attention_mask is a required positional argument
-
-
-def _attention_input(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return layer.layer_norm1(hidden)
-
-
 def _num_tokens(model: torch.nn.Module) -> int:
     config = model.config
     return (config.image_size // config.patch_size) ** 2
@@ -56,7 +48,7 @@ FAMILY = EncoderFamily(
     layers=_layers,
     query_key=_query_key,
     embed=_embed,
-    run_layer=_run_layer,
-    attention_input=_attention_input,
+    run_layer=run_layer_without_mask,
+    attention_input=layer_norm1_input,
     num_tokens=_num_tokens,
 )
