@@ -258,3 +258,28 @@ def test_shrink_image_tokens_per_image_counts():
         vzt.shrink_image_tokens(ids, [1, 1], image_token_id=99, placeholders_per_image=[4, 4])
     with pytest.raises(ValueError, match="image 1 keeps 3 of its 2"):
         vzt.shrink_image_tokens(ids, [1, 3, 1], image_token_id=99, placeholders_per_image=[3, 2, 4])
+
+
+def test_deepcopy_and_pickle_of_a_patched_model(next_case):
+    """A copy (deepcopy, or a pickle round trip as torch.save does) carries its own patch: the same
+    features as the original, and remove() on the copy leaves the original patched."""
+    import copy
+    import pickle
+
+    _, inputs, _ = next_case
+    # A fresh model: one that has run a forward holds transformers' own output-capturing hooks
+    # (local functions, which pickle refuses whether or not the model is patched).
+    model = vz.apply(tiny_llava_next(), dominant=DOMINANT, contextual=CONTEXTUAL)
+    try:
+        with torch.no_grad():
+            expected = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=IMAGE_SIZES)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert isinstance(vzt.get_patch(clone), vzt.LlavaNextPatch)
+            with torch.no_grad():
+                got = clone.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=IMAGE_SIZES)
+            assert all(torch.equal(a, b) for a, b in zip(expected.pooler_output, got.pooler_output))
+            vz.remove(clone)
+            assert "get_image_features" not in clone.model.__dict__
+        assert isinstance(vzt.get_patch(model), vzt.LlavaNextPatch)
+    finally:
+        vz.remove(model)
