@@ -277,6 +277,29 @@ void check_budget_list(const char* op, const char* name, c10::IntArrayRef budget
 
 }  // namespace
 
+namespace {
+
+// The rules both packed merge ops share: scores [T] and metric [T, d] on the device of `data`
+// (hidden, or the gradient), cu_seqlens, and one budget >= 0 per image in each list.
+void check_packed_merge_inputs(const char* op, const char* data_name, const at::Tensor& data,
+                               const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                               c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  check_rank(op, "scores", scores, 1, "[T]");
+  check_float(op, "scores", scores);
+  check_same_device(op, "scores", scores, data_name, data);
+  check_rank(op, "metric", metric, 2, "[T, d]");
+  check_float(op, "metric", metric);
+  check_same_device(op, "metric", metric, data_name, data);
+  check_dim(op, "metric", metric, 0, "scores", scores.sym_size(0), "the token count");
+  check_positive_sizes(op, "metric", metric);
+  check_cu_seqlens(op, cu_seqlens, data_name, data);
+  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
+  check_budget_list(op, "dominant", dominant, num_images);
+  check_budget_list(op, "contextual", contextual, num_images);
+}
+
+}  // namespace
+
 void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
                                     const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                     c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
@@ -285,18 +308,8 @@ void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& 
   check_float(op, "hidden", hidden);
   check_positive_sizes(op, "hidden", hidden);
   check_rank(op, "scores", scores, 1, "[T]");
-  check_float(op, "scores", scores);
-  check_same_device(op, "scores", scores, "hidden", hidden);
   check_dim(op, "scores", scores, 0, "hidden", hidden.sym_size(0), "the token count");
-  check_rank(op, "metric", metric, 2, "[T, d]");
-  check_float(op, "metric", metric);
-  check_same_device(op, "metric", metric, "hidden", hidden);
-  check_dim(op, "metric", metric, 0, "hidden", hidden.sym_size(0), "the token count");
-  check_positive_sizes(op, "metric", metric);
-  check_cu_seqlens(op, cu_seqlens, "hidden", hidden);
-  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
-  check_budget_list(op, "dominant", dominant, num_images);
-  check_budget_list(op, "contextual", contextual, num_images);
+  check_packed_merge_inputs(op, "hidden", hidden, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
@@ -306,18 +319,7 @@ void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, cons
   check_rank(op, "grad_tokens", grad_tokens, 2, "[sum(D_i + K_i), C]");
   check_float(op, "grad_tokens", grad_tokens);
   check_positive_sizes(op, "grad_tokens", grad_tokens);
-  check_rank(op, "scores", scores, 1, "[T]");
-  check_float(op, "scores", scores);
-  check_same_device(op, "scores", scores, "grad_tokens", grad_tokens);
-  check_rank(op, "metric", metric, 2, "[T, d]");
-  check_float(op, "metric", metric);
-  check_same_device(op, "metric", metric, "grad_tokens", grad_tokens);
-  check_dim(op, "metric", metric, 0, "scores", scores.sym_size(0), "the token count");
-  check_positive_sizes(op, "metric", metric);
-  check_cu_seqlens(op, cu_seqlens, "grad_tokens", grad_tokens);
-  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
-  check_budget_list(op, "dominant", dominant, num_images);
-  check_budget_list(op, "contextual", contextual, num_images);
+  check_packed_merge_inputs(op, "grad_tokens", grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
   int64_t kept = 0;
   for (size_t i = 0; i < dominant.size(); ++i) kept += dominant[i] + contextual[i];
   check_dim(op, "grad_tokens", grad_tokens, 0, "dominant + contextual", kept, "the sum");
