@@ -16,6 +16,7 @@ have no near-tie, so an agreement is meaningful and a disagreement is a bug.
 from __future__ import annotations
 
 import copy
+import itertools
 import subprocess
 import sys
 
@@ -335,13 +336,11 @@ def test_dinov2_matches_upstream(size):
 
 def stock_input_ids(rows, placeholders, image_token_id, pad_token_id=0):
     """input_ids as the stock processor writes them: ``rows`` is a list of token lists where the
-    string "<image>" stands for one image (``placeholders`` tokens); left padded."""
-    seqs = []
-    for row in rows:
-        seq = []
-        for t in row:
-            seq.extend([image_token_id] * placeholders if t == "<image>" else [t])
-        seqs.append(seq)
+    string "<image>" stands for one image; ``placeholders`` is its token count, one int for every
+    image or a list with the count of each image in row order; left padded."""
+    counts = iter(placeholders) if isinstance(placeholders, (list, tuple)) else itertools.repeat(placeholders)
+    seqs = [[t for item in row for t in ([image_token_id] * next(counts) if item == "<image>" else [item])]
+            for row in rows]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)

@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 import visionzip_kernels as vz  # noqa: E402
 from visionzip_kernels.integrations import transformers as vzt  # noqa: E402
 
-from test_integrations import TOKEN_ATOL, TOKEN_RTOL, _build, _peak_qk_, oracle, upstream_way  # noqa: E402
+from test_integrations import (  # noqa: E402
+    TOKEN_ATOL, TOKEN_RTOL, _build, _peak_qk_, oracle, stock_input_ids, upstream_way)
 
 IMAGE_TOKEN = 99
 CROP_PX, PATCH = 56, 14
@@ -81,20 +82,6 @@ def upstream_restore(features, keep, image_size, dominant):
     return torch.cat([base, grid[grid_mask], crops[:, 0], contextual])
 
 
-def stock_ids(rows, counts, pad_token_id=0):
-    """Left-padded input_ids where "<image>" is the next image's ``counts`` placeholders."""
-    counts = iter(counts)
-    seqs = [[t for item in row for t in ([IMAGE_TOKEN] * next(counts) if item == "<image>" else [item])]
-            for row in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s):] = torch.tensor(s)
-        mask[b, width - len(s):] = 1
-    return ids, mask
-
-
 @pytest.fixture(scope="module")
 def next_case():
     model = tiny_llava_next()
@@ -104,7 +91,7 @@ def next_case():
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixel_values, image_sizes=IMAGE_SIZES)
     stock = [f.shape[0] for f in features.pooler_output]
-    ids, mask = stock_ids([[1, 5, "<image>", 7, 8], [1, "<image>", 6]], stock)
+    ids, mask = stock_input_ids([[1, 5, "<image>", 7, 8], [1, "<image>", 6]], stock, IMAGE_TOKEN)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": IMAGE_SIZES}
     return model, inputs, stock
 
