@@ -68,6 +68,22 @@ class _Missing:
 _MISSING = _Missing()
 
 
+def replace_instance_attribute(obj: object, name: str, value: object) -> object:
+    """Sets ``obj.<name> = value`` on the instance and returns what the instance itself held before
+    (``_MISSING`` when the class attribute showed through), for :func:`restore_instance_attribute`."""
+    saved = obj.__dict__.get(name, _MISSING)
+    setattr(obj, name, value)
+    return saved
+
+
+def restore_instance_attribute(obj: object, name: str, saved: object) -> None:
+    """Undoes :func:`replace_instance_attribute`: the saved instance attribute back, or none at all."""
+    if saved is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, saved)
+
+
 @dataclass
 class VisionZipOutput(BaseModelOutputWithPooling):
     """Output of a VisionZip-patched vision encoder.
@@ -264,8 +280,8 @@ class EncoderPatch:
         self.scale = query_key.scale
         # The model's input options the patched forward takes (the family's embed keywords).
         self.input_options = tuple(inspect.signature(family.embed).parameters)[2:]
-        self._saved_forward = model.__dict__.get("forward", _MISSING)
-        model.forward = self.forward  # a bound method: pickled as (patch, "forward")
+        # A bound method: pickled as (patch, "forward").
+        self._saved_forward = replace_instance_attribute(model, "forward", self.forward)
         self.removed = False
 
     # -- settings --------------------------------------------------------------------------------
@@ -371,8 +387,5 @@ class EncoderPatch:
         """Restores the instance's previous ``forward``; idempotent."""
         if self.removed:
             return
-        if self._saved_forward is _MISSING:
-            self.model.__dict__.pop("forward", None)
-        else:
-            self.model.forward = self._saved_forward
+        restore_instance_attribute(self.model, "forward", self._saved_forward)
         self.removed = True

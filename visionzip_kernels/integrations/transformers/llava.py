@@ -44,7 +44,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ...api import split_budget, tokens_for_ratio
-from .common import _MISSING, CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
+from .common import (CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput, replace_instance_attribute,
+                     restore_instance_attribute)
 
 IGNORE_INDEX = -100  # transformers' label value for positions without a loss
 
@@ -96,8 +97,8 @@ class LlavaPatch:
             tokens = tokens_for_ratio(ratio, tower_family.num_tokens(self.llava.vision_tower))
             dominant, contextual = split_budget(tokens)
         self.tower_patch = EncoderPatch(self.llava.vision_tower, tower_family, dominant, contextual, layer)
-        self._saved_get_image_features = self.llava.__dict__.get("get_image_features", _MISSING)
-        self.llava.get_image_features = self.get_image_features
+        self._saved_get_image_features = replace_instance_attribute(self.llava, "get_image_features",
+                                                                    self.get_image_features)
         self._pre_hook = self.llava.register_forward_pre_hook(self._check_placeholders, with_kwargs=True)
         self.removed = False
 
@@ -190,10 +191,7 @@ class LlavaPatch:
         if self.removed:
             return
         self._pre_hook.remove()
-        if self._saved_get_image_features is _MISSING:
-            self.llava.__dict__.pop("get_image_features", None)
-        else:
-            self.llava.get_image_features = self._saved_get_image_features
+        restore_instance_attribute(self.llava, "get_image_features", self._saved_get_image_features)
         self.tower_patch.remove()
         self.removed = True
 

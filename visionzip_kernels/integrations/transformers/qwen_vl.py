@@ -59,7 +59,8 @@ from functools import partial
 import torch
 
 from ... import ops
-from .common import CompositeFamily, EncoderFamily, FusedQueryKey, VisionZipOutput
+from .common import (CompositeFamily, EncoderFamily, FusedQueryKey, VisionZipOutput, replace_instance_attribute,
+                     restore_instance_attribute)
 
 IGNORE_INDEX = -100  # transformers' label value for positions without a loss
 DEFAULTS = (0.65, 0.05, -1)  # upstream's dominant / contextual ratios, the last vision block
@@ -232,11 +233,9 @@ class QwenVLPatch:
         config = self.qwen.config
         self.image_token_id = config.image_token_id
         self.video_token_id = getattr(config, "video_token_id", None)
-        # None: no instance attribute before ours (a plain None, not a sentinel object, so that a
-        # deep copy of the patched model still recognises it).
-        self._saved_get_image_features = self.qwen.__dict__.get("get_image_features")
         self._inner_get_image_features = self.qwen.get_image_features  # bound: the class's, or a previous attribute
-        self.qwen.get_image_features = self.get_image_features
+        self._saved_get_image_features = replace_instance_attribute(self.qwen, "get_image_features",
+                                                                    self.get_image_features)
         self._pre_hook = self.qwen.register_forward_pre_hook(self._check_inputs, with_kwargs=True)
         self.removed = False
 
@@ -388,10 +387,7 @@ class QwenVLPatch:
         if self.removed:
             return
         self._pre_hook.remove()
-        if self._saved_get_image_features is None:
-            self.qwen.__dict__.pop("get_image_features", None)
-        else:
-            self.qwen.get_image_features = self._saved_get_image_features
+        restore_instance_attribute(self.qwen, "get_image_features", self._saved_get_image_features)
         self.removed = True
 
 
