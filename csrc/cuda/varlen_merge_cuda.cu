@@ -23,46 +23,16 @@
 
 #include "../checks.h"
 #include "../merge_math.h"
-
-#include "merge_kernels.cuh"
+#include "merge_launch.h"
 
 namespace visionzip::cuda {
 namespace {
 
-at::Tensor unit_last_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
-// The launch limits of the dense kernels (select_merge_cuda.cu), per image.
-void check_image_sizes(const char* op, int64_t N, int64_t C) {
-  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), "visionzip.", op,
-                    ": every image must have < 2^31 tokens on CUDA, got ", N);
-  TORCH_CHECK_VALUE(channel_blocks(C, 1) <= kMaxChannelBlocks, "visionzip.", op, ": C = ", C,
-                    " is too large for the CUDA kernels");
-}
-
-// Plan scratch of one image (freed when the op returns; the stream orders its reuse).
-struct ImagePlan {
-  ImagePlan(const at::Tensor& like, int64_t N, int64_t K, int64_t d)
-      : layout(plan_layout(1, N, K, d)),
-        storage(at::empty({static_cast<int64_t>(layout.bytes)}, like.options().dtype(at::kByte))) {}
-  PlanPointers pointers() const { return plan_pointers(storage.data_ptr(), layout); }
-  PlanLayout layout;
-  at::Tensor storage;
-};
-
 // The image's top-D (keep [1, D], ascending) and its plan, from its fp32 scores.
-at::Tensor plan_image(const at::Tensor& metric_image, const float* scores, const ImagePlan& plan,
-                      int64_t D, int64_t K, bool build_lists, cudaStream_t stream) {
-  const at::Tensor metric = unit_last_stride(metric_image);
-  const int64_t N = metric.size(1), d = metric.size(2);
-  at::Tensor keep = at::empty({1, D}, metric.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "visionzip_varlen_plan_cuda", [&] {
-    launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), metric.stride(0), metric.stride(1), scores,
-                          keep.data_ptr<int64_t>(), plan.pointers(), 1, N, d, D, K, /*keep_cls=*/false,
-                          build_lists, stream);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+at::Tensor plan_image(const at::Tensor& metric_image, const float* scores, const Scratch& plan, int64_t D,
+                      int64_t K, bool build_lists, cudaStream_t stream) {
+  at::Tensor keep = at::empty({1, D}, metric_image.options().dtype(at::kLong));
+  run_plan(metric_image, scores, keep.data_ptr<int64_t>(), plan, D, K, /*keep_cls=*/false, build_lists, stream);
   return keep;
 }
 
@@ -117,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cuda(
   for (size_t i = 0; i < dominant.size(); ++i) {
     const int64_t start = cu[i], N = cu[i + 1] - cu[i], D = dominant[i], K = contextual[i];
     if (D + K == 0) continue;
-    check_image_sizes(op, N, C);
-    const ImagePlan plan(hidden, N, K, d);
+    check_cuda_sizes(op, N, C, "every image's token count");
+    const Scratch plan(hidden, 1, N, K, d);
     const at::Tensor keep = plan_image(metric.narrow(0, start, N).unsqueeze(0),
                                        scores_f32.data_ptr<float>() + start, plan, D, K, true, stream);
     at::Tensor dense = at::empty({D + K, C}, hidden.options());
@@ -154,8 +124,8 @@ at::Tensor varlen_select_merge_backward_cuda(const at::Tensor& grad_tokens, cons
       grad_hidden.narrow(0, start, N).zero_();
       continue;
     }
-    check_image_sizes(op, N, C);
-    const ImagePlan plan(grad_tokens, N, K, d);
+    check_cuda_sizes(op, N, C, "every image's token count");
+    const Scratch plan(grad_tokens, 1, N, K, d);
     const at::Tensor keep = plan_image(metric.narrow(0, start, N).unsqueeze(0),
                                        scores_f32.data_ptr<float>() + start, plan, D, K, false, stream);
     const auto [positions, dense_rows] = kept_positions(keep, N, K);
