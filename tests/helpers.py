@@ -176,6 +176,36 @@ def separate_assignment(metric: torch.Tensor, keep: torch.Tensor, contextual: in
     raise AssertionError("could not separate the assignment")
 
 
+def top_indices(scores: torch.Tensor, dominant: int) -> torch.Tensor:
+    return scores.float().topk(dominant).indices.sort().values if dominant else torch.empty(0, dtype=torch.int64)
+
+
+def packed_inputs(sizes, dominant, contextual, C=24, d=16, dtype=torch.float32, seed=0, strided=False,
+                  cu_dtype=torch.int64):
+    """(hidden [T, C], scores [T] fp32 without ties, metric [T, d] with a separated assignment per
+    image, cu_seqlens). ``strided``: hidden is a padded view, metric a column slice of a wider tensor."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(sizes)
+    hidden = torch.randn(T, C, generator=g)
+    scores = torch.cat([torch.randperm(n, generator=g).float() / 4 for n in sizes]) if T else torch.empty(0)
+    metric = torch.randn(T, d, generator=g)
+    start = 0
+    for n, D, K in zip(sizes, dominant, contextual):
+        if n:
+            keep = top_indices(scores[start:start + n], D)[None]
+            metric[start:start + n] = separate_assignment(metric[None, start:start + n], keep, K)[0]
+        start += n
+    hidden, metric = hidden.to(dtype), metric.to(dtype)
+    if strided:
+        hidden = strided_view(hidden)
+        wide = torch.zeros(T, 3 * d, dtype=dtype)
+        wide[:, d:2 * d] = metric
+        metric = wide[:, d:2 * d]
+        assert not hidden.is_contiguous() and not metric.is_contiguous()
+    cu = torch.tensor([0] + list(sizes), dtype=torch.int64).cumsum(0).to(cu_dtype)
+    return hidden, scores, metric, cu
+
+
 # ---------------------------------------------------------------------------------------------
 # The independent oracle: upstream VisionZip's op sequence on a full attention map. It lives in the
 # package (visionzip_kernels/upstream.py) because the demo and the benchmarks time it too.

@@ -22,7 +22,13 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-from helpers import assert_close_verbose, assert_equal_verbose, assert_tokens_match_reference, merge_inputs
+from helpers import (
+    assert_close_verbose,
+    assert_equal_verbose,
+    assert_tokens_match_reference,
+    merge_inputs,
+    packed_inputs,
+)
 from visionzip_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,3 +387,92 @@ def test_non_finite_metric_rows_follow_the_reference(emu, bad):
     assert_tokens_match_reference(tokens, hidden, metric, keep, K, f"CPU, a {bad} metric")
     emu_tokens, _ = emu_merge(emu, hidden, metric, D, K, scores=scores)
     assert_equal_verbose(emu_tokens, tokens, "emulated tokens vs CPU kernel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed images (varlen_select_merge): one set of launches for every image of a batch.
+
+
+def emu_varlen(lib, data, scores, metric, cu, dominant, contextual, backward=False):
+    """varlen_select_merge (data = hidden [T, C]: (tokens, keep)) or its backward (data = grad_tokens
+    [rows, C]: grad_hidden [T, C]) through the emulated packed launches."""
+    assert data.stride(-1) == 1 and metric.stride(-1) == 1
+    T, rows, C = metric.shape[0], sum(dominant) + sum(contextual), data.shape[1]
+    out = torch.full((T if backward else rows, C), float("nan"), dtype=data.dtype)
+    keep = torch.full((rows,), -7, dtype=torch.int64)
+    cu64 = cu.to(torch.int64).contiguous()
+    budgets = [torch.tensor(b, dtype=torch.int64) for b in (dominant, contextual)]
+    rc = lib.vz_emu_varlen(CODES[data.dtype], _ptr(data), I64(data.stride(0)), CODES[metric.dtype], _ptr(metric),
+                           I64(metric.stride(0)), _ptr(scores.float().contiguous()), _ptr(cu64), I64(len(dominant)),
+                           _ptr(budgets[0]), _ptr(budgets[1]), I64(C), I64(metric.shape[1]), ctypes.c_int(backward),
+                           _ptr(out), _ptr(keep))
+    assert rc == 0, f"emulated launch failed ({rc})"
+    return out if backward else (out, keep)
+
+
+def _budgets(sizes, dominant_ratio, contextual_ratio):
+    dominant = [int(dominant_ratio * n) for n in sizes]
+    return dominant, [min(max(int(contextual_ratio * n), 1), n - D) for n, D in zip(sizes, dominant)]
+
+
+# (sizes, dominant, contextual, C, d): Qwen2.5-VL's 4 images at 0.65 / 0.05 (merge units, d = 80);
+# empty images and images with no budget between others; D = 0 with K > 0 (no CLS here); K = 0;
+# D + K = N; unit targets past the shared-memory budget beside ones within it; 40 small images (the
+# binary searches over a longer table); an image over several 128-token assignment chunks.
+PACKED = {
+    "qwen 4 images": ([256, 264, 252, 216], *_budgets([256, 264, 252, 216], 0.65, 0.05), 32, 80),
+    "empty and zero budgets": ([0, 37, 5, 0, 90, 3], [0, 10, 0, 0, 20, 0], [0, 3, 2, 0, 40, 0], 24, 16),
+    "all kept and no contextual": ([9, 30, 12], [9, 20, 4], [0, 10, 0], 16, 8),
+    "unit targets past shared memory": ([300, 60], [20, 10], [40, 7], 8, 200),
+    "40 small images": ([3 + (7 * i) % 19 for i in range(40)], [1 + i % 3 for i in range(40)],
+                        [min((5 * i) % 3, 3 + (7 * i) % 19 - 1 - i % 3) for i in range(40)], 8, 12),
+    "one long image": ([700], [54], [10], 16, 24),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED), ids=list(PACKED))
+def test_varlen_select_merge_matches_cpu_kernel_bitwise(emu, case):
+    sizes, dominant, contextual, C, d = PACKED[case]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, C=C, d=d, seed=len(sizes))
+    tokens, keep = emu_varlen(emu, hidden, scores, metric, cu, dominant, contextual)
+    cpu_tokens, cpu_keep, _ = ops.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(keep, cpu_keep, "keep vs CPU kernel")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+    grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
+    expected = ops.varlen_select_merge_backward(grad, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(emu_varlen(emu, grad, scores, metric, cu, dominant, contextual, backward=True), expected,
+                         "grad_hidden vs CPU kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_varlen_dtypes_and_layouts(emu, dtype, strided):
+    """16-byte packs (contiguous rows) and one element per lane (a padded view); fp64 accumulates in
+    fp64, fp16 / bf16 in fp32; metric in the same dtype, read as fp32."""
+    sizes, dominant, contextual = [40, 17, 29], [5, 17, 0], [6, 0, 5]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, C=24, d=12, dtype=dtype, strided=strided)
+    tokens, keep = emu_varlen(emu, hidden, scores, metric, cu, dominant, contextual)
+    cpu_tokens, cpu_keep, _ = ops.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(keep, cpu_keep, "keep")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+    grad = torch.randn(tokens.shape).to(dtype)
+    expected = ops.varlen_select_merge_backward(grad, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(emu_varlen(emu, grad, scores, metric, cu, dominant, contextual, backward=True), expected,
+                         "grad_hidden")
+
+
+def test_varlen_ties_and_one_image_equals_dense(emu):
+    """Heavy score ties (ties to the lower index, per image), and one image equals the dense
+    select_merge(keep_cls=False) with its rows in token order."""
+    sizes, dominant, contextual = [130, 77], [40, 9], [7, 30]
+    hidden, _, metric, cu = packed_inputs(sizes, dominant, contextual, C=16, d=16, seed=2)
+    scores = _radix_tie_scores(1, sum(sizes), seed=4)[0]
+    tokens, keep = emu_varlen(emu, hidden, scores, metric, cu, dominant, contextual)
+    cpu_tokens, cpu_keep, _ = ops.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(keep, cpu_keep, "keep")
+    assert_equal_verbose(tokens, cpu_tokens, "tokens")
+    dense_tokens, dense_keep = emu_merge(emu, hidden[None, :130], metric[None, :130], 40, 7, scores=scores[None, :130],
+                                         keep_cls=False)
+    rest, targets = _rest_and_targets(dense_keep[0], 130, 7)
+    order = torch.tensor(dense_keep[0].tolist() + targets).argsort()
+    assert_equal_verbose(tokens[:47], dense_tokens[0, order], "image 0 vs the dense kernel, in token order")

@@ -18,6 +18,7 @@ from helpers import (
     assert_tokens_match_reference,
     make_case,
     merge_inputs,
+    packed_inputs,
     separated_scores,
 )
 from visionzip_kernels import reference
@@ -60,8 +61,6 @@ def _samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
 
 
 def _varlen_samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: bool):
-    from test_varlen_merge import packed_inputs
-
     sizes, dominant, contextual = [40, 17, 29], [5, 17, 0], [6, 0, 5]
     hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, C=8, d=4, dtype=dtype, strided=strided)
     if op == "varlen_select_merge":

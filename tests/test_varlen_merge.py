@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import (
     FP32_ATOL,
@@ -21,47 +20,12 @@ from helpers import (
     assert_close_verbose,
     assert_equal_verbose,
     cases_id,
-    separate_assignment,
-    strided_view,
+    packed_inputs,
 )
 from visionzip_kernels import reference
 from visionzip_kernels import varlen_select_merge as wrapper
 
 ops = torch.ops.visionzip
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _top_indices(scores: torch.Tensor, dominant: int) -> torch.Tensor:
-    return scores.float().topk(dominant).indices.sort().values if dominant else torch.empty(0, dtype=torch.int64)
-
-
-def packed_inputs(sizes, dominant, contextual, C=24, d=16, dtype=torch.float32, seed=0, strided=False,
-                  cu_dtype=torch.int64):
-    """(hidden [T, C], scores [T] fp32 without ties, metric [T, d] with a separated assignment per
-    image, cu_seqlens). ``strided``: hidden is a padded view, metric a column slice of a wider tensor."""
-    g = torch.Generator().manual_seed(seed)
-    T = sum(sizes)
-    hidden = torch.randn(T, C, generator=g)
-    scores = torch.cat([torch.randperm(n, generator=g).float() / 4 for n in sizes]) if T else torch.empty(0)
-    metric = torch.randn(T, d, generator=g)
-    start = 0
-    for n, D, K in zip(sizes, dominant, contextual):
-        if n:
-            keep = _top_indices(scores[start:start + n], D)[None]
-            metric[start:start + n] = separate_assignment(metric[None, start:start + n], keep, K)[0]
-        start += n
-    hidden, metric = hidden.to(dtype), metric.to(dtype)
-    if strided:
-        hidden = strided_view(hidden)
-        wide = torch.zeros(T, 3 * d, dtype=dtype)
-        wide[:, d:2 * d] = metric
-        metric = wide[:, d:2 * d]
-        assert not hidden.is_contiguous() and not metric.is_contiguous()
-    cu = torch.tensor([0] + list(sizes), dtype=torch.int64).cumsum(0).to(cu_dtype)
-    return hidden, scores, metric, cu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,8 +359,9 @@ def test_compile_fullgraph_forward_and_backward():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA (csrc/cuda/varlen_merge_cuda.cu): the dense CUDA launches per image use the CPU kernels'
-# formulas in the same order, so tokens, keep and gradients must equal the CPU kernel's bit for bit.
+# CUDA (csrc/cuda/varlen_merge_cuda.cu): one set of launches over the images uses the CPU kernels'
+# formulas in the same order, so tokens, keep and gradients must equal the CPU kernel's bit for bit
+# (tests/test_merge_math.py checks the same under the CPU emulation on every machine).
 
 
 @pytest.mark.cuda

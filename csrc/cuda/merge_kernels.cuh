@@ -1,16 +1,19 @@
 // Device kernels and launchers of the CUDA merge path, on raw pointers and without ATen, so that the
-// same code is compiled by nvcc (csrc/cuda/select_merge_cuda.cu) and, on machines without a GPU, by
-// a host compiler against the thread-level emulation in tests/cuda_emulation (tests/test_merge_math.py).
+// same code is compiled by nvcc (csrc/cuda/select_merge_cuda.cu, varlen_merge_cuda.cu) and, on
+// machines without a GPU, by a host compiler against the thread-level emulation in
+// tests/cuda_emulation (tests/test_merge_math.py).
 //
 // Launches on the caller's stream, none reading a device value on the host, so the path can be
-// captured in a CUDA graph. The plan is three short kernels, so that no image's work is one long
-// serial block:
+// captured in a CUDA graph. Every kernel takes an image policy (DenseImages: B equal images;
+// PackedImages: a table of images of different sizes and budgets), so a packed batch is one set of
+// launches too. The plan is three short kernels, so that no image's work is one long serial block:
 //   1a. plan_select_kernel, one block per image: the top-k of the scores (select_merge only; a
 //       radix select over order-preserving keys, 8-bit digits, 4 passes of a shared-memory
 //       histogram, then the tied tokens in index order through a block scan), the roles of the
 //       tokens, the ascending complement of keep through a block scan, the K strided targets and
 //       their unit metric (one warp per target, 128 channels at a time, the sum of squares in
-//       channel order). It zeroes the member counts.
+//       channel order). It zeroes the member counts. Packed: it also ranks the image's kept tokens
+//       in token order (a block scan), which places the output rows and gives keep.
 //   1b. plan_assign_kernel, a grid over (chunks of 128 tokens, images), 32 tokens per warp: each
 //       member's most cosine-similar target (first maximum wins; the targets' unit metric staged in
 //       shared memory when it fits, the members' metric staged 32 channels at a time), its output
@@ -18,7 +21,8 @@
 //   1c. plan_lists_kernel (forward only), one warp per (image, target): the target's offset (sum of
 //       the earlier counts) and its members in ascending token order, placed by warp ballots over
 //       the per-token rows (no atomics, so the order is fixed).
-//   2. merge_forward_kernel: dominant rows gathered in keep order; contextual row i = target +
+//   2. merge_forward_kernel: dominant rows gathered in keep order (packed: each row at its rank in
+//      token order); contextual row i = target +
 //      (sum of its members in list order) / max(count, 1): no float atomics, a fixed order, fp32
 //      (fp64 for fp64) accumulation, 16-byte loads along C.
 //   3. merge_backward_kernel: each token row of grad_hidden written once (docs/SPEC.md "Gradients");
@@ -31,11 +35,12 @@
 // zero dominant row and marks no token; a repeated one marks its token once (the gradient of that
 // token comes from its last row). Nothing is read or written out of bounds either way.
 #pragma once
-// Included by more than one .cu file: device functions are inline (or templates) and the one
-// non-template kernel is static, so that no symbol is defined twice at link time.
+// Included by more than one .cu file: device functions are inline or templates (every kernel is a
+// template), so that no symbol is defined twice at link time.
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "../merge_math.h"
 
@@ -78,31 +83,163 @@ constexpr int64_t kMaxChannelBlocks = 65535;         // grid.y limit
 // global scratch (L2) instead.
 constexpr size_t kMaxSharedUnitBytes = 24 * 1024;
 
-// Plan scratch, one row per image. Filled by the plan kernels; nothing in it is read on the host.
+// Plan scratch. Per-token arrays are indexed by an image's token_base + token, per-target arrays by
+// its target_base + target (ImageSpan). Filled by the plan kernels; nothing in it is read on the host.
 struct PlanPointers {
-  int8_t* role;      // [B, N] TokenRole
-  int32_t* row;      // [B, N] output row of the token, -1 when it has none
-  int32_t* targets;  // [B, K] token of each target
-  int32_t* counts;   // [B, K] members of each target
-  int32_t* offsets;  // [B, K] start of each target's members in `members`
-  int32_t* members;  // [B, N] members of target 0, then of target 1, ...; each ascending
-  float* unit;       // [B, d, K_pad] unit metric of the targets, transposed (zero padded)
+  int8_t* role;      // [tokens] TokenRole
+  int32_t* row;      // [tokens] dense output row of the token (0..D+K), -1 when it has none
+  int32_t* targets;  // [targets] token of each target
+  int32_t* counts;   // [targets] members of each target
+  int32_t* offsets;  // [targets] start of each target's members in the image's `members`
+  int32_t* members;  // [tokens] per image: members of target 0, then of target 1, ...; each ascending
+  float* unit;       // per image [d, K_pad]: unit metric of the targets, transposed (zero padded)
+  int32_t* place;    // packed only, [rows]: rank in token order of each dense output row
 };
-
-// ---------------------------------------------------------------------------------------------
-// Host-side layout and launch geometry (plain C++, shared with the emulation).
 
 VZ_HOST_DEVICE int64_t padded_targets(int64_t contextual) {
   return (contextual + kTargetTile - 1) / kTargetTile * kTargetTile;
 }
 
-struct PlanLayout {
-  size_t role, row, targets, counts, offsets, members, unit, bytes;
+// ---------------------------------------------------------------------------------------------
+// The images of one launch.
+//
+// Dense (select_merge, contextual_merge): B images of N tokens and D + K output rows each, in
+// tensors [B, N, ...] with a batch stride. Packed (varlen_select_merge): n images of N_i tokens
+// along one axis [T, ...], each with its own D_i and K_i, described by a small device table built
+// on the host (describe_packed). Every kernel maps its flat job index to (image, local index)
+// through the policy, so one set of launches covers every image: the dense mapping is plain
+// arithmetic, the packed one a binary search over the table's prefix sums (a few cached loads).
+
+// One image, as a kernel sees it.
+struct ImageSpan {
+  int64_t N, D, K;
+  int64_t token_base;   // its first entry in the per-token scratch (role, row, members) and scores
+  int64_t keep_base;    // its first entry in keep
+  int64_t target_base;  // its first entry in the per-target scratch (targets, counts, offsets)
+  int64_t unit_base;    // its first float of the unit targets
+  int64_t out_base;     // its first output row (tokens forward, grad_tokens backward)
+  int64_t batch;        // its rows in a tensor of strides (sb, sn) start at element
+  int64_t first_row;    //   batch * sb + first_row * sn (dense: b and 0; packed: 0 and token_base)
 };
 
-inline PlanLayout plan_layout(int64_t B, int64_t N, int64_t K, int64_t d) {
+struct DenseImages {
+  int64_t B, N, D, K, d;
+  static constexpr bool kTokenOrder = false;  // output rows: D dominant rows, then K contextual
+  VZ_HOST_DEVICE int64_t count() const { return B; }
+  VZ_HOST_DEVICE int64_t chunks() const { return (N + kAssignThreads - 1) / kAssignThreads; }
+  VZ_HOST_DEVICE int64_t total_tokens() const { return B * N; }
+  VZ_HOST_DEVICE int64_t total_targets() const { return B * K; }
+  VZ_HOST_DEVICE int64_t total_dominant() const { return B * D; }
+  VZ_HOST_DEVICE int64_t total_chunks() const { return B * chunks(); }
+  VZ_HOST_DEVICE int64_t max_unit_floats() const { return d * padded_targets(K); }
+  VZ_HOST_DEVICE ImageSpan span(int64_t b) const {
+    return {N, D, K, b * N, b * D, b * K, b * d * padded_targets(K), b * (D + K), b, 0};
+  }
+  VZ_HOST_DEVICE int64_t image_of_token(int64_t g) const { return g / N; }
+  VZ_HOST_DEVICE int64_t image_of_target(int64_t j) const { return j / K; }
+  VZ_HOST_DEVICE int64_t image_of_dominant(int64_t j) const { return j / D; }
+  VZ_HOST_DEVICE int64_t image_of_chunk(int64_t j) const { return j / chunks(); }
+  VZ_HOST_DEVICE int64_t chunk_base(int64_t b) const { return b * chunks(); }
+};
+
+// A row of the packed table: an image's sizes and the prefix sums that place it.
+struct PackedImage {
+  int64_t N, D, K;
+  int64_t token_base, keep_base, target_base, unit_base, out_base, chunk_base;
+};
+
+struct PackedImages {
+  const PackedImage* table;  // [n], where the kernels run
+  int64_t n;
+  int64_t tokens, targets, dominant, chunks, max_unit;  // totals (host values)
+  int64_t* keep_out;  // [rows] the kept tokens' packed indices, ascending per image (null: not wanted)
+  static constexpr bool kTokenOrder = true;  // output rows in original token order (plan.place)
+  VZ_HOST_DEVICE int64_t count() const { return n; }
+  VZ_HOST_DEVICE int64_t total_tokens() const { return tokens; }
+  VZ_HOST_DEVICE int64_t total_targets() const { return targets; }
+  VZ_HOST_DEVICE int64_t total_dominant() const { return dominant; }
+  VZ_HOST_DEVICE int64_t total_chunks() const { return chunks; }
+  VZ_HOST_DEVICE int64_t max_unit_floats() const { return max_unit; }
+  VZ_HOST_DEVICE ImageSpan span(int64_t b) const {
+    const PackedImage& p = table[b];
+    return {p.N, p.D, p.K, p.token_base, p.keep_base, p.target_base, p.unit_base, p.out_base, 0, p.token_base};
+  }
+  // The last image whose base is <= j holds job j: a later image starts past j, and an empty image
+  // before it shares its successor's base.
+  template <int64_t PackedImage::*base>
+  VZ_HOST_DEVICE int64_t image_of(int64_t j) const {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (table[mid].*base <= j) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+  VZ_HOST_DEVICE int64_t image_of_token(int64_t g) const { return image_of<&PackedImage::token_base>(g); }
+  VZ_HOST_DEVICE int64_t image_of_target(int64_t j) const { return image_of<&PackedImage::target_base>(j); }
+  VZ_HOST_DEVICE int64_t image_of_dominant(int64_t j) const { return image_of<&PackedImage::keep_base>(j); }
+  VZ_HOST_DEVICE int64_t image_of_chunk(int64_t j) const { return image_of<&PackedImage::chunk_base>(j); }
+  VZ_HOST_DEVICE int64_t chunk_base(int64_t b) const { return table[b].chunk_base; }
+};
+
+// The output row of dense row r (0..D+K: dominant rows, then contextual rows) of an image: r itself,
+// or in token order its rank among the image's kept tokens.
+template <typename Images>
+__device__ __forceinline__ int64_t output_row(const int32_t* place, const ImageSpan& span, int64_t r) {
+  if constexpr (Images::kTokenOrder) {
+    return span.out_base + place[span.out_base + r];
+  } else {
+    return span.out_base + r;
+  }
+}
+
+// Host: the packed table from cu_seqlens (n + 1 host values) and the budgets, with its totals.
+struct PackedBatch {
+  std::vector<PackedImage> table;
+  int64_t tokens = 0, targets = 0, dominant = 0, chunks = 0, rows = 0, unit_floats = 0, max_unit = 0;
+};
+
+inline PackedBatch describe_packed(const int64_t* cu, int64_t n, const int64_t* dominant, const int64_t* contextual,
+                                   int64_t d) {
+  PackedBatch batch;
+  batch.table.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t N = cu[i + 1] - cu[i], D = dominant[i], K = contextual[i], unit = d * padded_targets(K);
+    batch.table.push_back(
+        {N, D, K, cu[i], batch.dominant, batch.targets, batch.unit_floats, batch.rows, batch.chunks});
+    batch.dominant += D;
+    batch.targets += K;
+    batch.unit_floats += unit;
+    batch.rows += D + K;
+    batch.chunks += (N + kAssignThreads - 1) / kAssignThreads;
+    batch.max_unit = unit > batch.max_unit ? unit : batch.max_unit;
+  }
+  batch.tokens = n > 0 ? cu[n] : 0;
+  return batch;
+}
+
+// The kernels' view of a packed batch whose table has been copied to `table`.
+inline PackedImages packed_images(const PackedBatch& batch, const PackedImage* table, int64_t* keep_out) {
+  return {table,       static_cast<int64_t>(batch.table.size()), batch.tokens, batch.targets, batch.dominant,
+          batch.chunks, batch.max_unit, keep_out};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side layout and launch geometry (plain C++, shared with the emulation).
+
+struct PlanLayout {
+  size_t role, row, targets, counts, offsets, members, unit, place, bytes;
+};
+
+// Scratch for `tokens` tokens, `targets` targets, `unit_floats` unit-target floats and `placed`
+// output rows in token order (packed only).
+inline PlanLayout plan_layout(int64_t tokens, int64_t targets, int64_t unit_floats, int64_t placed) {
   const auto align = [](size_t x) { return (x + 15) & ~size_t{15}; };
-  const size_t bn = static_cast<size_t>(B * N), bk = static_cast<size_t>(B * K);
+  const size_t bn = static_cast<size_t>(tokens), bk = static_cast<size_t>(targets);
   PlanLayout l{};
   l.role = 0;
   l.row = align(l.role + bn * sizeof(int8_t));
@@ -111,16 +248,25 @@ inline PlanLayout plan_layout(int64_t B, int64_t N, int64_t K, int64_t d) {
   l.offsets = align(l.counts + bk * sizeof(int32_t));
   l.members = align(l.offsets + bk * sizeof(int32_t));
   l.unit = align(l.members + bn * sizeof(int32_t));
-  l.bytes = align(l.unit + static_cast<size_t>(B * d * padded_targets(K)) * sizeof(float));
+  l.place = align(l.unit + static_cast<size_t>(unit_floats) * sizeof(float));
+  l.bytes = align(l.place + static_cast<size_t>(placed) * sizeof(int32_t));
   return l;
+}
+
+inline PlanLayout dense_plan_layout(int64_t B, int64_t N, int64_t K, int64_t d) {
+  return plan_layout(B * N, B * K, B * d * padded_targets(K), 0);
+}
+
+inline PlanLayout packed_plan_layout(const PackedBatch& batch) {
+  return plan_layout(batch.tokens, batch.targets, batch.unit_floats, batch.rows);
 }
 
 inline PlanPointers plan_pointers(void* base, const PlanLayout& l) {
   char* p = static_cast<char*>(base);
-  return {reinterpret_cast<int8_t*>(p + l.role),       reinterpret_cast<int32_t*>(p + l.row),
-          reinterpret_cast<int32_t*>(p + l.targets),   reinterpret_cast<int32_t*>(p + l.counts),
-          reinterpret_cast<int32_t*>(p + l.offsets),   reinterpret_cast<int32_t*>(p + l.members),
-          reinterpret_cast<float*>(p + l.unit)};
+  return {reinterpret_cast<int8_t*>(p + l.role),     reinterpret_cast<int32_t*>(p + l.row),
+          reinterpret_cast<int32_t*>(p + l.targets), reinterpret_cast<int32_t*>(p + l.counts),
+          reinterpret_cast<int32_t*>(p + l.offsets), reinterpret_cast<int32_t*>(p + l.members),
+          reinterpret_cast<float*>(p + l.unit),      reinterpret_cast<int32_t*>(p + l.place)};
 }
 
 // Elements of scalar_t per 16-byte load.
@@ -165,13 +311,14 @@ struct PlanLaunch {
   bool unit_in_shared;
 };
 
-inline PlanLaunch plan_launch(int64_t B, int64_t N, int64_t d, int64_t K) {
+template <typename Images>
+PlanLaunch plan_launch(const Images& images) {
   const auto capped = [](int64_t blocks) {
     return static_cast<unsigned>(blocks < 1 ? 1 : blocks < kMaxPlanBlocks ? blocks : kMaxPlanBlocks);
   };
-  const int64_t chunks = (N + kAssignThreads - 1) / kAssignThreads;
-  const size_t unit_bytes = static_cast<size_t>(padded_targets(K) * d) * sizeof(float);
-  return {capped(B), capped(B * chunks), capped((B * K + kListWarps - 1) / kListWarps), unit_bytes,
+  const size_t unit_bytes = static_cast<size_t>(images.max_unit_floats()) * sizeof(float);
+  return {capped(images.count()), capped(images.total_chunks()),
+          capped((images.total_targets() + kListWarps - 1) / kListWarps), unit_bytes,
           unit_bytes <= kMaxSharedUnitBytes};
 }
 
@@ -295,21 +442,22 @@ inline __device__ void select_dominant(const float* scores, int64_t N, int64_t D
 // metric [B, N, d] (unit last stride, any row strides) in its own dtype, read as fp32. scores is
 // [B, N] fp32 contiguous for select_merge (keep is then written), or null (keep is read).
 
-// 1a for image b (every thread of the block calls it).
+// 1a for one image (every thread of the block calls it). m_img: the image's first metric row.
 template <typename metric_t>
-__device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float* scores, int64_t* keep_b,
-                           PlanPointers plan, int64_t b, int64_t N, int64_t d, int64_t D, int64_t K, bool keep_cls,
+__device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float* scores, int64_t* keep,
+                           PlanPointers plan, const ImageSpan& span, int64_t d, bool keep_cls,
                            SelectShared& select_shared) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t N = span.N, D = span.D, K = span.K;
   if (scores != nullptr) {
-    select_dominant(scores, N, D, keep_cls, keep_b, select_shared);
+    select_dominant(scores, N, D, keep_cls, keep, select_shared);
     __syncthreads();
   }
-  int8_t* role = plan.role + b * N;
-  int32_t* row = plan.row + b * N;
-  int32_t* targets = plan.targets + b * K;
-  int32_t* counts = plan.counts + b * K;
+  int8_t* role = plan.role + span.token_base;
+  int32_t* row = plan.row + span.token_base;
+  int32_t* targets = plan.targets + span.target_base;
+  int32_t* counts = plan.counts + span.target_base;
   for (int64_t n = tid; n < N; n += kPlanThreads) {
     role[n] = K > 0 ? kMember : kDropped;
     row[n] = -1;
@@ -320,7 +468,7 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
   }
   __syncthreads();
   for (int64_t i = tid; i < D; i += kPlanThreads) {
-    const int64_t t = keep_b[i];
+    const int64_t t = keep[i];
     if (t >= 0 && t < N) {
       role[t] = kDominant;
       atomicMax(row + t, static_cast<int32_t>(i));  // a repeated index keeps its last row
@@ -356,7 +504,7 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
   // in the padding. One warp per target: lanes load kUnitStage channels at a time (coalesced) into
   // shared memory, and every lane sums their squares in channel order, as the CPU kernel's loop does.
   const int64_t k_pad = padded_targets(K);
-  float* unit = plan.unit + b * d * k_pad;
+  float* unit = plan.unit + span.unit_base;
   for (int64_t i = warp; i < k_pad; i += kPlanWarps) {
     const int64_t t = i < K ? targets[i] : -1;  // warp-uniform
     if (t < 0) {
@@ -382,17 +530,48 @@ __device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float
   }
 }
 
-// 1a. One block of kPlanThreads per image: keep, roles, targets, unit targets; counts zeroed.
-template <typename metric_t>
+// 1a, token order (packed): each kept token's rank among the image's kept tokens (a scan over
+// contiguous chunks), so place[dense row] = rank, and keep_out[rank] = the token's packed index.
+// Called after a barrier that follows plan_image (roles and rows are final).
+__device__ __forceinline__ void place_in_token_order(PlanPointers plan, const ImageSpan& span, int64_t* keep_out,
+                                                     SelectShared& select_shared) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int8_t* role = plan.role + span.token_base;
+  const int32_t* row = plan.row + span.token_base;
+  int32_t* place = plan.place + span.out_base;
+  const int64_t chunk = (span.N + kPlanThreads - 1) / kPlanThreads;
+  const int64_t begin = tid * chunk;
+  const int64_t end = begin + chunk < span.N ? begin + chunk : span.N;
+  int kept = 0;
+  for (int64_t n = begin; n < end; ++n) kept += role[n] == kDominant || role[n] == kTarget;
+  int total = 0;
+  int64_t rank = block_exclusive_scan(kept, select_shared.warp_totals, &total);
+  for (int64_t n = begin; n < end; ++n) {
+    if (role[n] != kDominant && role[n] != kTarget) continue;
+    place[row[n]] = static_cast<int32_t>(rank);
+    if (keep_out != nullptr) keep_out[span.out_base + rank] = span.token_base + n;
+    ++rank;
+  }
+}
+
+// 1a. One block of kPlanThreads per image: keep, roles, targets, unit targets; counts zeroed; in
+// token order also the placement of the kept rows.
+template <typename metric_t, typename Images>
 __global__ void __launch_bounds__(kPlanThreads)
 plan_select_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
-                   const float* __restrict__ scores, int64_t* keep, PlanPointers plan, int64_t B, int64_t N,
-                   int64_t d, int64_t D, int64_t K, bool keep_cls) {
+                   const float* __restrict__ scores, int64_t* keep, PlanPointers plan, Images images, int64_t d,
+                   bool keep_cls) {
   __shared__ SelectShared select_shared;
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {  // block-uniform
+  for (int64_t b = blockIdx.x; b < images.count(); b += gridDim.x) {  // block-uniform
+    const ImageSpan span = images.span(b);
     __syncthreads();  // the previous image's shared state has been read
-    plan_image(metric + b * metric_sb, metric_sn, scores == nullptr ? nullptr : scores + b * N, keep + b * D, plan, b,
-               N, d, D, K, keep_cls, select_shared);
+    plan_image(metric + span.batch * metric_sb + span.first_row * metric_sn, metric_sn,
+               scores == nullptr ? nullptr : scores + span.token_base, keep + span.keep_base, plan, span, d, keep_cls,
+               select_shared);
+    if constexpr (Images::kTokenOrder) {
+      __syncthreads();
+      place_in_token_order(plan, span, images.keep_out, select_shared);
+    }
   }
 }
 
@@ -423,20 +602,21 @@ struct alignas(16) Float4 {
 // |m| for member_scale (tiny metrics must not underflow) and whether it is finite (a non-finite
 // member goes to target 0), as the CPU does. unit_in_shared: the image's unit targets are copied to
 // dynamic shared memory first (plan_launch decides from K_pad * d).
-template <typename metric_t>
+template <typename metric_t, typename Images>
 __global__ void __launch_bounds__(kAssignThreads)
 plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn, PlanPointers plan,
-                   int64_t B, int64_t N, int64_t d, int64_t D, int64_t K, bool unit_in_shared) {
+                   Images images, int64_t d, bool unit_in_shared) {
   __shared__ float tiles[kAssignWarps][kWarp][kWarp + 1];  // per warp: [channel][token], padded
   VZ_DYNAMIC_SHARED(float, shared_unit);
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarp, warp = tid / kWarp;
-  const int64_t k_pad = padded_targets(K);
-  const int64_t chunks = (N + kAssignThreads - 1) / kAssignThreads;
   float(*tile)[kWarp + 1] = tiles[warp];
-  for (int64_t job = blockIdx.x; job < B * chunks; job += gridDim.x) {  // block-uniform
-    const int64_t b = job / chunks;
-    const float* unit = plan.unit + b * d * k_pad;
+  for (int64_t job = blockIdx.x; job < images.total_chunks(); job += gridDim.x) {  // block-uniform
+    const int64_t b = images.image_of_chunk(job);
+    const ImageSpan span = images.span(b);
+    const int64_t N = span.N, D = span.D, K = span.K, k_pad = padded_targets(K);
+    if (K == 0) continue;  // block-uniform: no members
+    const float* unit = plan.unit + span.unit_base;
     if (unit_in_shared) {
       __syncthreads();  // the previous job's unit targets have been read
       const Float4* from = reinterpret_cast<const Float4*>(unit);  // K_pad is a multiple of 4
@@ -445,11 +625,11 @@ plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64
       __syncthreads();
       unit = shared_unit;
     }
-    const metric_t* m_img = metric + b * metric_sb;
-    const int8_t* role = plan.role + b * N;
-    int32_t* row = plan.row + b * N;
-    int32_t* counts = plan.counts + b * K;
-    const int64_t g0 = job % chunks * kAssignThreads + static_cast<int64_t>(warp) * kWarp;
+    const metric_t* m_img = metric + span.batch * metric_sb + span.first_row * metric_sn;
+    const int8_t* role = plan.role + span.token_base;
+    int32_t* row = plan.row + span.token_base;
+    int32_t* counts = plan.counts + span.target_base;
+    const int64_t g0 = (job - images.chunk_base(b)) * kAssignThreads + static_cast<int64_t>(warp) * kWarp;
     const int64_t n = g0 + lane;
     const bool is_member = n < N && role[n] == kMember;
     if (!__any_sync(kFullMask, is_member)) continue;  // warp-uniform; no block barrier follows
@@ -508,23 +688,24 @@ plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64
 // earlier targets' counts; then the warp reads the rows of its image kListWindow chunks of 32
 // tokens at a time (independent loads in flight) and writes its members in ascending token order,
 // placed by ballots. A member of target i is a token with row D + i other than the target itself.
-static __global__ void __launch_bounds__(kListThreads)
-plan_lists_kernel(PlanPointers plan, int64_t B, int64_t N, int64_t D, int64_t K) {
+template <typename Images>
+__global__ void __launch_bounds__(kListThreads) plan_lists_kernel(PlanPointers plan, Images images) {
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const unsigned lanes_below = (1u << lane) - 1u;
   const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kListWarps + static_cast<int>(threadIdx.x) / kWarp;
   const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kListWarps;
-  for (int64_t job = first_warp; job < B * K; job += warp_stride) {  // warp-uniform
-    const int64_t b = job / K, i = job % K;
-    const int32_t* counts = plan.counts + b * K;
+  for (int64_t job = first_warp; job < images.total_targets(); job += warp_stride) {  // warp-uniform
+    const ImageSpan span = images.span(images.image_of_target(job));
+    const int64_t N = span.N, i = job - span.target_base;
+    const int32_t* counts = plan.counts + span.target_base;
     int before = 0;
     for (int64_t j = lane; j < i; j += kWarp) before += counts[j];
     int64_t cursor = warp_sum(before);
     if (lane == 0) plan.offsets[job] = static_cast<int32_t>(cursor);
-    const int32_t r = static_cast<int32_t>(D + i);
+    const int32_t r = static_cast<int32_t>(span.D + i);
     const int32_t target = plan.targets[job];
-    const int32_t* row = plan.row + b * N;
-    int32_t* members = plan.members + b * N;
+    const int32_t* row = plan.row + span.token_base;
+    int32_t* members = plan.members + span.token_base;
     for (int64_t n0 = 0; n0 < N; n0 += kListWindow * kWarp) {
       bool mine[kListWindow];
 #pragma unroll
@@ -564,32 +745,35 @@ __device__ __forceinline__ Pack<scalar_t, VEC> zero_pack() {
   return out;
 }
 
-// tokens [B, D+K, C] contiguous from hidden [B, N, C] (unit last stride).
-template <typename scalar_t, typename acc_t, int VEC>
+// tokens [rows, C] contiguous (dense: [B, D+K, C]) from hidden (unit last stride; dense [B, N, C],
+// packed [T, C]).
+template <typename scalar_t, typename acc_t, int VEC, typename Images>
 __global__ void __launch_bounds__(kMergeThreads)
 merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int64_t hidden_sn,
                      const int64_t* __restrict__ keep, PlanPointers plan, scalar_t* __restrict__ tokens,
-                     int64_t B, int64_t N, int64_t C, int64_t D, int64_t K) {
+                     Images images, int64_t C) {
   using pack_t = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;  // no barriers in this kernel
-  const int64_t rows = D + K, total = B * rows, contextual_rows = B * K;
+  const int64_t contextual_rows = images.total_targets(), total = contextual_rows + images.total_dominant();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; g < total; g += stride) {
-    // The B * K contextual rows (long: a sum over members) come first, so that blocks start in
-    // roughly decreasing order of work; then the B * D dominant rows (one load each).
+    // The contextual rows (long: a sum over members) come first, so that blocks start in roughly
+    // decreasing order of work; then the dominant rows (one load each).
     const bool is_contextual = g < contextual_rows;
-    const int64_t b = is_contextual ? g / K : (g - contextual_rows) / D;
-    const int64_t r = is_contextual ? D + g % K : (g - contextual_rows) % D;
-    const scalar_t* h = hidden + b * hidden_sb + c;
+    const int64_t j = is_contextual ? g : g - contextual_rows;
+    const ImageSpan span = images.span(is_contextual ? images.image_of_target(j) : images.image_of_dominant(j));
+    const int64_t D = span.D;
+    const int64_t r = is_contextual ? D + (j - span.target_base) : j - span.keep_base;
+    const scalar_t* h = hidden + span.batch * hidden_sb + span.first_row * hidden_sn + c;
     pack_t out;
     if (r < D) {
-      const int64_t t = keep[b * D + r];
-      out = t >= 0 && t < N ? load_pack<scalar_t, VEC>(h + t * hidden_sn) : zero_pack<scalar_t, VEC>();
+      const int64_t t = keep[j];
+      out = t >= 0 && t < span.N ? load_pack<scalar_t, VEC>(h + t * hidden_sn) : zero_pack<scalar_t, VEC>();
     } else {
-      const int64_t i = b * K + (r - D);
+      const int64_t i = j;  // the target's entry
       const int32_t count = plan.counts[i];
-      const int32_t* list = plan.members + b * N + plan.offsets[i];
+      const int32_t* list = plan.members + span.token_base + plan.offsets[i];
       acc_t sums[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sums[j] = acc_t(0);
@@ -617,31 +801,35 @@ merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int
         out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(target.v[j]) + sums[j] / divisor);
       }
     }
-    *reinterpret_cast<pack_t*>(tokens + (b * rows + r) * C + c) = out;
+    *reinterpret_cast<pack_t*>(tokens + output_row<Images>(plan.place, span, r) * C + c) = out;
   }
 }
 
-// grad_hidden [B, N, C] contiguous from grad_tokens [B, D+K, C] (unit last stride).
-template <typename scalar_t, typename acc_t, int VEC>
+// grad_hidden [tokens, C] contiguous (dense: [B, N, C]) from grad_tokens (unit last stride; dense
+// [B, D+K, C] with strides (grad_sb, grad_sr), packed [rows, C] with row stride grad_sr).
+template <typename scalar_t, typename acc_t, int VEC, typename Images>
 __global__ void __launch_bounds__(kMergeThreads)
 merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_t grad_sr, PlanPointers plan,
-                      scalar_t* __restrict__ grad_hidden, int64_t B, int64_t N, int64_t C, int64_t D, int64_t K) {
+                      scalar_t* __restrict__ grad_hidden, Images images, int64_t C) {
   using pack_t = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;  // no barriers in this kernel
-  const int64_t total = B * N;
+  const int64_t total = images.total_tokens();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; g < total; g += stride) {
-    const int64_t b = g / N;
     const int8_t role = plan.role[g];
     const int32_t r = plan.row[g];
     pack_t out;
     if (role == kDropped || r < 0) {
       out = zero_pack<scalar_t, VEC>();
     } else {
-      out = load_pack<scalar_t, VEC>(grad + b * grad_sb + r * grad_sr + c);
+      const ImageSpan span = images.span(images.image_of_token(g));
+      const int64_t out_row = output_row<Images>(plan.place, span, r);
+      // Dense: out_row = b * (D + K) + r, read at b * grad_sb + r * grad_sr; packed: out_row * grad_sr.
+      const int64_t offset = Images::kTokenOrder ? out_row * grad_sr : span.batch * grad_sb + r * grad_sr;
+      out = load_pack<scalar_t, VEC>(grad + offset + c);
       if (role == kMember) {
-        const acc_t divisor = member_divisor(plan.counts[b * K + (r - D)]);
+        const acc_t divisor = member_divisor(plan.counts[span.target_base + (r - span.D)]);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(out.v[j]) / divisor);
       }
@@ -651,59 +839,62 @@ merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Launchers (host). The caller allocates the plan scratch (plan_layout) and checks launch errors.
+// Launchers (host). The caller allocates the plan scratch (dense_plan_layout, packed_plan_layout)
+// and checks launch errors. `images` is DenseImages or PackedImages.
 
-// The plan: 1a, then (K > 0) 1b, then (build_lists) 1c. build_lists: the forward needs the member
-// lists, the backward only the rows and counts.
-template <typename metric_t>
+// The plan: 1a, then (some K > 0) 1b, then (build_lists) 1c. build_lists: the forward needs the
+// member lists, the backward only the rows and counts.
+template <typename metric_t, typename Images>
 void launch_plan(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores, int64_t* keep,
-                 PlanPointers plan, int64_t B, int64_t N, int64_t d, int64_t D, int64_t K, bool keep_cls,
-                 bool build_lists, cudaStream_t stream) {
-  const PlanLaunch geometry = plan_launch(B, N, d, K);
-  auto* select = &plan_select_kernel<metric_t>;
+                 PlanPointers plan, const Images& images, int64_t d, bool keep_cls, bool build_lists,
+                 cudaStream_t stream) {
+  const PlanLaunch geometry = plan_launch(images);
+  auto* select = &plan_select_kernel<metric_t, Images>;
   VZ_LAUNCH(select, dim3(geometry.select_blocks), dim3(kPlanThreads), 0, stream, metric, metric_sb, metric_sn, scores,
-            keep, plan, B, N, d, D, K, keep_cls);
-  if (K == 0) return;
-  auto* assign = &plan_assign_kernel<metric_t>;
+            keep, plan, images, d, keep_cls);
+  if (images.total_targets() == 0) return;
+  auto* assign = &plan_assign_kernel<metric_t, Images>;
   VZ_LAUNCH(assign, dim3(geometry.assign_blocks), dim3(kAssignThreads),
-            geometry.unit_in_shared ? geometry.unit_bytes : 0, stream, metric, metric_sb, metric_sn, plan, B, N, d, D,
-            K, geometry.unit_in_shared);
+            geometry.unit_in_shared ? geometry.unit_bytes : 0, stream, metric, metric_sb, metric_sn, plan, images, d,
+            geometry.unit_in_shared);
   if (!build_lists) return;
-  auto* lists = &plan_lists_kernel;
-  VZ_LAUNCH(lists, dim3(geometry.list_blocks), dim3(kListThreads), 0, stream, plan, B, N, D, K);
+  auto* lists = &plan_lists_kernel<Images>;
+  VZ_LAUNCH(lists, dim3(geometry.list_blocks), dim3(kListThreads), 0, stream, plan, images);
 }
 
-template <typename scalar_t, typename acc_t>
+// tokens from hidden (rows of strides hidden_sb, hidden_sn; packed: hidden_sb unused).
+template <typename scalar_t, typename acc_t, typename Images>
 void launch_merge_forward(const scalar_t* hidden, int64_t hidden_sb, int64_t hidden_sn, const int64_t* keep,
-                          PlanPointers plan, scalar_t* tokens, int64_t B, int64_t N, int64_t C, int64_t D,
-                          int64_t K, cudaStream_t stream) {
+                          PlanPointers plan, scalar_t* tokens, const Images& images, int64_t C, cudaStream_t stream) {
+  const int64_t rows = images.total_dominant() + images.total_targets();
+  if (rows == 0) return;
   const int vec = pack_width<scalar_t>(hidden, C, hidden_sb, hidden_sn);
-  const RowLaunch geometry = row_launch(B * (D + K), C, vec);
+  const RowLaunch geometry = row_launch(rows, C, vec);
   if (vec == kPackWidth<scalar_t>) {
-    auto* kernel = &merge_forward_kernel<scalar_t, acc_t, kPackWidth<scalar_t>>;
-    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, hidden, hidden_sb, hidden_sn, keep, plan, tokens, B, N,
-              C, D, K);
+    auto* kernel = &merge_forward_kernel<scalar_t, acc_t, kPackWidth<scalar_t>, Images>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, hidden, hidden_sb, hidden_sn, keep, plan, tokens,
+              images, C);
   } else {
-    auto* kernel = &merge_forward_kernel<scalar_t, acc_t, 1>;
-    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, hidden, hidden_sb, hidden_sn, keep, plan, tokens, B, N,
-              C, D, K);
+    auto* kernel = &merge_forward_kernel<scalar_t, acc_t, 1, Images>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, hidden, hidden_sb, hidden_sn, keep, plan, tokens,
+              images, C);
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// grad_hidden from grad_tokens (rows of strides grad_sb, grad_sr; packed: grad_sb unused).
+template <typename scalar_t, typename acc_t, typename Images>
 void launch_merge_backward(const scalar_t* grad, int64_t grad_sb, int64_t grad_sr, PlanPointers plan,
-                           scalar_t* grad_hidden, int64_t B, int64_t N, int64_t C, int64_t D, int64_t K,
-                           cudaStream_t stream) {
+                           scalar_t* grad_hidden, const Images& images, int64_t C, cudaStream_t stream) {
+  const int64_t rows = images.total_tokens();
+  if (rows == 0) return;
   const int vec = pack_width<scalar_t>(grad, C, grad_sb, grad_sr);
-  const RowLaunch geometry = row_launch(B * N, C, vec);
+  const RowLaunch geometry = row_launch(rows, C, vec);
   if (vec == kPackWidth<scalar_t>) {
-    auto* kernel = &merge_backward_kernel<scalar_t, acc_t, kPackWidth<scalar_t>>;
-    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, grad, grad_sb, grad_sr, plan, grad_hidden, B, N, C, D,
-              K);
+    auto* kernel = &merge_backward_kernel<scalar_t, acc_t, kPackWidth<scalar_t>, Images>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, grad, grad_sb, grad_sr, plan, grad_hidden, images, C);
   } else {
-    auto* kernel = &merge_backward_kernel<scalar_t, acc_t, 1>;
-    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, grad, grad_sb, grad_sr, plan, grad_hidden, B, N, C, D,
-              K);
+    auto* kernel = &merge_backward_kernel<scalar_t, acc_t, 1, Images>;
+    VZ_LAUNCH(kernel, geometry.grid, geometry.block, 0, stream, grad, grad_sb, grad_sr, plan, grad_hidden, images, C);
   }
 }
 

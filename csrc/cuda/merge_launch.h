@@ -1,5 +1,5 @@
 // Host-side pieces shared by the CUDA ops built on merge_kernels.cuh (select_merge_cuda.cu for the
-// dense ops, varlen_merge_cuda.cu for the packed ones, which runs the dense launches per image).
+// dense ops, varlen_merge_cuda.cu for the packed ones).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -30,7 +30,7 @@ inline void check_cuda_sizes(const char* op, int64_t N, int64_t C, const char* t
 
 // Plan scratch in one allocation (freed when the op returns; the stream orders its reuse).
 struct Scratch {
-  Scratch(const at::Tensor& like, int64_t B, int64_t N, int64_t K, int64_t d) : layout(plan_layout(B, N, K, d)) {
+  Scratch(const at::Tensor& like, const PlanLayout& plan_layout) : layout(plan_layout) {
     storage = at::empty({static_cast<int64_t>(layout.bytes)}, like.options().dtype(at::kByte));
   }
   PlanPointers pointers() const { return plan_pointers(storage.data_ptr(), layout); }
@@ -38,14 +38,16 @@ struct Scratch {
   at::Tensor storage;
 };
 
-// The plan of metric [B, N, d] into scratch; with scores, keep [B, D] is written by the top-k first.
-inline void run_plan(const at::Tensor& metric_in, const float* scores, int64_t* keep, const Scratch& scratch,
-                     int64_t D, int64_t K, bool keep_cls, bool build_lists, cudaStream_t stream) {
+// The plan of metric (unit last stride or made so) into scratch; with scores, keep is written by the
+// top-k first. Dense: metric [B, N, d]; packed: metric [T, d].
+template <typename Images>
+void run_plan(const at::Tensor& metric_in, const float* scores, int64_t* keep, const Scratch& scratch,
+              const Images& images, bool keep_cls, bool build_lists, cudaStream_t stream) {
   const at::Tensor metric = unit_last_stride(metric_in);
-  const int64_t B = metric.size(0), N = metric.size(1), d = metric.size(2);
+  const int64_t sb = metric.dim() == 3 ? metric.stride(0) : 0, sn = metric.stride(metric.dim() - 2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "visionzip_plan_cuda", [&] {
-    launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), metric.stride(0), metric.stride(1), scores, keep,
-                          scratch.pointers(), B, N, d, D, K, keep_cls, build_lists, stream);
+    launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), sb, sn, scores, keep, scratch.pointers(), images,
+                          metric.size(-1), keep_cls, build_lists, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -36,17 +36,19 @@ at::Tensor merge(const char* op, const at::Tensor& hidden_in, const at::Tensor& 
   at::Tensor tokens = at::empty({B, D + K, C}, hidden.options());
   if (B == 0) return tokens;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Scratch scratch(hidden, B, N, K, metric.size(2));
+  const DenseImages images{B, N, D, K, metric.size(2)};
+  const Scratch scratch(hidden, dense_plan_layout(B, N, K, metric.size(2)));
   if (scores.defined()) {
     const at::Tensor scores_f32 = scores.to(at::kFloat).contiguous();
-    run_plan(metric, scores_f32.data_ptr<float>(), keep.data_ptr<int64_t>(), scratch, D, K, keep_cls, true, stream);
+    run_plan(metric, scores_f32.data_ptr<float>(), keep.data_ptr<int64_t>(), scratch, images, keep_cls, true, stream);
   } else if (K > 0) {
-    run_plan(metric, nullptr, keep.data_ptr<int64_t>(), scratch, D, K, false, true, stream);
+    run_plan(metric, nullptr, keep.data_ptr<int64_t>(), scratch, images, false, true, stream);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "visionzip_merge_cuda", [&] {
-    launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(
-        hidden.data_ptr<scalar_t>(), hidden.stride(0), hidden.stride(1), keep.data_ptr<int64_t>(), scratch.pointers(),
-        tokens.data_ptr<scalar_t>(), B, N, C, D, K, stream);
+    launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(hidden.data_ptr<scalar_t>(), hidden.stride(0),
+                                                              hidden.stride(1), keep.data_ptr<int64_t>(),
+                                                              scratch.pointers(), tokens.data_ptr<scalar_t>(), images,
+                                                              C, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return tokens;
@@ -81,12 +83,13 @@ at::Tensor contextual_merge_backward_cuda(const at::Tensor& grad_in, const at::T
   at::Tensor grad_hidden = at::empty({B, N, C}, grad.options());
   if (B == 0) return grad_hidden;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Scratch scratch(grad, B, N, K, metric.size(2));
-  run_plan(metric, nullptr, keep.data_ptr<int64_t>(), scratch, D, K, false, false, stream);
+  const DenseImages images{B, N, D, K, metric.size(2)};
+  const Scratch scratch(grad, dense_plan_layout(B, N, K, metric.size(2)));
+  run_plan(metric, nullptr, keep.data_ptr<int64_t>(), scratch, images, false, false, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "visionzip_merge_backward_cuda", [&] {
     launch_merge_backward<scalar_t, at::opmath_type<scalar_t>>(grad.data_ptr<scalar_t>(), grad.stride(0),
                                                                grad.stride(1), scratch.pointers(),
-                                                               grad_hidden.data_ptr<scalar_t>(), B, N, C, D, K, stream);
+                                                               grad_hidden.data_ptr<scalar_t>(), images, C, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_hidden;
