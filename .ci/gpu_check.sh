@@ -57,9 +57,10 @@ rc=$?; echo "tests rc=$rc"; tail -15 "$OUT/tests.log"; [ $rc -eq 0 ] || failed=1
 
 stage bench
 timeout "${BENCH_TIMEOUT:-400}" "$PYTHON" -m pytest benchmarks/bench_scores_cuda.py benchmarks/bench_merge_cuda.py \
+  benchmarks/bench_varlen_merge.py \
   -q -p no:cacheprovider --benchmark-columns=median --benchmark-max-time=0.3 --benchmark-min-rounds=5 \
   >"$OUT/bench.log" 2>&1
-rc=$?; echo "bench rc=$rc"; sed -n '/scoring ops: median/,$p' "$OUT/bench.log" | grep -v "^-\|^Name\|^test_" | head -120
+rc=$?; echo "bench rc=$rc"; sed -n '/scoring ops: median/,$p' "$OUT/bench.log" | grep -v "^-\|^Name\|^test_" | head -160
 [ $rc -eq 0 ] || failed=1
 
 if [ "${SKIP_END_TO_END:-0}" != 1 ]; then

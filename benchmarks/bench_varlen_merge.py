@@ -1,16 +1,21 @@
-"""CPU benchmark of varlen_select_merge (issue 12): packed images at Qwen2.5-VL geometry, ours (C++)
-vs the PyTorch reference vs the upstream-style path (topk, masks, masked_select, bmm, one-hot per
-image, written back in token order; the oracle of tests/test_varlen_merge.py).
+"""Benchmark of varlen_select_merge (issue 12): packed images at Qwen2.5-VL geometry, ours (C++ on the
+CPU; on CUDA, when present, one set of launches for all images) vs the PyTorch reference vs the
+upstream-style path (topk, masks, masked_select, bmm, one-hot per image, written back in token order;
+the oracle of tests/test_varlen_merge.py).
 
     python -m pytest benchmarks/bench_varlen_merge.py --benchmark-columns=median,min,max
 
 Tokens are the patch merger's outputs (C = 2048, Qwen2.5-VL-3B's LLM width), the metric has the
 ViT's head dim (80), the budget is upstream's default (dominant int(0.65 N_i), contextual
 max(int(0.05 N_i), 1)). Groups: one image of 1024 tokens, and 4 images of different sizes. The
-dense select_merge per image (keep_cls=False, rows not reordered) shows what the placement costs.
+dense select_merge per image (keep_cls=False, rows not reordered) shows what the placement costs on
+the CPU and, on CUDA, what one call saves over a launch set per image. The floor is one read of
+hidden (a sum over tokens). ``VZ_BENCH_DEVICE`` (default cuda when available, else cpu).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ from visionzip_kernels import reference, select_merge, varlen_select_merge
 C, METRIC_DIM = 2048, 80
 IMAGES = {"1 image": [1024], "4 images": [1024, 576, 780, 330]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE = os.environ.get("VZ_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _inputs(sizes: list[int], dtype: torch.dtype):
@@ -32,7 +38,8 @@ def _inputs(sizes: list[int], dtype: torch.dtype):
     cu = torch.tensor([0] + sizes).cumsum(0)
     dominant = [int(0.65 * n) for n in sizes]
     contextual = [max(int(0.05 * n), 1) for n in sizes]
-    return hidden, scores, metric, cu, dominant, contextual
+    hidden, scores, metric = (t.to(DEVICE) for t in (hidden, scores, metric))
+    return hidden, scores, metric, cu, dominant, contextual  # cu on the CPU: no host sync on CUDA
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
@@ -56,4 +63,4 @@ def test_varlen_select_merge(side_by_side, path: str, images: str, dtype_name: s
                                                         contextual),
         "floor: hidden.sum(dim=0)": lambda: hidden.sum(dim=0),
     }
-    side_by_side(f"varlen_select_merge {images} {dtype_name}", path, paths[path])
+    side_by_side(f"varlen_select_merge {images} {dtype_name} {DEVICE}", path, paths[path], device=DEVICE)

@@ -39,7 +39,7 @@ def upstream_style_varlen(hidden, scores, metric, cu_seqlens, dominant, contextu
         start, end = cu[i], cu[i + 1]
         N, C = end - start, hidden.shape[1]
         h, m = hidden[start:end], metric[start:end]
-        dominant_mask = torch.zeros(N, dtype=torch.bool)
+        dominant_mask = torch.zeros(N, dtype=torch.bool, device=h.device)
         dominant_mask[scores[start:end].topk(D).indices] = True
         kept_mask = dominant_mask.clone()
         placed = h.clone()
@@ -49,10 +49,10 @@ def upstream_style_varlen(hidden, scores, metric, cu_seqlens, dominant, contextu
             h_rest = h.masked_select(rest_mask[:, None]).view(-1, C)
             m_norm = m_rest / m_rest.norm(dim=-1, keepdim=True)
             M = m_norm.shape[0]
-            target_idx = torch.arange(0, M, max(1, M // K))[:K]
-            not_target = ~torch.isin(torch.arange(M), target_idx)
+            target_idx = torch.arange(0, M, max(1, M // K), device=h.device)[:K]
+            not_target = ~torch.isin(torch.arange(M, device=h.device), target_idx)
             similarity = torch.bmm(m_norm[not_target][None], m_norm[target_idx].T[None])
-            one_hot = torch.zeros(1, int(not_target.sum()), K, dtype=h.dtype)
+            one_hot = torch.zeros(1, int(not_target.sum()), K, dtype=h.dtype, device=h.device)
             one_hot.scatter_(2, similarity.argmax(dim=2)[..., None], 1)
             counts = one_hot.sum(dim=1).clamp(min=1)[..., None]
             aggregated = torch.bmm(one_hot.transpose(1, 2), h_rest[not_target][None]) / counts
