@@ -144,6 +144,7 @@ def test_one_image_equals_upstream_oracle(kind, attn):
     assert isinstance(out, vzt.QwenVisionZipOutput)
     assert torch.equal(out.keep, positions)
     assert out.cu_seqlens.tolist() == [0, kept.shape[0]]
+    assert out.cu_seqlens.device.type == "cpu"  # built from the host grid: the op reads no device bounds
     torch.testing.assert_close(out.pooler_output[0], kept, atol=TOKEN_ATOL, rtol=TOKEN_RTOL)
     # The conditional-generation class delegates to the same replacement.
     with torch.no_grad():

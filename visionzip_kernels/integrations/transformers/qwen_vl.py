@@ -74,7 +74,7 @@ class QwenVisionZipOutput(VisionZipOutput):
         pooler_output: tuple of [D_i+K_i, C_llm] per image: the kept merger outputs in original order.
         keep: [sum(D_i+K_i)] int64: the kept merge units, packed (index into all images' N_i units in
             input order), ascending within each image.
-        cu_seqlens: [n+1] int64: cumulative D_i+K_i (image i's rows in ``keep``).
+        cu_seqlens: [n+1] int64 on the CPU: cumulative D_i+K_i (image i's rows in ``keep``).
         last_hidden_state: the tower's last hidden state [T, C_vision] (window order on Qwen2.5-VL),
             as the stock ``get_image_features`` returns it.
     """
@@ -338,16 +338,17 @@ class QwenVLPatch:
         merged = out.pooler_output
         merged = torch.cat(list(merged), dim=0) if isinstance(merged, (list, tuple)) else merged
         tokens_out, keep, cu_out = self.compress(merged, slot["qkv"], slot["rotary"], slot["cu_seqlens"],
-                                                 image_grid_thw, dominants, contextuals)
+                                                 image_grid_thw, tokens, dominants, contextuals)
         counts = [d + k for d, k in zip(dominants, contextuals)]
         result = QwenVisionZipOutput(last_hidden_state=out.last_hidden_state, pooler_output=tokens_out.split(counts),
                                      keep=keep, cu_seqlens=cu_out)
         return result if return_dict else result.to_tuple()
 
     def compress(self, merged: torch.Tensor, qkv: torch.Tensor, rotary: tuple, cu_seqlens: torch.Tensor,
-                 image_grid_thw: torch.Tensor, dominants: list[int], contextuals: list[int]):
+                 image_grid_thw: torch.Tensor, tokens: list[int], dominants: list[int], contextuals: list[int]):
         """Scores and metric from the captured fused qkv [T, 3*H*d] (window order) and the rotary
-        (cos, sin), put in original order, then ``varlen_select_merge`` on ``merged`` [T/4, C_llm]."""
+        (cos, sin), put in original order, then ``varlen_select_merge`` on ``merged`` [T/4, C_llm]
+        (``tokens`` = N_i, its images' merge units)."""
         query_key = self.query_key
         qkv = qkv.detach()
         T = qkv.shape[0]
@@ -359,7 +360,9 @@ class QwenVLPatch:
         if self.windowed:
             original = torch.argsort(self.window_index(image_grid_thw)).to(scores.device)
             scores, metric = scores[original], metric[original]
-        cu_units = torch.div(cu_seqlens, self.unit, rounding_mode="floor")
+        # The images' bounds from the host grid, so that the op need not read the tower's device cu_seqlens
+        # back (its one sync); cu_seqlens_out is then on the CPU too.
+        cu_units = torch.tensor([0, *tokens], dtype=torch.int64).cumsum(0)
         return ops.varlen_select_merge(merged, scores, metric, cu_units, dominants, contextuals)
 
     # -- input check -------------------------------------------------------------------------------
