@@ -38,12 +38,6 @@ at::Tensor upload(const void* data, int64_t count, at::ScalarType dtype, const a
   return at::empty({count}, at::TensorOptions().dtype(dtype).device(device)).copy_(host, /*non_blocking=*/true);
 }
 
-// The packed batch of the checked host cu_seqlens and budgets.
-PackedBatch describe(const std::vector<int64_t>& cu, c10::IntArrayRef dominant, c10::IntArrayRef contextual,
-                     int64_t d) {
-  return describe_packed(cu.data(), static_cast<int64_t>(dominant.size()), dominant.data(), contextual.data(), d);
-}
-
 // The batch's table on the kernels' device ([n] PackedImage rows as bytes).
 at::Tensor upload_table(const PackedBatch& batch, const at::Device& device) {
   const int64_t bytes = static_cast<int64_t>(batch.table.size() * sizeof(PackedImage));
@@ -59,40 +53,55 @@ at::Tensor output_offsets(const PackedBatch& batch, const at::Tensor& cu_seqlens
   return cu_seqlens.scalar_type() == at::kLong ? wide : wide.to(cu_seqlens.scalar_type());
 }
 
-void check_packed_sizes(const char* op, const PackedBatch& batch, int64_t C) {
-  for (size_t i = 0; i < batch.table.size(); ++i) {
-    check_cuda_sizes(op, batch.table[i].N, C, "every image's token count");
-  }
+// The host description of a call, after the rules that need cu_seqlens' values (read here, once)
+// and every image's size limits.
+PackedBatch checked_batch(const char* op, const at::Tensor& cu_seqlens, int64_t num_tokens,
+                          c10::IntArrayRef dominant, c10::IntArrayRef contextual, int64_t d, int64_t C) {
+  const std::vector<int64_t> cu = check_cu_seqlens_values(op, cu_seqlens, num_tokens, dominant, contextual);
+  PackedBatch batch =
+      describe_packed(cu.data(), static_cast<int64_t>(dominant.size()), dominant.data(), contextual.data(), d);
+  for (const PackedImage& image : batch.table) check_cuda_sizes(op, image.N, C, "every image's token count");
+  return batch;
 }
+
+// The plan of every image, enqueued: the table on the device, the scratch, and keep (the top-D_i of
+// each image, in dense order). keep_out (forward) also gets the kept tokens' packed indices.
+struct PackedPlan {
+  PackedPlan(const PackedBatch& batch, const at::Tensor& like, const at::Tensor& scores, const at::Tensor& metric,
+             int64_t* keep_out, bool build_lists, cudaStream_t stream)
+      : table(upload_table(batch, like.device())),
+        images(packed_images(batch, reinterpret_cast<const PackedImage*>(table.data_ptr()), keep_out)),
+        scratch(like, packed_plan_layout(batch)),
+        keep(at::empty({batch.dominant}, like.options().dtype(at::kLong))) {
+    const at::Tensor scores_f32 = scores.to(at::kFloat).contiguous();
+    run_plan(metric, scores_f32.data_ptr<float>(), keep.data_ptr<int64_t>(), scratch, images, /*keep_cls=*/false,
+             build_lists, stream);
+  }
+  at::Tensor table;
+  PackedImages images;
+  Scratch scratch;
+  at::Tensor keep;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cuda(
     const at::Tensor& hidden_in, const at::Tensor& scores, const at::Tensor& metric,
     const at::Tensor& cu_seqlens, c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
   constexpr const char* op = "varlen_select_merge";
   check_varlen_select_merge_args(hidden_in, scores, metric, cu_seqlens, dominant, contextual);
-  const std::vector<int64_t> cu = check_cu_seqlens_values(op, cu_seqlens, hidden_in.size(0), dominant, contextual);
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = unit_last_stride(hidden_in);
   const int64_t C = hidden.size(1);
-  const PackedBatch batch = describe(cu, dominant, contextual, metric.size(1));
-  check_packed_sizes(op, batch, C);
+  const PackedBatch batch = checked_batch(op, cu_seqlens, hidden.size(0), dominant, contextual, metric.size(1), C);
   at::Tensor tokens = at::empty({batch.rows, C}, hidden.options());
   at::Tensor keep_out = at::empty({batch.rows}, hidden.options().dtype(at::kLong));
   const at::Tensor cu_seqlens_out = output_offsets(batch, cu_seqlens);
   if (batch.rows == 0) return {tokens, keep_out, cu_seqlens_out};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor table = upload_table(batch, hidden.device());
-  const PackedImages images =
-      packed_images(batch, reinterpret_cast<const PackedImage*>(table.data_ptr()), keep_out.data_ptr<int64_t>());
-  const Scratch scratch(hidden, packed_plan_layout(batch));
-  at::Tensor keep = at::empty({batch.dominant}, keep_out.options());  // per image, in dense order
-  const at::Tensor scores_f32 = scores.to(at::kFloat).contiguous();
-  run_plan(metric, scores_f32.data_ptr<float>(), keep.data_ptr<int64_t>(), scratch, images, /*keep_cls=*/false,
-           /*build_lists=*/true, stream);
+  const PackedPlan plan(batch, hidden, scores, metric, keep_out.data_ptr<int64_t>(), /*build_lists=*/true, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "visionzip_varlen_merge_cuda", [&] {
     launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(hidden.data_ptr<scalar_t>(), 0, hidden.stride(0),
-                                                              keep.data_ptr<int64_t>(), scratch.pointers(),
-                                                              tokens.data_ptr<scalar_t>(), images, C, stream);
+                                                              plan.keep.data_ptr<int64_t>(), plan.scratch.pointers(),
+                                                              tokens.data_ptr<scalar_t>(), plan.images, C, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {tokens, keep_out, cu_seqlens_out};
@@ -103,27 +112,19 @@ at::Tensor varlen_select_merge_backward_cuda(const at::Tensor& grad_in, const at
                                              c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
   constexpr const char* op = "varlen_select_merge_backward";
   check_varlen_select_merge_backward_args(grad_in, scores, metric, cu_seqlens, dominant, contextual);
-  const std::vector<int64_t> cu = check_cu_seqlens_values(op, cu_seqlens, scores.size(0), dominant, contextual);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = unit_last_stride(grad_in);
   const int64_t C = grad.size(1);
-  const PackedBatch batch = describe(cu, dominant, contextual, metric.size(1));
-  check_packed_sizes(op, batch, C);
+  const PackedBatch batch = checked_batch(op, cu_seqlens, scores.size(0), dominant, contextual, metric.size(1), C);
   at::Tensor grad_hidden = at::empty({batch.tokens, C}, grad.options());
   if (batch.tokens == 0) return grad_hidden;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor table = upload_table(batch, grad.device());
-  const PackedImages images = packed_images(batch, reinterpret_cast<const PackedImage*>(table.data_ptr()), nullptr);
-  const Scratch scratch(grad, packed_plan_layout(batch));
-  at::Tensor keep = at::empty({batch.dominant}, grad.options().dtype(at::kLong));
-  const at::Tensor scores_f32 = scores.to(at::kFloat).contiguous();
-  run_plan(metric, scores_f32.data_ptr<float>(), keep.data_ptr<int64_t>(), scratch, images, /*keep_cls=*/false,
-           /*build_lists=*/false, stream);
+  const PackedPlan plan(batch, grad, scores, metric, /*keep_out=*/nullptr, /*build_lists=*/false, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "visionzip_varlen_merge_backward_cuda",
                                   [&] {
     launch_merge_backward<scalar_t, at::opmath_type<scalar_t>>(grad.data_ptr<scalar_t>(), 0, grad.stride(0),
-                                                               scratch.pointers(), grad_hidden.data_ptr<scalar_t>(),
-                                                               images, C, stream);
+                                                               plan.scratch.pointers(), grad_hidden.data_ptr<scalar_t>(),
+                                                               plan.images, C, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_hidden;
