@@ -442,18 +442,25 @@ inline __device__ void select_dominant(const float* scores, int64_t N, int64_t D
 // metric [B, N, d] (unit last stride, any row strides) in its own dtype, read as fp32. scores is
 // [B, N] fp32 contiguous for select_merge (keep is then written), or null (keep is read).
 
-// 1a for one image (every thread of the block calls it). m_img: the image's first metric row.
-template <typename metric_t>
-__device__ void plan_image(const metric_t* m_img, int64_t metric_sn, const float* scores, int64_t* keep,
-                           PlanPointers plan, const ImageSpan& span, int64_t d, bool keep_cls,
-                           SelectShared& select_shared) {
+// 1a for image b (every thread of the block calls it). The image's span is taken after the top-k
+// again rather than held across it: the select's registers are the kernel's peak (holding the span
+// made ptxas spill on sm_90, where this way it does not).
+template <typename metric_t, typename Images>
+__device__ void plan_image(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores_all,
+                           int64_t* keep_all, PlanPointers plan, const Images& images, int64_t b, int64_t d,
+                           bool keep_cls, SelectShared& select_shared) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarp, warp = tid / kWarp;
-  const int64_t N = span.N, D = span.D, K = span.K;
-  if (scores != nullptr) {
-    select_dominant(scores, N, D, keep_cls, keep, select_shared);
+  if (scores_all != nullptr) {
+    const ImageSpan first = images.span(b);
+    select_dominant(scores_all + first.token_base, first.N, first.D, keep_cls, keep_all + first.keep_base,
+                    select_shared);
     __syncthreads();
   }
+  const ImageSpan span = images.span(b);
+  const int64_t N = span.N, D = span.D, K = span.K;
+  const int64_t* keep = keep_all + span.keep_base;
+  const metric_t* m_img = metric + span.batch * metric_sb + span.first_row * metric_sn;
   int8_t* role = plan.role + span.token_base;
   int32_t* row = plan.row + span.token_base;
   int32_t* targets = plan.targets + span.target_base;
@@ -563,14 +570,11 @@ plan_select_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64
                    bool keep_cls) {
   __shared__ SelectShared select_shared;
   for (int64_t b = blockIdx.x; b < images.count(); b += gridDim.x) {  // block-uniform
-    const ImageSpan span = images.span(b);
     __syncthreads();  // the previous image's shared state has been read
-    plan_image(metric + span.batch * metric_sb + span.first_row * metric_sn, metric_sn,
-               scores == nullptr ? nullptr : scores + span.token_base, keep + span.keep_base, plan, span, d, keep_cls,
-               select_shared);
+    plan_image(metric, metric_sb, metric_sn, scores, keep, plan, images, b, d, keep_cls, select_shared);
     if constexpr (Images::kTokenOrder) {
       __syncthreads();
-      place_in_token_order(plan, span, images.keep_out, select_shared);
+      place_in_token_order(plan, images.span(b), images.keep_out, select_shared);
     }
   }
 }
