@@ -150,7 +150,7 @@ struct PackedImage {
 
 struct PackedImages {
   const PackedImage* table;  // [n], where the kernels run
-  int64_t n;
+  int64_t n, d;              // images, metric channels
   int64_t tokens, targets, dominant, chunks, max_unit;  // totals (host values)
   int64_t* keep_out;  // [rows] the kept tokens' packed indices, ascending per image (null: not wanted)
   static constexpr bool kTokenOrder = true;  // output rows in original token order (plan.place)
@@ -200,12 +200,14 @@ __device__ __forceinline__ int64_t output_row(const int32_t* place, const ImageS
 // Host: the packed table from cu_seqlens (n + 1 host values) and the budgets, with its totals.
 struct PackedBatch {
   std::vector<PackedImage> table;
+  int64_t d = 0;  // metric channels
   int64_t tokens = 0, targets = 0, dominant = 0, chunks = 0, rows = 0, unit_floats = 0, max_unit = 0;
 };
 
 inline PackedBatch describe_packed(const int64_t* cu, int64_t n, const int64_t* dominant, const int64_t* contextual,
                                    int64_t d) {
   PackedBatch batch;
+  batch.d = d;
   batch.table.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const int64_t N = cu[i + 1] - cu[i], D = dominant[i], K = contextual[i], unit = d * padded_targets(K);
@@ -224,8 +226,8 @@ inline PackedBatch describe_packed(const int64_t* cu, int64_t n, const int64_t* 
 
 // The kernels' view of a packed batch whose table has been copied to `table`.
 inline PackedImages packed_images(const PackedBatch& batch, const PackedImage* table, int64_t* keep_out) {
-  return {table,       static_cast<int64_t>(batch.table.size()), batch.tokens, batch.targets, batch.dominant,
-          batch.chunks, batch.max_unit, keep_out};
+  return {table,         static_cast<int64_t>(batch.table.size()), batch.d, batch.tokens, batch.targets,
+          batch.dominant, batch.chunks, batch.max_unit, keep_out};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,8 +449,9 @@ inline __device__ void select_dominant(const float* scores, int64_t N, int64_t D
 // made ptxas spill on sm_90, where this way it does not).
 template <typename metric_t, typename Images>
 __device__ void plan_image(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores_all,
-                           int64_t* keep_all, PlanPointers plan, const Images& images, int64_t b, int64_t d,
-                           bool keep_cls, SelectShared& select_shared) {
+                           int64_t* keep_all, PlanPointers plan, const Images& images, int64_t b, bool keep_cls,
+                           SelectShared& select_shared) {
+  const int64_t d = images.d;
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarp, warp = tid / kWarp;
   if (scores_all != nullptr) {
@@ -566,12 +569,12 @@ __device__ __forceinline__ void place_in_token_order(PlanPointers plan, const Im
 template <typename metric_t, typename Images>
 __global__ void __launch_bounds__(kPlanThreads)
 plan_select_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
-                   const float* __restrict__ scores, int64_t* keep, PlanPointers plan, Images images, int64_t d,
+                   const float* __restrict__ scores, int64_t* keep, PlanPointers plan, Images images,
                    bool keep_cls) {
   __shared__ SelectShared select_shared;
   for (int64_t b = blockIdx.x; b < images.count(); b += gridDim.x) {  // block-uniform
     __syncthreads();  // the previous image's shared state has been read
-    plan_image(metric, metric_sb, metric_sn, scores, keep, plan, images, b, d, keep_cls, select_shared);
+    plan_image(metric, metric_sb, metric_sn, scores, keep, plan, images, b, keep_cls, select_shared);
     if constexpr (Images::kTokenOrder) {
       __syncthreads();
       place_in_token_order(plan, images.span(b), images.keep_out, select_shared);
@@ -609,7 +612,8 @@ struct alignas(16) Float4 {
 template <typename metric_t, typename Images>
 __global__ void __launch_bounds__(kAssignThreads)
 plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn, PlanPointers plan,
-                   Images images, int64_t d, bool unit_in_shared) {
+                   Images images, bool unit_in_shared) {
+  const int64_t d = images.d;
   __shared__ float tiles[kAssignWarps][kWarp][kWarp + 1];  // per warp: [channel][token], padded
   VZ_DYNAMIC_SHARED(float, shared_unit);
   const int tid = static_cast<int>(threadIdx.x);
@@ -850,16 +854,16 @@ merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_
 // member lists, the backward only the rows and counts.
 template <typename metric_t, typename Images>
 void launch_plan(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores, int64_t* keep,
-                 PlanPointers plan, const Images& images, int64_t d, bool keep_cls, bool build_lists,
+                 PlanPointers plan, const Images& images, bool keep_cls, bool build_lists,
                  cudaStream_t stream) {
   const PlanLaunch geometry = plan_launch(images);
   auto* select = &plan_select_kernel<metric_t, Images>;
   VZ_LAUNCH(select, dim3(geometry.select_blocks), dim3(kPlanThreads), 0, stream, metric, metric_sb, metric_sn, scores,
-            keep, plan, images, d, keep_cls);
+            keep, plan, images, keep_cls);
   if (images.total_targets() == 0) return;
   auto* assign = &plan_assign_kernel<metric_t, Images>;
   VZ_LAUNCH(assign, dim3(geometry.assign_blocks), dim3(kAssignThreads),
-            geometry.unit_in_shared ? geometry.unit_bytes : 0, stream, metric, metric_sb, metric_sn, plan, images, d,
+            geometry.unit_in_shared ? geometry.unit_bytes : 0, stream, metric, metric_sb, metric_sn, plan, images,
             geometry.unit_in_shared);
   if (!build_lists) return;
   auto* lists = &plan_lists_kernel<Images>;

@@ -39,15 +39,15 @@ struct Scratch {
 };
 
 // The plan of metric (unit last stride or made so) into scratch; with scores, keep is written by the
-// top-k first. Dense: metric [B, N, d]; packed: metric [T, d].
+// top-k first. Dense: metric [B, N, d]; packed: metric [T, d]; images.d is its d.
 template <typename Images>
 void run_plan(const at::Tensor& metric_in, const float* scores, int64_t* keep, const Scratch& scratch,
               const Images& images, bool keep_cls, bool build_lists, cudaStream_t stream) {
   const at::Tensor metric = unit_last_stride(metric_in);
   const int64_t sb = metric.dim() == 3 ? metric.stride(0) : 0, sn = metric.stride(metric.dim() - 2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "visionzip_plan_cuda", [&] {
-    launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), sb, sn, scores, keep, scratch.pointers(), images,
-                          metric.size(-1), keep_cls, build_lists, stream);
+    launch_plan<scalar_t>(metric.data_ptr<scalar_t>(), sb, sn, scores, keep, scratch.pointers(), images, keep_cls,
+                          build_lists, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

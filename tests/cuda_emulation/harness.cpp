@@ -66,7 +66,7 @@ int vz_emu_merge(int hidden_dtype, const void* hidden, int64_t hidden_sb, int64_
       const int rc = with_dtype(metric_dtype, [&](auto metric_tag, auto) {
         using metric_t = decltype(metric_tag);
         launch_plan<metric_t>(static_cast<const metric_t*>(metric), metric_sb, metric_sn, scores, keep, plan, images,
-                              d, keep_cls != 0, /*build_lists=*/true, nullptr);
+                              keep_cls != 0, /*build_lists=*/true, nullptr);
       });
       if (rc != 0) return rc;
     }
@@ -89,7 +89,7 @@ int vz_emu_merge_backward(int grad_dtype, const void* grad, int64_t grad_sb, int
     const int rc = with_dtype(metric_dtype, [&](auto metric_tag, auto) {
       using metric_t = decltype(metric_tag);
       launch_plan<metric_t>(static_cast<const metric_t*>(metric), metric_sb, metric_sn, nullptr, keep, plan, images,
-                            d, false, /*build_lists=*/false, nullptr);
+                            false, /*build_lists=*/false, nullptr);
     });
     if (rc != 0) return rc;
     return with_dtype(grad_dtype, [&](auto scalar_tag, auto acc_tag) {
@@ -101,9 +101,10 @@ int vz_emu_merge_backward(int grad_dtype, const void* grad, int64_t grad_sb, int
   });
 }
 
-// varlen_select_merge (grad == null: tokens and keep_out are written) or its backward (grad_tokens
-// given: grad_hidden is written into `out`), through the packed launches: cu [n + 1] and the budgets
-// are host values, as the CUDA op has them after its checks; rows have unit last stride.
+// varlen_select_merge (backward == 0: data is hidden [T, C]; the tokens go to `out`, the kept indices
+// to keep_out) or its backward (data is grad_tokens; grad_hidden goes to `out`), through the packed
+// launches: cu [n + 1] and the budgets are host values, as the CUDA op has them after its checks;
+// rows have unit last stride.
 int vz_emu_varlen(int data_dtype, const void* data, int64_t data_sr, int metric_dtype, const void* metric,
                   int64_t metric_sn, const float* scores, const int64_t* cu, int64_t n, const int64_t* dominant,
                   const int64_t* contextual, int64_t C, int64_t d, int backward, void* out, int64_t* keep_out) {
@@ -115,8 +116,8 @@ int vz_emu_varlen(int data_dtype, const void* data, int64_t data_sr, int metric_
     std::vector<int64_t> keep(static_cast<size_t>(batch.dominant) + 1, -7);
     const int rc = with_dtype(metric_dtype, [&](auto metric_tag, auto) {
       using metric_t = decltype(metric_tag);
-      launch_plan<metric_t>(static_cast<const metric_t*>(metric), 0, metric_sn, scores, keep.data(), plan, images, d,
-                            false, /*build_lists=*/backward == 0, nullptr);
+      launch_plan<metric_t>(static_cast<const metric_t*>(metric), 0, metric_sn, scores, keep.data(), plan, images, false,
+                            /*build_lists=*/backward == 0, nullptr);
     });
     if (rc != 0) return rc;
     return with_dtype(data_dtype, [&](auto scalar_tag, auto acc_tag) {
