@@ -364,7 +364,8 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision tower of a LLaVA model (``LlavaForConditionalGeneration`` or ``LlavaModel``)."""
+    """The vision tower of a LLaVA model (``LlavaForConditionalGeneration`` or ``LlavaModel``; the
+    LLaVA-NeXT classes keep theirs at the same place)."""
     return llava_model(model).vision_tower
 
 

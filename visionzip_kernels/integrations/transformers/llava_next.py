@@ -50,7 +50,7 @@ from collections.abc import Mapping
 import torch
 
 from .common import CompositeFamily, EncoderFamily, VisionZipOutput
-from .llava import LlavaPatch, llava_model
+from .llava import LlavaPatch, llava_model, vision_tower
 
 # Functions of transformers' LLaVA-NeXT modeling module that the patch calls (the model's own geometry).
 _GRID_SHAPE = "get_anyres_image_grid_shape"
@@ -240,16 +240,11 @@ class LlavaNextPatch(LlavaPatch):
         )
 
 
-def llava_next_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision tower of a ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``."""
-    return llava_model(model).vision_tower
-
-
 FAMILY = CompositeFamily(
     name="LLaVA-NeXT",
     model_types=("llava_next",),
-    tower=llava_next_tower,
+    tower=vision_tower,  # LLaVA's: LLaVA-NeXT keeps its tower at the same place
     make_patch=LlavaNextPatch,
 )
 
-__all__ = ["FAMILY", "LlavaNextPatch", "llava_next_tower"]
+__all__ = ["FAMILY", "LlavaNextPatch"]
