@@ -23,6 +23,8 @@ import torch
 from torch.utils.cpp_extension import include_paths
 
 from helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
     assert_close_verbose,
     assert_equal_verbose,
     assert_tokens_match_reference,
@@ -438,6 +440,9 @@ def test_varlen_select_merge_matches_cpu_kernel_bitwise(emu, case):
     cpu_tokens, cpu_keep, _ = ops.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)
     assert_equal_verbose(keep, cpu_keep, "keep vs CPU kernel")
     assert_equal_verbose(tokens, cpu_tokens, "tokens vs CPU kernel")
+    ref_tokens, ref_keep, _ = reference.varlen_select_merge(hidden, scores, metric, cu, dominant, contextual)
+    assert_equal_verbose(keep, ref_keep, "keep vs reference")
+    assert_close_verbose(tokens, ref_tokens, atol=FP32_ATOL, rtol=FP32_RTOL, name="tokens vs reference")
     grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
     expected = ops.varlen_select_merge_backward(grad, scores, metric, cu, dominant, contextual)
     assert_equal_verbose(emu_varlen(emu, grad, scores, metric, cu, dominant, contextual, backward=True), expected,
