@@ -184,11 +184,14 @@ def compare_paths(model, pixel_values: torch.Tensor, dominant: int, contextual: 
     say = progress or (lambda message: None)
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    # Each call drops the previous call's output first, so that it is not held during the next.
     def upstream() -> None:
+        outputs.pop("upstream", None)
         with attn_implementation(model, "eager"):
             outputs["upstream"] = upstream_forward(model, pixel_values, dominant, contextual, li)
 
     def ours() -> None:
+        outputs.pop("ours", None)
         with vz.patched(model, dominant=dominant, contextual=contextual, layer=li):
             outputs["ours"] = ours_forward(model, pixel_values)
 
