@@ -9,19 +9,18 @@ Groups (each summarised as ratios in the terminal summary):
   map, since upstream gets its scores no other way.
 - "cls_attention": the CLS-row scores from q/k, ours vs the reference vs the full softmax map.
 
-A second table gives ours / floor per dtype and B, timed interleaved (ours and the floor alternate,
-medians over many rounds), which holds up better than separate benchmarks on a shared machine.
+A second table gives ours / floor per dtype and B, timed interleaved (ours and the floor alternate;
+the median of the per-round ratios over many rounds), which holds up better than separate benchmarks
+on a shared machine.
 Targets (issue 10): bf16 and fp16 <= 1.5x at B = 8 and 32, <= 3x at B = 1; fp32 near 1.2x at B = 32.
 """
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 
-from examples.profiling import median_seconds
+from examples.profiling import interleaved_times
 from helpers import make_case
 from visionzip_kernels import reference, select_merge, cls_attention
 from visionzip_kernels.upstream import full_attention, upstream_select_merge
@@ -56,15 +55,10 @@ def _over_floor_summary(register_summary):
 
 
 def _interleaved_ratio(ours, floor, B: int) -> float:
-    """Median time of ours / median time of the floor, the two alternating call by call (on a shared
-    machine, a stall then hits both alike instead of a whole benchmark)."""
-    calls = {1: 400, 8: 80}.get(B, 30)
-    ours(), floor()
-    times_ours, times_floor = [], []
-    for _ in range(calls):
-        times_ours.append(median_seconds(ours, 1))
-        times_floor.append(median_seconds(floor, 1))
-    return statistics.median(times_ours) / statistics.median(times_floor)
+    """Time of ours / time of the floor, the two alternating call by call (on a shared machine, a
+    stall then hits both alike instead of a whole benchmark): the median of the per-round ratios."""
+    rounds = {1: 400, 8: 80}.get(B, 30)
+    return interleaved_times({"ours": ours, "floor": floor}, rounds).ratio("ours", "floor")
 
 
 def _case(B: int, dtype: torch.dtype):

@@ -1,5 +1,9 @@
 """Side-by-side timing and peak-memory measurement for the demo and the benchmarks.
 
+Paths compared with each other are timed interleaved (:func:`interleaved_times`): round-robin, one
+call of each path per round, so that load from other processes hits every path alike; ratios are
+taken within each round, then their median (:meth:`Interleaved.ratio`).
+
 Peak memory is measured above the level at entry: on CUDA with the caching allocator's statistics,
 on CPU with the process's resident-set high-water mark (Linux: reset through /proc/self/clear_refs).
 Absolute times on shared machines drift; compare paths measured in the same run, as ratios.
@@ -12,7 +16,7 @@ import ctypes.util
 import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +95,45 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device 
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@dataclass
+class Interleaved:
+    """Wall times of paths timed round-robin: ``times[name][r]`` is path ``name``'s call in round ``r``."""
+
+    times: dict[str, list[float]]
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.times.values()), []))
+
+    def median(self, name: str) -> float:
+        """Median seconds of path ``name`` over the rounds."""
+        return statistics.median(self.times[name])
+
+    def ratio(self, name: str, base: str) -> float:
+        """Median over rounds of time(``name``) / time(``base``) in the same round: a stall that hits
+        one round hits both of its calls, so it shifts the ratios less than it shifts the medians."""
+        return statistics.median(a / b for a, b in zip(self.times[name], self.times[base]))
+
+
+def interleaved_times(paths: Mapping[str, Callable[[], object]], rounds: int, device: torch.device | str = "cpu",
+                      warmup: int = 1, progress: Callable[[str], None] | None = None) -> Interleaved:
+    """Times the ``paths`` (name -> callable) round-robin: ``warmup`` untimed calls of each, then
+    ``rounds`` rounds of one timed call of each path in the mapping's order (each call synchronised on
+    ``device``). ``progress`` (optional) receives a line before each round."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for _ in range(warmup):
+        for fn in paths.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(rounds):
+        if progress is not None:
+            progress(f"round {r + 1}/{rounds}: {', '.join(paths)}")
+        for name, fn in paths.items():
+            times[name].append(median_seconds(fn, 1, device))
+    return Interleaved(times)
 
 
 def measure(fn: Callable[[], object], name: str = "", device: torch.device | str = "cpu", repeats: int = 5,

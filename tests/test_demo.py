@@ -1,9 +1,14 @@
 """The main job (`python -m examples.demo`) on tiny settings: it prints the side-by-side
-tables and writes the PNG. Also its --help, image loading and the PNG's PIL fallback."""
+tables and writes the PNG. Also its --help, its answer to bad arguments (one line, exit status 2,
+before any model work), image loading, the interleaved timing and the PNG's PIL fallback."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +31,18 @@ def test_help_explains_every_option(capsys):
         assert option in parser_options, option
     args = demo.parse_args([])
     assert args.sections == ["dinov2", "clip", "ops"] and (args.dominant, args.contextual) == (54, 10)
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    # One option's help ends where the next option (or group heading) starts.
+    helps = re.split(r"\n\s*(?=-{1,2}[a-z])|\n\n", out)
+    for text in helps:
+        assert text.count("default:") <= 1, text
+    assert "(default: 3 for DINOv2, 1 for CLIP" in " ".join(out.split())
 
 
 def test_every_argument_has_help():
@@ -61,8 +78,12 @@ def test_load_images_from_files(tmp_path):
     Image.fromarray(np.full((30, 40, 3), 200, dtype=np.uint8)).save(path)
     [(name, array)] = demo.load_images([str(path)])
     assert name == "square" and array.shape == (30, 40, 3)
-    with pytest.raises(SystemExit, match="neither a file"):
+    with pytest.raises(demo.BadImage, match="neither a file"):
         demo.load_images(["no_such_image_anywhere"])
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    with pytest.raises(demo.BadImage, match="not an image file"):
+        demo.load_images([str(not_an_image)])
 
 
 @pytest.mark.parametrize("backend", ["pil", "matplotlib"])
@@ -145,3 +166,74 @@ def test_clip_checkpoint_section(tmp_path, capsys):
     assert "real weights, 2 photos" in out and "17 -> 8" in out
     [ours_row] = [line for line in out.splitlines() if line.startswith("ours (SDPA")]
     assert " yes " in ours_row, ours_row
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_demo(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), VISIONZIP_CACHE_DIR=os.devnull + "/unused")
+    return subprocess.Popen([sys.executable, "-m", "examples.demo", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path):
+    """Each bad argument: exit status 2, nothing on stdout, one line on stderr naming the argument,
+    no traceback; it fails before any model work (no model cache is reachable: the cache directory
+    given can't be created, so converting DINOv2 would fail with another message)."""
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    cases = {
+        "--dominant": ["--dominant", "-5"],
+        "--dominant ": ["--dominant", "1000"],
+        "--contextual": ["--contextual", "600"],
+        "--layer": ["--layer", "50"],
+        "images": [str(not_an_image)],
+        "images ": [str(tmp_path / "missing.png")],
+        "--budget": ["--sections", "ops", "--tokens", "40"],
+        "--clip-checkpoint": ["--sections", "clip", "--clip-checkpoint", str(tmp_path / "nowhere")],
+    }
+    # Started together: each is a fresh interpreter importing torch, the slow part.
+    runs = {name: (args, _run_demo(args)) for name, args in cases.items()}
+    for name, (args, process) in runs.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 2, (args, out, err)
+        assert out == "", (args, out)
+        assert "Traceback" not in err, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, (args, err)
+        assert f"argument {name.strip()}:" in lines[0], (args, err)
+
+
+def test_bad_budget_is_checked_per_section():
+    """The budget is checked against each selected section's N: 300 dominant tokens fit DINOv2 at
+    336 px (577 tokens) but not at 224 px (257), nor the ops section at --tokens 100."""
+    assert demo.parse_args(["--sections", "dinov2", "--dominant", "300"]).dominant == 300
+    for argv in (["--sections", "dinov2", "--dominant", "300", "--size", "224"],
+                 ["--sections", "dinov2,ops", "--dominant", "300", "--tokens", "100"],
+                 ["--sections", "dinov2", "--quick", "--dominant", "250", "--contextual", "10"]):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.parse_args(argv)
+        assert exit_info.value.code == 2, argv
+    assert demo.parse_args(["--sections", "dinov2", "--quick", "--dominant", "250", "--contextual", "7"])
+    assert demo.parse_args(["--sections", "clip", "--clip-layers", "4", "--layer", "-4"]).layer == -4
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--sections", "clip", "--clip-layers", "4", "--layer", "4"])
+
+
+def test_interleaved_times_round_robin_and_ratios():
+    """interleaved_times calls the paths round-robin (after the warm-up calls) and Interleaved.ratio
+    is the median of the per-round ratios, not the ratio of the medians."""
+    from examples.profiling import Interleaved, interleaved_times
+
+    calls = []
+    result = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3,
+                               warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert result.rounds == 3 and all(len(t) == 3 for t in result.times.values())
+    timing = Interleaved({"ours": [1.0, 2.0, 3.0], "other": [10.0, 2.0, 30.0]})
+    assert timing.median("ours") == 2.0 and timing.median("other") == 10.0
+    # Per-round ratios 10, 1, 10: their median is 10; the ratio of the medians would be 5.
+    assert timing.ratio("other", "ours") == 10.0
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_times({"a": lambda: None}, rounds=0)

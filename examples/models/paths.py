@@ -9,8 +9,9 @@
   ``hidden_states[L]``, with the merge metric = head-mean of layer L's keys (upstream stores it from
   its patched attention forward; here a hook on ``k_proj`` does, which costs nothing).
 
-:func:`compare` measures both side by side (time of the encoder and of the VisionZip step, peak
-memory above the weights, agreement) for the demo; the benchmarks time the same two callables.
+:func:`compare_paths` measures both side by side for the demo (time of the encoder and of the VisionZip
+step, timed interleaved; peak memory above the weights; the outputs for :func:`agreement`); the
+benchmarks time the same two callables.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from visionzip_kernels.api import compress
-from ..profiling import median_seconds, peak_memory_bytes
+from ..profiling import interleaved_times, peak_memory_bytes
 from visionzip_kernels.upstream import upstream_select_merge
 from .towers import encoder_layers, has_cls, query_key
 
@@ -116,60 +116,6 @@ def ours_forward(patched_model, pixel_values: torch.Tensor) -> tuple[torch.Tenso
     return out.last_hidden_state, out.keep
 
 
-@dataclass
-class PathResult:
-    name: str
-    total_s: float  # encoder + VisionZip step, median
-    step_s: float  # the VisionZip step alone (scores, selection, merge), median
-    peak_bytes: int | None  # peak memory of the whole path above the level at entry (weights excluded)
-    tokens: torch.Tensor
-    keep: torch.Tensor
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def encoder_s(self) -> float:
-        return max(0.0, self.total_s - self.step_s)
-
-
-def _timed(fn: Callable[[], object], repeats: int, warmup: int, progress, label: str) -> tuple[list[float], int | None, object]:
-    for i in range(warmup):
-        if progress:
-            progress(f"  {label}: warm-up {i + 1}/{warmup} ...")
-        fn()
-    times, peaks, result = [], [], None
-    for i in range(repeats):
-        if progress:
-            progress(f"  {label}: run {i + 1}/{repeats} ...")
-        box = {}
-
-        def run():
-            start = time.perf_counter()
-            box["out"] = fn()
-            box["t"] = time.perf_counter() - start
-            return None
-
-        peaks.append(peak_memory_bytes(run))
-        times.append(box["t"])
-        result = box["out"]
-    known = [p for p in peaks if p is not None]
-    return times, (max(known) if known else None), result
-
-
-def measure_upstream(model, pixel_values, dominant, contextual, layer=-2, repeats=1, warmup=1,
-                     progress=None) -> PathResult:
-    """Time and peak memory of the upstream path (the model is switched to eager for the call)."""
-    steps: list[float] = []
-    with torch.no_grad(), attn_implementation(model, "eager"):
-        def run():
-            store: dict = {}
-            result = upstream_forward(model, pixel_values, dominant, contextual, layer, store=store)
-            steps.append(store["step_s"])
-            return result
-
-        times, peak, (tokens, keep) = _timed(run, repeats, warmup, progress, "upstream (eager, all attention maps)")
-    return PathResult("upstream", statistics.median(times), statistics.median(steps[warmup:]), peak, tokens, keep, times)
-
-
 @contextlib.contextmanager
 def _capture_layer(model, layer: int):
     """q, k (hooks on q_proj / k_proj) and the output hidden states of layer ``layer``."""
@@ -185,42 +131,117 @@ def _capture_layer(model, layer: int):
             handle.remove()
 
 
-def measure_ours(model, pixel_values, dominant, contextual, layer=-2, repeats=1, warmup=1,
-                 progress=None) -> PathResult:
-    """Time and peak memory of our path (``visionzip_kernels.apply`` for the call, then removed). The
-    VisionZip step is timed on its own, on layer L's tensors captured during the warm-up run."""
+@dataclass
+class PathResult:
+    name: str
+    total_s: float  # encoder + VisionZip step, median over the interleaved rounds
+    step_s: float  # the VisionZip step alone (scores, selection, merge) on layer L's tensors, median
+    peak_bytes: int | None  # peak memory of the whole path above the level at entry (weights excluded)
+    tokens: torch.Tensor
+    keep: torch.Tensor
+    times: list[float] = field(default_factory=list)  # the whole path's time in each round
+
+    @property
+    def encoder_s(self) -> float:
+        return max(0.0, self.total_s - self.step_s)
+
+
+@dataclass
+class Comparison:
+    """Both paths of one model and input, and upstream / ours time ratios, each the median of the
+    per-round ratios of the interleaved timing (``encoder``, ``step``, ``total``)."""
+
+    upstream: PathResult
+    ours: PathResult
+    ratios: dict[str, float]
+    rounds: int
+    step_rounds: int
+
+
+STEP_ROUNDS = 20  # the VisionZip step alone takes milliseconds: enough rounds for a stable median
+
+
+def compare_paths(model, pixel_values: torch.Tensor, dominant: int, contextual: int, layer: int = -2,
+                  rounds: int = 1, step_rounds: int = STEP_ROUNDS, progress=None) -> Comparison:
+    """Upstream's path and ours on ``model`` (unpatched, on SDPA) and ``pixel_values`` [B, 3, S, S],
+    timed interleaved (:func:`examples.profiling.interleaved_times`) so that load from other
+    processes hits both alike:
+
+    1. one warm-up call of each path, which also captures layer L's tensors: upstream's attention
+       map, hidden states and metric, and our hidden states, q and k;
+    2. the VisionZip step alone on those tensors (upstream's op sequence vs ``compress``),
+       ``step_rounds`` rounds;
+    3. the whole paths (ours: ``visionzip_kernels.patched`` for the call; upstream: eager attention
+       for the call), ``rounds`` rounds; the encoder time of a round is its whole time minus the
+       path's median step time;
+    4. one more call of each path for its peak memory (after the timing, so that handing freed
+       memory back to the system does not slow a timed call).
+    """
     import visionzip_kernels as vz
 
+    li = _layer_index(model, layer)
     cls = has_cls(model)
+    say = progress or (lambda message: None)
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # Each call drops the previous call's output first, so that it is not held during the next.
+    def upstream() -> None:
+        outputs.pop("upstream", None)
+        with attn_implementation(model, "eager"):
+            outputs["upstream"] = upstream_forward(model, pixel_values, dominant, contextual, li)
+
+    def ours() -> None:
+        outputs.pop("ours", None)
+        with vz.patched(model, dominant=dominant, contextual=contextual, layer=li):
+            outputs["ours"] = ours_forward(model, pixel_values)
+
     with torch.no_grad():
-        vz.apply(model, dominant=dominant, contextual=contextual, layer=layer)
-        try:
-            if progress:
-                progress("  ours (SDPA, stops after layer L): warm-up, capturing layer L ...")
-            with _capture_layer(model, layer) as inputs:
-                ours_forward(model, pixel_values)
+        say("  warm-up: upstream (eager, all attention maps), capturing layer L ...")
+        with attn_implementation(model, "eager"), capture_qk(model, li) as qk:
+            out = model(pixel_values=pixel_values, output_attentions=True, output_hidden_states=True)
+            upstream_inputs = (out.attentions[li], out.hidden_states[li + 1], qk["k"].mean(dim=2))
+            del out
+        say("  warm-up: ours (SDPA, stops after layer L), capturing layer L ...")
+        with (vz.patched(model, dominant=dominant, contextual=contextual, layer=li),
+              _capture_layer(model, li) as inputs):
+            ours_forward(model, pixel_values)
             if "hidden" not in inputs:
                 raise RuntimeError("layer L's output was not captured; did the patched encoder run it?")
-            step = _median_time(
-                lambda: compress(inputs["hidden"], q=inputs["q"], k=inputs["k"], dominant=dominant,
-                                 contextual=contextual, keep_cls=cls),
-                3,
-            )
-            inputs.clear()
-            times, peak, (tokens, keep) = _timed(lambda: ours_forward(model, pixel_values), repeats,
-                                                 max(0, warmup - 1), progress, "ours (SDPA, stops after layer L)")
-        finally:
-            vz.remove(model)
-    return PathResult("ours", statistics.median(times), step, peak, tokens, keep, times)
+            ours_inputs = dict(inputs)
 
+        say(f"  timing the VisionZip step alone, interleaved: {step_rounds} rounds ...")
+        steps = interleaved_times({
+            "ours": lambda: compress(ours_inputs["hidden"], q=ours_inputs["q"], k=ours_inputs["k"],
+                                     dominant=dominant, contextual=contextual, keep_cls=cls),
+            "upstream": lambda: upstream_select_merge(*upstream_inputs, dominant, contextual, keep_cls=cls),
+        }, step_rounds)
+        del upstream_inputs, ours_inputs
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    return median_seconds(fn, repeats)
+        say(f"  timing the whole paths, interleaved: {rounds} round(s) of ours then upstream ...")
+        whole = interleaved_times({"ours": ours, "upstream": upstream}, rounds, warmup=0,
+                                  progress=lambda line: say(f"    {line}"))
+        say("  peak memory: one more call of each path ...")
+        peaks = {"ours": peak_memory_bytes(ours), "upstream": peak_memory_bytes(upstream)}
+
+    step_s = {name: steps.median(name) for name in ("ours", "upstream")}
+    encoder = {name: [max(0.0, t - step_s[name]) for t in whole.times[name]] for name in ("ours", "upstream")}
+    ratios = {
+        "encoder": statistics.median(u / o if o > 0 else float("nan")
+                                     for u, o in zip(encoder["upstream"], encoder["ours"])),
+        "step": steps.ratio("upstream", "ours"),
+        "total": whole.ratio("upstream", "ours"),
+    }
+    results = {
+        name: PathResult(name, whole.median(name), step_s[name], peaks[name], *outputs[name], whole.times[name])
+        for name in ("upstream", "ours")
+    }
+    return Comparison(results["upstream"], results["ours"], ratios, rounds, step_rounds)
 
 
 def agreement(ours: PathResult, upstream: PathResult) -> tuple[bool, float, int]:
     """(same keep for every image, max |tokens_ours - tokens_upstream|, images whose keep differs)."""
     same = (ours.keep.cpu() == upstream.keep.cpu()).all(dim=1)
-    diff = (ours.tokens.double() - upstream.tokens.double()).abs().max().item() if ours.tokens.shape == upstream.tokens.shape else float("inf")
+    if ours.tokens.shape != upstream.tokens.shape:
+        return bool(same.all()), float("inf"), int((~same).sum())
+    diff = (ours.tokens.double() - upstream.tokens.double()).abs().max().item()
     return bool(same.all()), diff, int((~same).sum())
