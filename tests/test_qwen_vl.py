@@ -394,7 +394,7 @@ def test_bad_input():
     with pytest.raises(TypeError, match="dominant must be an int"):
         vz.apply(model, dominant="all")
     vz.remove(model)
-    with pytest.raises(TypeError, match=r"Qwen2.5-VL model\) is not patched by VisionZip; call visionzip_kernels.apply"):
+    with pytest.raises(TypeError, match=r"Qwen2.5-VL model\) is not patched by VisionZip; call visionzip_kernels"):
         vzt.shrink_inputs(model, stock)
     deeper = tiny_qwen("qwen2_5_vl", depth=3)
     with pytest.raises(ValueError, match="full-attention block"):

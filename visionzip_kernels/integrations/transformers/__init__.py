@@ -104,7 +104,8 @@ __all__ = [
 # The registry: every supported model type, and nothing about a model type outside it. apply(), the
 # error messages and the table in this module's docstring all follow it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
-COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL, qwen_vl.QWEN2_5_VL)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL,
+                                                  qwen_vl.QWEN2_5_VL)
 FAMILIES: tuple[EncoderFamily | CompositeFamily, ...] = (*ENCODER_FAMILIES, *COMPOSITE_FAMILIES)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
