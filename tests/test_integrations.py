@@ -558,6 +558,40 @@ def test_unsupported_models_raise_a_clear_error():
         vz.apply(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("call", [vz.apply, vz.remove, vzt.get_patch, lambda m: vzt.shrink_inputs(m, {})])
+def test_a_model_that_is_not_a_module_is_named(call):
+    """Not ``AttributeError: 'NoneType' object has no attribute '__dict__'``."""
+    with pytest.raises(TypeError, match="model must be a transformers model .*got NoneType"):
+        call(None)
+
+
+def test_an_older_transformers_is_named_at_apply(tiny_clip, monkeypatch):
+    # The transformers module apply() imports now (the one in sys.modules), whose version it reads.
+    installed = sys.modules["transformers"]
+    monkeypatch.setattr(installed, "__version__", "5.16.2")
+    with pytest.raises(RuntimeError, match=r"transformers 5\.16\.2 is installed.*transformers >= 5\.17\.0"):
+        vz.apply(tiny_clip)
+    assert vzt.get_patch(tiny_clip) is None and "forward" not in tiny_clip.__dict__
+    monkeypatch.setattr(installed, "__version__", vzt.MIN_TRANSFORMERS)
+    with vz.patched(tiny_clip):
+        assert vzt.get_patch(tiny_clip) is not None
+
+
+def test_docstrings_list_every_supported_model():
+    """The registry is the one list: apply's types, the docstring tables and the package's listing follow it."""
+    import visionzip_kernels.integrations as integrations
+
+    assert len(vzt.SUPPORTED_MODEL_TYPES) == len(vzt.FAMILIES) == 7
+    for family in vzt.FAMILIES:
+        for model_type in family.model_types:
+            assert f"``{model_type}``" in vzt.__doc__ and model_type in integrations.__doc__
+        for name in getattr(family, "classes", ()) or (family.class_name,):
+            assert f"``{name}``" in vzt.__doc__
+    args = vzt.apply.__doc__.split("Args:")[1].split("Returns:")[0]
+    for name in ("model", "dominant", "contextual", "layer", "tokens", "ratio"):
+        assert args.count(f"\n        {name}: ") == 1, name
+
+
 # ------------------------------------------------------------------------------------------------
 # shrink_image_tokens, and the package import
 

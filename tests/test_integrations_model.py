@@ -179,25 +179,84 @@ def test_to_dtype_and_device_after_apply(family):
         torch.testing.assert_close(out.last_hidden_state.cpu(), expected.last_hidden_state, atol=2e-2, rtol=2e-2)
 
 
-def test_concurrent_forwards_in_threads():
-    """A call's state lives in its own locals: threads running one patched model at once get what
-    they get alone."""
-    model = vz.apply(tiny_tower("clip"), dominant=5, contextual=3)
-    inputs = [pixels(1, 56, seed=20 + i) for i in range(4)]
-    expected = [run(model, x) for x in inputs]
-    results = [None] * len(inputs)
+THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+THREADS, ROUNDS = 8, 10
+
+
+def _thread_case(family: str):
+    """(patched tiny model, one input per thread, call(model, input) -> the tensors a result is judged by).
+    The inputs differ per thread (for Qwen also in their grids, hence in token counts), so a call that
+    read another call's state would get the wrong shapes or values."""
+    if family in FAMILIES:
+        model = vz.apply(tiny_tower(family), dominant=5, contextual=3)
+        inputs = [pixels(1, 56, seed=20 + i) for i in range(THREADS)]
+
+        def call_encoder(m, x):
+            out = run(m, x)
+            return out.keep, out.last_hidden_state
+        return model, inputs, call_encoder
+    if family == "llava":
+        model = vz.apply(tiny_llava(vision_layers=2, text_layers=1), dominant=6, contextual=2)
+        inputs = [pixels(1, 112, seed=20 + i) for i in range(THREADS)]
+
+        def call(m, x):
+            with torch.no_grad():
+                out = m.get_image_features(pixel_values=x)
+            return (out.keep, *out.pooler_output)
+        return model, inputs, call
+    if family == "llava_next":
+        from test_llava_next import CROP_PX, IMAGE_SIZES, tiny_llava_next
+
+        model = vz.apply(tiny_llava_next(), dominant=6, contextual=3)
+        g = torch.Generator().manual_seed(5)
+        inputs = [(torch.randn(1, 5, 3, CROP_PX, CROP_PX, generator=g), IMAGE_SIZES[i % 2:i % 2 + 1])
+                  for i in range(THREADS)]
+
+        def call(m, x):
+            with torch.no_grad():
+                out = m.get_image_features(pixel_values=x[0], image_sizes=x[1])
+            return (out.keep, *out.pooler_output)
+        return model, inputs, call
+    from test_qwen_vl import images, tiny_qwen
+
+    model = vz.apply(tiny_qwen(family))
+    grids = [[(8, 12)], [(6, 6)], [(4, 8), (8, 4)], [(8, 8)], [(6, 10), (4, 4)], [(12, 4)], [(4, 4)], [(10, 6)]]
+    inputs = [images(grid, seed=20 + i) for i, grid in enumerate(grids)]
+
+    def call(m, x):
+        with torch.no_grad():
+            out = m.model.get_image_features(*x)
+        return (out.keep, out.cu_seqlens, *out.pooler_output)
+    return model, inputs, call
+
+
+@pytest.mark.parametrize("family", THREAD_FAMILIES)
+def test_concurrent_forwards_in_threads(family):
+    """A call's state lives in its own locals: 8 threads x 10 rounds running one patched model at
+    once get, every time, bit for bit what a serial call gets (every family, Qwen included)."""
+    model, inputs, call = _thread_case(family)
+    expected = [call(model, x) for x in inputs]
+    results = [[None] * ROUNDS for _ in inputs]
+    errors = []
+    start = threading.Barrier(len(inputs))
 
     def work(i):
-        for _ in range(5):
-            results[i] = run(model, inputs[i])
+        try:
+            start.wait()
+            for r in range(ROUNDS):
+                results[i][r] = call(model, inputs[i])
+        except Exception as error:  # reported below: a thread's exception would otherwise vanish
+            errors.append(f"thread {i}: {type(error).__name__}: {error}")
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for got, want in zip(results, expected):
-        assert_same_output(got, want)
+    assert not errors, errors
+    wrong = [(i, r) for i, want in enumerate(expected) for r, got in enumerate(results[i])
+             if len(got) != len(want) or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))]
+    assert not wrong, f"{len(wrong)} of {len(inputs) * ROUNDS} results differ from the serial call: {wrong[:8]}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -355,10 +355,12 @@ def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
 
 def test_registry_describes_fused_qkv_after_rotary():
     model = tiny_qwen("qwen2_5_vl")
-    family = qwen_vl.QWEN2_5_VL.tower_family
-    query_key = family.query_key(family.layers(model.model.visual)[-1])
-    assert isinstance(query_key, vzt.common.FusedQueryKey)
+    query_key = qwen_vl.fused_query_key(qwen_vl.blocks(model.model.visual)[-1])
+    assert isinstance(query_key, qwen_vl.FusedQueryKey)
     assert query_key.qkv_proj is model.model.visual.blocks[-1].attn.qkv
+    assert query_key.attention_input is model.model.visual.blocks[-1].norm1
+    assert isinstance(model.model.visual, qwen_vl.QWEN2_5_VL_TOWER.model_class())
+    assert model.model.visual.config.model_type in qwen_vl.QWEN2_5_VL_TOWER.model_types
     assert query_key.rotary is not None
     assert query_key.num_heads * query_key.head_dim * 3 == query_key.qkv_proj.out_features
     with pytest.raises(TypeError, match="apply VisionZip to the whole Qwen2_5_VLForConditionalGeneration"):
@@ -384,10 +386,16 @@ def test_bad_input():
     stock = batch_inputs([prompt(merged_tokens([(8, 12)]))], [(8, 12)])
     with pytest.raises(ValueError, match="shrink_inputs"):
         model(**stock)
+    # generate() encodes the images first and passes the features, not pixel_values: the same message.
+    with pytest.raises(ValueError, match=r"holds 24 image placeholder tokens.*produces 16 image tokens.*shrink_inputs"):
+        model.generate(**stock, max_new_tokens=1)
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
         vz.apply(model, dominant=1.5)
     with pytest.raises(TypeError, match="dominant must be an int"):
         vz.apply(model, dominant="all")
+    vz.remove(model)
+    with pytest.raises(TypeError, match=r"Qwen2.5-VL model\) is not patched by VisionZip; call visionzip_kernels"):
+        vzt.shrink_inputs(model, stock)
     deeper = tiny_qwen("qwen2_5_vl", depth=3)
     with pytest.raises(ValueError, match="full-attention block"):
         vz.apply(deeper, layer=-2)

@@ -1,4 +1,4 @@
-"""VisionZip for Hugging Face transformers models (pinned: transformers==5.23.0).
+"""VisionZip for Hugging Face transformers models (pinned: transformers==5.23.0; oldest: 5.17.0).
 
 One call makes a model compress its visual tokens with the package's ops; the encoder keeps its
 attention implementation (SDPA by default) and stops after the layer VisionZip reads::
@@ -17,23 +17,9 @@ attention implementation (SDPA by default) and stops after the layer VisionZip r
     vz.apply(model, tokens=64)      # the total, split 54:10 -> dominant=54, contextual=10
     vz.apply(model, ratio=0.11)     # a share of the encoder's N tokens, split 54:10 (577 -> 63 = 53 + 10)
 
-Supported (``config.model_type`` -> class):
+Supported (``config.model_type`` -> class; the table is built from the registry, ``FAMILIES``):
 
-========================  ==================================  ===========================================
-model_type                class                               scores / CLS
-========================  ==================================  ===========================================
-``clip_vision_model``     ``CLIPVisionModel``                 ``cls_attention``, CLS always kept
-``siglip_vision_model``   ``SiglipVisionModel``               ``attention_received``, no CLS
-``dinov2``                ``Dinov2Model``                     ``cls_attention``, CLS always kept
-``llava``                 ``LlavaForConditionalGeneration``,  its vision tower as above, projected
-                          ``LlavaModel``                      (see :mod:`.llava`)
-``llava_next``            ``LlavaNextForConditionalGeneration``, every anyres crop as above, laid
-                          ``LlavaNextModel``                  out on the crop grid (:mod:`.llava_next`)
-``qwen2_vl``              ``Qwen2VLForConditionalGeneration``, attention received in the last vision block
-                          ``Qwen2VLModel``                    (fused qkv, after rotary), per image, packed
-``qwen2_5_vl``            ``Qwen2_5_VLForConditionalGeneration``, the same, window order undone
-                          ``Qwen2_5_VLModel``                 (see :mod:`.qwen_vl`)
-========================  ==================================  ===========================================
+{supported}
 
 Anything else raises ``TypeError`` naming the supported types.
 
@@ -87,20 +73,22 @@ from collections.abc import Iterator
 
 import torch
 
-from ...api import CONTEXTUAL_SHARE, DOMINANT_SHARE
+from ...budget import DEFAULTS, PER_IMAGE_DEFAULTS, resolve_budget
 from . import clip, dinov2, llava, llava_next, qwen_vl, siglip
-from .common import CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput, resolve_budget
+from .common import MIN_TRANSFORMERS, CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
 from .llava import LlavaPatch, shrink_image_tokens
 from .llava_next import LlavaNextPatch
-from .qwen_vl import QwenVLPatch, QwenVisionZipOutput
+from .qwen_vl import QwenVisionZipOutput, QwenVLPatch
 
 __all__ = [
     "COMPOSITE_FAMILIES",
     "CompositeFamily",
     "ENCODER_FAMILIES",
     "EncoderPatch",
+    "FAMILIES",
     "LlavaNextPatch",
     "LlavaPatch",
+    "MIN_TRANSFORMERS",
     "QwenVLPatch",
     "QwenVisionZipOutput",
     "SUPPORTED_MODEL_TYPES",
@@ -113,9 +101,12 @@ __all__ = [
     "shrink_inputs",
 ]
 
-# The registry: every supported model type, and nothing about a model type outside it.
+# The registry: every supported model type, and nothing about a model type outside it. apply(), the
+# error messages and the table in this module's docstring all follow it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
-COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL, qwen_vl.QWEN2_5_VL)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL,
+                                                  qwen_vl.QWEN2_5_VL)
+FAMILIES: tuple[EncoderFamily | CompositeFamily, ...] = (*ENCODER_FAMILIES, *COMPOSITE_FAMILIES)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_TYPE)
@@ -123,15 +114,47 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (*_BY_MODEL_TYPE, *_COMPOSITE_BY_MODEL_
 # The attribute a patched model carries (a plain attribute: not a submodule, not in the state dict).
 _ATTR = "_visionzip_patch"
 
-_ENCODER_DEFAULTS = (54, 10, -2)  # dominant, contextual, layer (LLaVA-1.5's budget and layer)
-
 _HINTS = {
     "clip": "a CLIPModel: apply VisionZip to its vision tower, a CLIPVisionModel (model.vision_model)",
     "siglip": "a SiglipModel: apply VisionZip to its vision tower, a SiglipVisionModel (model.vision_model)",
     "dinov2_with_registers": "DINOv2 with registers is not supported (only Dinov2Model)",
-    "qwen2_vl_vision": "a Qwen2-VL vision tower: apply VisionZip to the whole Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl_vision": "a Qwen2.5-VL vision tower: apply VisionZip to the whole Qwen2_5_VLForConditionalGeneration",
+    **{t: f"a {family.name} vision tower: apply VisionZip to the whole {family.classes[0]}"
+       for family in COMPOSITE_FAMILIES for t in family.tower_model_types},
 }
+
+
+def _supported_table() -> str:
+    """The registry as a reStructuredText table (model_type, classes, how it is scored)."""
+    rows = [("model_type", "class", "scores / CLS")]
+    rows += [(f"``{family.model_types[0]}``", f"``{family.class_name}``", family.summary)
+             for family in ENCODER_FAMILIES]
+    rows += [(f"``{family.model_types[0]}``", ", ".join(f"``{c}``" for c in family.classes), family.summary)
+             for family in COMPOSITE_FAMILIES]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+
+
+__doc__ = __doc__.replace("{supported}", _supported_table())
+
+
+def _check_model(model, caller: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{caller}: model must be a transformers model (a torch.nn.Module), "
+                        f"got {type(model).__name__}")
+
+
+def check_transformers_version() -> None:
+    """``RuntimeError`` naming the installed and the required version when transformers is older
+    than :data:`MIN_TRANSFORMERS` (the oldest version CI tests)."""
+    import transformers
+    from packaging.version import Version
+
+    installed = transformers.__version__
+    if Version(installed) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(f"visionzip.apply: transformers {installed} is installed, the VisionZip integration needs "
+                           f"transformers >= {MIN_TRANSFORMERS} (pip install 'transformers>={MIN_TRANSFORMERS}')")
 
 
 def _unsupported(model: torch.nn.Module, model_type) -> TypeError:
@@ -157,8 +180,16 @@ def encoder_family(model: torch.nn.Module) -> EncoderFamily:
     return family
 
 
+def family_of(model: torch.nn.Module) -> EncoderFamily | CompositeFamily:
+    """The registry's record for ``model`` (by ``config.model_type``), or ``TypeError``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
+    return composite if composite is not None else encoder_family(model)
+
+
 def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | QwenVLPatch | None:
     """The active patch of ``model`` (with its ``settings``), or ``None`` when it is not patched."""
+    _check_model(model, "visionzip.get_patch")
     return model.__dict__.get(_ATTR)
 
 
@@ -177,12 +208,11 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
     fixed), e.g. ``ratio=0.11`` of 577 -> 63 = 53 + 10.
 
     Args:
-        model: a ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``,
-            ``LlavaForConditionalGeneration``, ``LlavaModel`` or their LLaVA-NeXT counterparts
-            (recognised by ``config.model_type``; for LLaVA-NeXT the budget is per crop).
+        model: one of the supported models (the module docstring's table, :data:`SUPPORTED_MODEL_TYPES`:
+            ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``, LLaVA-1.5, LLaVA-NeXT, Qwen2-VL,
+            Qwen2.5-VL; recognised by ``config.model_type``; for LLaVA-NeXT the budget is per crop, for
+            Qwen per image).
         dominant: D, dominant tokens kept per image (CLS included for CLS encoders). Default 54.
-        tokens: the total D + K (int >= 1), split 54:10; excludes ``dominant`` / ``contextual``.
-        ratio: a float in (0, 1]: the total as a share of N, split 54:10; excludes the others.
             Qwen2-VL / Qwen2.5-VL: a count per image (int) or a ratio of each image's merged tokens
             (float in (0, 1]); default 0.65 (see :mod:`.qwen_vl`).
         contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64); Qwen: a
@@ -198,31 +228,27 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
         ``model``, patched (see the module docstring for the output contract).
 
     Raises:
-        TypeError: unsupported model (the message names the supported model types) or a
-            non-int budget; ValueError: ``layer`` out of range, ``dominant < 1``, ``contextual < 0``,
-            ``tokens < 1``, ``ratio`` outside (0, 1], or the budget given two ways. A budget larger
-            than N raises at run time (``D + K <= N`` is checked against each call's tokens).
+        TypeError: ``model`` is not a model, an unsupported model (the message names the supported
+            model types) or a non-int budget; ValueError: ``layer`` out of range, ``dominant < 1``,
+            ``contextual < 0``, ``tokens < 1``, ``ratio`` outside (0, 1], or the budget given two ways;
+            RuntimeError: transformers older than :data:`MIN_TRANSFORMERS`. A budget larger than N
+            raises at run time (``D + K <= N`` is checked against each call's tokens).
     """
+    _check_model(model, "visionzip.apply")
+    check_transformers_version()
     previous = get_patch(model)
     if previous is not None:
         remove(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    composite = _COMPOSITE_BY_MODEL_TYPE.get(model_type)
     try:
-        if composite is not None and composite.tower_family is not None:
-            # Packed towers (Qwen): per-image budgets, counts or ratios of each image's tokens.
-            dominant, contextual = _packed_budget(dominant, contextual, tokens, ratio)
-            dominant, contextual, layer = _with_defaults(composite.defaults, dominant, contextual, layer)
-            patch = composite.make_patch(model, composite.tower_family, dominant, contextual, layer)
+        family = family_of(model)
+        per_image = isinstance(family, CompositeFamily) and family.per_image_budget
+        budget = resolve_budget(dominant, contextual, tokens, ratio, per_image=per_image)
+        if layer is None:
+            layer = (PER_IMAGE_DEFAULTS if per_image else DEFAULTS).layer
+        if isinstance(family, CompositeFamily):
+            patch = family.make_patch(model, budget, layer)
         else:
-            dominant, contextual, ratio = resolve_budget(dominant, contextual, tokens, ratio)
-            ratio_kwargs = {} if ratio is None else {"ratio": ratio}
-            layer = (composite.defaults if composite is not None else _ENCODER_DEFAULTS)[2] if layer is None else layer
-            if composite is not None:
-                tower = composite.tower(model)
-                patch = composite.make_patch(model, encoder_family(tower), dominant, contextual, layer, **ratio_kwargs)
-            else:
-                patch = EncoderPatch(model, encoder_family(model), dominant, contextual, layer, **ratio_kwargs)
+            patch = EncoderPatch(model, family, budget.dominant, budget.contextual, layer, ratio=budget.ratio)
     except Exception:
         if previous is not None:  # leave the model as it was
             apply(model, **previous.settings)
@@ -231,30 +257,38 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
     return model
 
 
-def _packed_budget(dominant, contextual, tokens, ratio) -> tuple:
-    """``tokens=`` / ``ratio=`` for a packed tower (Qwen), per image: ``tokens`` split 54:10 into
-    counts, ``ratio`` into the ratios ``ratio * 54/64`` and ``ratio * 10/64`` (rounded per image as
-    upstream rounds its ratios). Without them, ``dominant`` / ``contextual`` pass as given."""
-    if tokens is None and ratio is None:
-        return dominant, contextual
-    dominant, contextual, ratio = resolve_budget(dominant, contextual, tokens, ratio)
-    if ratio is None:
-        return dominant, contextual
-    total = DOMINANT_SHARE + CONTEXTUAL_SHARE
-    return ratio * DOMINANT_SHARE / total, ratio * CONTEXTUAL_SHARE / total
+def patch_for_prompt(model: torch.nn.Module, patch_class: type | tuple[type, ...]):
+    """The patch of ``model`` when it is a ``patch_class``, else a ``TypeError`` saying what to do."""
+    _check_model(model, "shrink_inputs")
+    patch = get_patch(model)
+    if isinstance(patch, patch_class):
+        return patch
+    name = type(model).__name__
+    if patch is None:
+        supported = family_of_or_none(model)
+        what = f"a {supported.name} model" if supported is not None else "model"
+        raise TypeError(f"shrink_inputs: this {name} ({what}) is not patched by VisionZip; call "
+                        "visionzip_kernels.apply(model) first, then shrink_inputs(model, inputs)")
+    raise TypeError(f"shrink_inputs: this {name} is patched as {type(patch).__name__}, which has no prompt to "
+                    "rewrite; shrink_inputs is for a patched LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL model")
 
 
-def _with_defaults(defaults: tuple, dominant, contextual, layer) -> tuple:
-    given = (dominant, contextual, layer)
-    return tuple(default if value is None else value for value, default in zip(given, defaults))
+def family_of_or_none(model: torch.nn.Module) -> EncoderFamily | CompositeFamily | None:
+    """:func:`family_of`, or ``None`` for an unsupported model."""
+    try:
+        return family_of(model)
+    except TypeError:
+        return None
 
 
 def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
     """The stock processor's output made consistent with the VisionZip-patched ``model``: for LLaVA,
     :func:`.llava.shrink_inputs` (D+K placeholders per image); for Qwen2-VL / Qwen2.5-VL,
     :func:`.qwen_vl.shrink_inputs` (the images encoded once, the kept tokens at their original
-    3-D positions, ``inputs_embeds`` ready). Keyword arguments go to that function."""
-    if isinstance(get_patch(model), QwenVLPatch):
+    3-D positions, ``inputs_embeds`` ready). Keyword arguments go to that function. ``TypeError``
+    when ``model`` is not patched (call :func:`apply` first)."""
+    patch = patch_for_prompt(model, (LlavaPatch, QwenVLPatch))
+    if isinstance(patch, QwenVLPatch):
         return qwen_vl.shrink_inputs(model, inputs, **kwargs)
     return llava.shrink_inputs(model, inputs, **kwargs)
 
@@ -262,6 +296,7 @@ def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undoes :func:`apply` on ``model`` (``forward``, ``get_image_features``, hooks); returns it.
     A model that is not patched is returned unchanged."""
+    _check_model(model, "visionzip.remove")
     patch = model.__dict__.pop(_ATTR, None)
     if patch is not None:
         patch.remove()

@@ -20,12 +20,6 @@ import torch
 from .common import EncoderFamily, QueryKey, layer_norm1_input, run_layer_without_mask, separate_projections
 
 
-def _model_class():
-    from transformers import CLIPVisionModel
-
-    return CLIPVisionModel
-
-
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.encoder.layers
 
@@ -46,7 +40,8 @@ def _num_tokens(model: torch.nn.Module) -> int:
 FAMILY = EncoderFamily(
     name="CLIP",
     model_types=("clip_vision_model",),
-    model_class=_model_class,
+    class_name="CLIPVisionModel",
+    summary="``cls_attention``, CLS always kept",
     keep_cls=True,
     layers=_layers,
     query_key=_query_key,

@@ -44,6 +44,7 @@ itself; hooks on the submodules (layers, embeddings, ...) do run.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ... import ops
-from ...api import check_ratio, checked_ratio_tokens, split_budget, split_checked_budget
+from ...budget import check_int, check_ratio, checked_ratio_tokens, split_checked_budget
+
+# The oldest transformers the integration supports (and CI tests: .ci/oldest_transformers.sh); apply() checks it.
+MIN_TRANSFORMERS = "5.17.0"
 
 
 class _Missing:
@@ -116,25 +120,6 @@ class QueryKey:
     scale: float  # the softmax scale the model uses
 
 
-@dataclass(frozen=True)
-class FusedQueryKey:
-    """q and k from one fused projection, taken after the rotary embedding (Qwen2-VL, Qwen2.5-VL).
-
-    ``qkv_proj``'s output [T, 3 * num_heads * head_dim] is (q, k, v) x heads x head_dim, as the model
-    splits it. ``attention`` is the module whose call receives the rotary inputs (keyword
-    ``position_embeddings`` = (cos, sin)) and the packed ``cu_seqlens``; ``rotary`` is the model's own
-    function ``(q, k, cos, sin) -> (q, k)`` on [T, H, d]: q and k are taken AFTER it, as the
-    attention sees them (``None``: q and k are the projection's outputs, before any rotary).
-    """
-
-    attention: torch.nn.Module
-    qkv_proj: torch.nn.Module
-    num_heads: int
-    head_dim: int
-    scale: float  # the softmax scale the model uses
-    rotary: Callable | None
-
-
 def separate_projections(attention: torch.nn.Module) -> QueryKey:
     """An attention module with ``q_proj`` / ``k_proj`` (``nn.Linear``) and ``head_dim``, as
     transformers 5.x's CLIP, SigLIP and (5.2x) DINOv2 attentions have."""
@@ -165,46 +150,40 @@ class EncoderFamily:
 
     name: str  # "CLIP"
     model_types: tuple[str, ...]  # config.model_type values of the supported class
-    model_class: Callable[[], type]  # the supported class (a subclass also matches), imported lazily
+    class_name: str  # the supported class in transformers' namespace (a subclass also matches)
+    summary: str  # how it is scored, one line for the table of supported models
     keep_cls: bool  # CLS token at index 0: cls_attention + keep_cls=True; else attention_received
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # the encoder's layer list
-    # one layer's q/k: separate projections (QueryKey) or a fused qkv after rotary (FusedQueryKey)
-    query_key: Callable[[torch.nn.Module], QueryKey | FusedQueryKey]
-    # How a stand-alone encoder runs (EncoderPatch); None for a tower that is only patched inside its
-    # composite model (Qwen's packed towers, whose patch keeps the tower's own forward).
+    query_key: Callable[[torch.nn.Module], QueryKey]  # one layer's q/k projections
     # (model, pixel_values, **the model's own input options) -> [B, N, C]: everything before layer 0,
     # i.e. what the unpatched model reports as hidden_states[0]
-    embed: Callable[..., torch.Tensor] | None = None
+    embed: Callable[..., torch.Tensor]
     # (layer, hidden [B, N, C]) -> its output [B, N, C]: one call of the layer module
-    run_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+    run_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
     # (layer, its input hidden states) -> the tensor its attention projects into q / k / v
-    attention_input: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+    attention_input: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
     # (model) -> tokens per image at the configured image size (N, CLS included)
-    num_tokens: Callable[[torch.nn.Module], int] | None = None
+    num_tokens: Callable[[torch.nn.Module], int]
+
+    def model_class(self) -> type:
+        """The supported class, imported when first asked for (transformers imports lazily)."""
+        return getattr(importlib.import_module("transformers"), self.class_name)
 
 
 @dataclass(frozen=True)
 class CompositeFamily:
-    """A model that holds a supported vision encoder (its tower) and is patched around it (LLaVA)."""
+    """A model that holds a vision tower and is patched around it (LLaVA, LLaVA-NeXT, Qwen-VL)."""
 
     name: str  # "LLaVA"
     model_types: tuple[str, ...]  # config.model_type values
-    tower: Callable[[torch.nn.Module], torch.nn.Module]  # the vision encoder inside the model
-    # (model, the tower's EncoderFamily, dominant, contextual, layer[, ratio=r]) -> the patch; with
-    # ratio (passed only when given) dominant and contextual are None
+    classes: tuple[str, ...]  # the supported classes' names, for the table of supported models
+    summary: str  # what its LLM gets, one line for the table
+    # (model, budget: visionzip_kernels.budget.Budget, layer) -> the patch (LlavaPatch, QwenVLPatch, ...)
     make_patch: Callable[..., object]
-    # what apply() uses for dominant, contextual, layer when they are not given
-    defaults: tuple = (54, 10, -2)
-    # the tower's family when it is not a stand-alone encoder family (Qwen's packed towers)
-    tower_family: EncoderFamily | None = None
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"visionzip.apply: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"visionzip.apply: {name} must be >= {minimum}, got {value}")
-    return value
+    # the budget is per image, a count or a ratio of each image's tokens (Qwen's packed towers)
+    per_image_budget: bool = False
+    # config.model_type of the tower when it is no stand-alone encoder: apply() to it names this model
+    tower_model_types: tuple[str, ...] = ()
 
 
 def _softmax_scale(attn: torch.nn.Module, head_dim: int) -> float:
@@ -213,30 +192,6 @@ def _softmax_scale(attn: torch.nn.Module, head_dim: int) -> float:
         if isinstance(value, (int, float)):
             return float(value)
     return head_dim**-0.5
-
-
-def resolve_budget(dominant: int | None, contextual: int | None, tokens: int | None,
-                   ratio: float | None) -> tuple[int | None, int | None, float | None]:
-    """The budget arguments of :func:`visionzip_kernels.apply` as (dominant, contextual, ratio).
-
-    Exactly one way of giving the budget: ``dominant`` / ``contextual`` (defaults 54 / 10), or
-    ``tokens`` (split 54:10 by :func:`visionzip_kernels.split_budget`), or ``ratio`` (returned as is,
-    with dominant = contextual = None: the count depends on the encoder's N).
-    """
-    if tokens is not None and ratio is not None:
-        raise ValueError("visionzip.apply: give tokens= or ratio=, not both")
-    if (tokens is not None or ratio is not None) and (dominant is not None or contextual is not None):
-        given = "tokens" if tokens is not None else "ratio"
-        raise ValueError(f"visionzip.apply: {given}= sets dominant and contextual (split 54:10); give either "
-                         f"{given}= or dominant= / contextual=, not both")
-    if ratio is not None:
-        return None, None, check_ratio(ratio)
-    if tokens is not None:
-        dominant, contextual = split_budget(tokens)
-        return dominant, contextual, None
-    dominant = 54 if dominant is None else dominant
-    contextual = 10 if contextual is None else contextual
-    return _check_int("dominant", dominant, 1), _check_int("contextual", contextual, 0), None
 
 
 class EncoderPatch:
@@ -253,17 +208,15 @@ class EncoderPatch:
         self.model = model
         self.family = family
         if ratio is None:
-            self.dominant = _check_int("dominant", dominant, 1)
-            self.contextual = _check_int("contextual", contextual, 0)
+            self.dominant = check_int("dominant", dominant, 1)
+            self.contextual = check_int("contextual", contextual, 0)
             self.ratio = None
         else:
             if dominant is not None or contextual is not None:
                 raise ValueError("visionzip.apply: ratio= sets dominant and contextual; give one or the other")
             self.dominant = self.contextual = None
             self.ratio = check_ratio(ratio)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"visionzip.apply: layer must be an int, got {type(layer).__name__}")
-        self.layer = layer
+        self.layer = check_int("layer", layer)
         self.keep_cls = family.keep_cls
         layers = family.layers(model)
         n = len(layers)
@@ -273,9 +226,6 @@ class EncoderPatch:
         self.layer_index = layer % n
         self.num_layers = n
         query_key = family.query_key(layers[self.layer_index])
-        if not isinstance(query_key, QueryKey):
-            raise TypeError(f"visionzip.apply: the {family.name} encoder's q/k are not two separate projections "
-                            f"({type(query_key).__name__}); it is supported only inside its composite model")
         self.head_dim = query_key.head_dim
         self.scale = query_key.scale
         # The model's input options the patched forward takes (the family's embed keywords).

@@ -23,12 +23,6 @@ import torch
 from .common import EncoderFamily, QueryKey, layer_output, separate_projections
 
 
-def _model_class():
-    from transformers import Dinov2Model
-
-    return Dinov2Model
-
-
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.encoder.layer
 
@@ -62,7 +56,8 @@ def _num_tokens(model: torch.nn.Module) -> int:
 FAMILY = EncoderFamily(
     name="DINOv2",
     model_types=("dinov2",),
-    model_class=_model_class,
+    class_name="Dinov2Model",
+    summary="``cls_attention``, CLS always kept",
     keep_cls=True,
     layers=_layers,
     query_key=_query_key,

@@ -43,11 +43,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ...api import split_budget, tokens_for_ratio
+from ...budget import Budget, split_budget, tokens_for_ratio
 from .common import (CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput, replace_instance_attribute,
                      restore_instance_attribute)
-
-IGNORE_INDEX = -100  # transformers' label value for positions without a loss
+from .prompt import IGNORE_INDEX, PADDING_SIDES, RowPacker, pad_token_id as default_pad_token_id, same_mapping
 
 
 def llava_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -244,7 +243,7 @@ def shrink_image_tokens(
     elif not 0 < tokens_per_image <= placeholders_per_image:
         raise ValueError(f"shrink_image_tokens: tokens_per_image must be in 1..placeholders_per_image "
                          f"({placeholders_per_image}), got {tokens_per_image}")
-    if padding_side not in ("left", "right"):
+    if padding_side not in PADDING_SIDES:
         raise ValueError(f"shrink_image_tokens: padding_side must be 'left' or 'right', got {padding_side!r}")
     tensors = {"attention_mask": attention_mask, "labels": labels, **(extra or {})}
     tensors = {k: v for k, v in tensors.items() if v is not None}
@@ -264,26 +263,13 @@ def shrink_image_tokens(
     keep = ~is_image | kept_placeholders
     if attention_mask is not None:
         keep &= attention_mask.bool()  # old padding goes too; rows are re-padded to the new width
-    lengths = keep.sum(dim=1)
-    width = int(lengths.max()) if input_ids.shape[0] else 0
-    needs_padding = bool((lengths != width).any())
-    if needs_padding and attention_mask is None:
+    pack = RowPacker(keep, padding_side)
+    if pack.ragged and attention_mask is None:
         tensors["attention_mask"] = torch.ones_like(input_ids)
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-
-    def pack(name: str, t: torch.Tensor) -> torch.Tensor:
-        out = t.new_full((t.shape[0], width), fills.get(name, 0))
-        for b in range(t.shape[0]):
-            row = t[b][keep[b]]
-            if padding_side == "left":
-                out[b, width - row.shape[0]:] = row
-            else:
-                out[b, : row.shape[0]] = row
-        return out
-
-    result = {"input_ids": pack("input_ids", input_ids)}
+    result = {"input_ids": pack(input_ids, pad_token_id)}
     for name, t in tensors.items():
-        result[name] = pack(name, t)
+        result[name] = pack(t, fills.get(name, 0))
     return result
 
 
@@ -329,20 +315,14 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
         placeholders_per_image: default: the stock count for the model's tower (576 for LLaVA-1.5;
             for LLaVA-NeXT, per image from ``inputs["image_sizes"]``, see :mod:`.llava_next`).
     """
-    from . import get_patch
+    from . import patch_for_prompt
 
-    patch = get_patch(model)
-    if not isinstance(patch, LlavaPatch):
-        raise TypeError("shrink_inputs: model is not a LLaVA model patched by visionzip_kernels.apply")
+    patch = patch_for_prompt(model, LlavaPatch)
     if "input_ids" not in inputs:
         raise KeyError("shrink_inputs: inputs has no 'input_ids'")
     input_ids = inputs["input_ids"]
     if pad_token_id is None:
-        config = patch.llava.config
-        pad_token_id = getattr(config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(config.text_config, "pad_token_id", None)
-        pad_token_id = 0 if pad_token_id is None else pad_token_id
+        pad_token_id = default_pad_token_id(patch.llava.config)
     extra = {k: v for k, v in inputs.items()
              if k not in ("input_ids", "attention_mask", "labels") and isinstance(v, torch.Tensor)
              and v.shape == input_ids.shape}
@@ -355,12 +335,7 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     )
     data = {k: v for k, v in inputs.items()}
     data.update(shrunk)
-    if isinstance(inputs, dict) and type(inputs) is dict:
-        return data
-    try:
-        return type(inputs)(data)
-    except Exception:  # a mapping type that cannot be rebuilt from a dict
-        return data
+    return same_mapping(inputs, data)
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
@@ -369,9 +344,19 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     return llava_model(model).vision_tower
 
 
+def make_patch(model: torch.nn.Module, budget: Budget, layer: int, patch_class: type | None = None) -> LlavaPatch:
+    """``patch_class`` (default :class:`LlavaPatch`) on ``model``, its tower's family from the registry."""
+    from . import encoder_family
+
+    patch_class = LlavaPatch if patch_class is None else patch_class
+    return patch_class(model, encoder_family(vision_tower(model)), budget.dominant, budget.contextual, layer,
+                       ratio=budget.ratio)
+
+
 FAMILY = CompositeFamily(
     name="LLaVA",
     model_types=("llava",),
-    tower=vision_tower,
-    make_patch=LlavaPatch,
+    classes=("LlavaForConditionalGeneration", "LlavaModel"),
+    summary="its vision tower as above, projected (see :mod:`.llava`)",
+    make_patch=make_patch,
 )

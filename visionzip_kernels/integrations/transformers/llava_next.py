@@ -49,8 +49,10 @@ from collections.abc import Mapping
 
 import torch
 
+from ...budget import Budget
+from . import llava
 from .common import CompositeFamily, EncoderFamily, VisionZipOutput
-from .llava import LlavaPatch, llava_model, vision_tower
+from .llava import LlavaPatch, llava_model
 
 # Functions of transformers' LLaVA-NeXT modeling module that the patch calls (the model's own geometry).
 _GRID_SHAPE = "get_anyres_image_grid_shape"
@@ -210,6 +212,8 @@ class LlavaNextPatch(LlavaPatch):
         return torch.cat(parts)
 
     # -- the placeholder check (a forward pre-hook on LlavaNextModel) ------------------------------
+    # Reads counts out of tensors (a graph break under torch.compile): runs eagerly, outside the graph.
+    @torch.compiler.disable
     def _check_placeholders(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -240,11 +244,17 @@ class LlavaNextPatch(LlavaPatch):
         )
 
 
+def make_patch(model: torch.nn.Module, budget: Budget, layer: int) -> LlavaNextPatch:
+    """:class:`LlavaNextPatch` on ``model`` (its tower is where LLaVA keeps it)."""
+    return llava.make_patch(model, budget, layer, LlavaNextPatch)
+
+
 FAMILY = CompositeFamily(
     name="LLaVA-NeXT",
     model_types=("llava_next",),
-    tower=vision_tower,  # LLaVA's: LLaVA-NeXT keeps its tower at the same place
-    make_patch=LlavaNextPatch,
+    classes=("LlavaNextForConditionalGeneration", "LlavaNextModel"),
+    summary="every anyres crop as above, laid out on the crop grid (see :mod:`.llava_next`)",
+    make_patch=make_patch,
 )
 
 __all__ = ["FAMILY", "LlavaNextPatch"]

@@ -9,22 +9,27 @@ attention windows (``window_index``) and puts the LLM tokens back with ``argsort
 What :func:`visionzip_kernels.apply` does (:class:`QwenVLPatch`), as upstream VisionZip's Qwen2.5-VL
 port computes it (docs/SPEC.md, "Qwen2-VL and Qwen2.5-VL"), but image-local:
 
+- ``get_image_features`` of the inner model is replaced, on the instance only, by a bound method of
+  the patch (:meth:`QwenVLPatch.get_image_features`), the mechanism of the other families: it runs
+  the tower itself (:meth:`QwenVLPatch.run_tower`). The blocks' inputs come from transformers' own
+  functions and the tower's modules (``get_vision_position_ids``, ``get_vision_attention_seqlens``,
+  ``get_vision_window_index``, ``patch_embed``, ``rotary_pos_emb``, the window permutation); every
+  block runs as one call of its module (its attention implementation included), then the merger on
+  all tokens. Nothing of transformers' ``forward`` code is copied wholesale.
 - Scoring layer: the last vision block (``layer=-1``; on Qwen2.5-VL it must be one of
-  ``fullatt_block_indexes``). Its q and k are read from its fused ``qkv`` Linear (a forward hook on
-  it) and rotated with the rotary (cos, sin) the attention received (a forward pre-hook on the
-  attention) by the model's own ``apply_rotary_pos_emb_vision``: q and k AFTER the rotary, as the
-  attention sees them. The hooks exist only while the patched ``get_image_features`` runs (no
-  thread-local or global state; so two threads must not run one patched model's image features at once).
-- The tower runs unchanged (its attention implementation included) and the patch merger runs on all
-  tokens; that layer is the last one, so nothing is skipped.
+  ``fullatt_block_indexes``). Just before it runs, its fused q/k/v is computed by its own ``norm1``
+  and ``attn.qkv`` on its input, and q, k are rotated with the (cos, sin) the block receives by the
+  model's own ``apply_rotary_pos_emb_vision``: q and k AFTER the rotary, as the attention sees them,
+  bit for bit (the same modules on the same tensors). No hooks, no thread-local or shared state:
+  everything of a call is in its local variables, so threads may run one patched model at once.
 - ``varlen_scores_and_metric`` (attention within each image, per ``cu_seqlens``; pooled per merge
   unit of 4 tokens in window order) gives scores [T/4] and metric [T/4, d]; they are put in the
   original order with ``argsort(window_index)`` (Qwen2.5-VL; identity for Qwen2-VL).
 - ``varlen_select_merge`` on the merger's outputs with per-image budgets keeps each image's tokens in
   original order, the contextual token at its target's position.
 
-``get_image_features`` of the inner model is replaced on the instance; it returns a
-:class:`QwenVisionZipOutput` whose ``pooler_output`` is one [D_i+K_i, C_llm] tensor per image.
+The patched ``get_image_features`` returns a :class:`QwenVisionZipOutput` whose ``pooler_output`` is
+one [D_i+K_i, C_llm] tensor per image.
 
 Budgets, per image, with N_i = the image's merged tokens: ``dominant`` a count (int) or a ratio
 (float in (0, 1]: D_i = int(r * N_i), upstream's default 0.65), ``contextual`` a count or a ratio
@@ -43,27 +48,25 @@ images are not encoded again)::
     inputs = shrink_inputs(model, inputs)             # input_ids, attention_mask, position_ids, inputs_embeds, ...
     out = model.generate(**inputs, max_new_tokens=32) # out = the shrunk input_ids + new tokens
 
-A forward pre-hook on the inner model rejects inputs whose placeholder count does not match the
-patched model (the stock prompt with ``pixel_values``), naming :func:`shrink_inputs`. Videos
+A forward pre-hook on the inner model (an input check, no state) rejects inputs whose placeholder
+count does not match the patched model (the stock prompt, with ``pixel_values`` on ``forward`` or with
+the features ``generate()`` encoded first), naming :func:`shrink_inputs`. Videos
 (``pixel_values_videos``) are left alone. ``remove()`` restores the model bit for bit.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from ... import ops
-from .common import (CompositeFamily, EncoderFamily, FusedQueryKey, VisionZipOutput, replace_instance_attribute,
+from ...budget import Budget, check_count_or_ratio, check_int
+from .common import (MIN_TRANSFORMERS, CompositeFamily, VisionZipOutput, replace_instance_attribute,
                      restore_instance_attribute)
-
-IGNORE_INDEX = -100  # transformers' label value for positions without a loss
-DEFAULTS = (0.65, 0.05, -1)  # upstream's dominant / contextual ratios, the last vision block
+from .prompt import IGNORE_INDEX, PADDING_SIDES, RowPacker, pad_token_id as default_pad_token_id, same_mapping
 
 
 @dataclass
@@ -83,7 +86,35 @@ class QwenVisionZipOutput(VisionZipOutput):
 
 
 # ------------------------------------------------------------------------------------------------
-# Registry records (no lambdas: plain functions, so the records copy and pickle)
+# The tower records (no lambdas: plain functions, so the records copy and pickle)
+
+
+@dataclass(frozen=True)
+class FusedQueryKey:
+    """Where the scoring block's q and k come from: one fused projection, taken after the rotary embedding.
+
+    ``attention_input`` is the block's pre-attention norm (``norm1``): the attention projects its
+    output. ``qkv_proj``'s output [T, 3 * num_heads * head_dim] is (q, k, v) x heads x head_dim, as
+    the model splits it. ``rotary`` is the model's own function ``(q, k, cos, sin) -> (q, k)`` on
+    [T, H, d]: q and k are taken AFTER it, as the attention sees them.
+    """
+
+    attention_input: torch.nn.Module
+    qkv_proj: torch.nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float  # the softmax scale the model uses
+    rotary: Callable
+
+
+@dataclass(frozen=True)
+class QwenTower:
+    """A Qwen vision tower, NaViT-style packed (:class:`QwenVLPatch` runs it; it is no stand-alone encoder)."""
+
+    name: str  # "Qwen2.5-VL vision"
+    model_types: tuple[str, ...]  # its config.model_type (apply() given the bare tower names the whole model)
+    model_class: Callable[[], type]  # the tower's class, imported lazily; the patch checks the model's tower is one
+    windowed: bool  # Qwen2.5-VL: window attention in all blocks but fullatt_block_indexes, units in window order
 
 
 def _qwen2_vl_tower_class():
@@ -100,22 +131,26 @@ def _qwen2_5_vl_tower_class():
 
 def _missing(what: str, owner: torch.nn.Module) -> AttributeError:
     return AttributeError(f"visionzip.apply: {type(owner).__name__} has no {what}; this transformers version's "
-                          "Qwen vision tower is laid out differently from the supported 5.17-5.23")
+                          f"Qwen vision tower is laid out differently from the supported {MIN_TRANSFORMERS}+")
 
 
-def _blocks(tower: torch.nn.Module) -> torch.nn.ModuleList:
-    blocks = getattr(tower, "blocks", None)
-    if not isinstance(blocks, torch.nn.ModuleList):
+def blocks(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    """The vision blocks of a Qwen tower."""
+    found = getattr(tower, "blocks", None)
+    if not isinstance(found, torch.nn.ModuleList):
         raise _missing("`blocks` (the vision blocks)", tower)
-    return blocks
+    return found
 
 
-def _fused_query_key(block: torch.nn.Module) -> FusedQueryKey:
-    """The vision block's ``attn`` with its fused ``qkv`` Linear; q/k after the model's own
-    ``apply_rotary_pos_emb_vision`` (looked up in the attention class's module)."""
+def fused_query_key(block: torch.nn.Module) -> FusedQueryKey:
+    """The vision block's ``norm1`` and its ``attn`` with the fused ``qkv`` Linear; q/k after the
+    model's own ``apply_rotary_pos_emb_vision`` (looked up in the attention class's module)."""
     attention = getattr(block, "attn", None)
     if attention is None:
         raise _missing("`attn` in its vision block", block)
+    norm = getattr(block, "norm1", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise _missing("`norm1` (the attention's input norm) in its vision block", block)
     qkv = getattr(attention, "qkv", None)
     if not isinstance(qkv, torch.nn.Linear):
         raise _missing("fused `attn.qkv` Linear", block)
@@ -128,17 +163,13 @@ def _fused_query_key(block: torch.nn.Module) -> FusedQueryKey:
         raise _missing(f"apply_rotary_pos_emb_vision beside {type(attention).__name__}", block)
     scale = getattr(attention, "scaling", None)
     scale = float(scale) if isinstance(scale, (int, float)) else head_dim**-0.5
-    return FusedQueryKey(attention, qkv, num_heads, head_dim, scale, rotary)
+    return FusedQueryKey(norm, qkv, num_heads, head_dim, scale, rotary)
 
 
-QWEN2_VL_TOWER = EncoderFamily(
-    name="Qwen2-VL vision", model_types=("qwen2_vl_vision",), model_class=_qwen2_vl_tower_class,
-    keep_cls=False, layers=_blocks, query_key=_fused_query_key,
-)
-QWEN2_5_VL_TOWER = EncoderFamily(
-    name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_vision",), model_class=_qwen2_5_vl_tower_class,
-    keep_cls=False, layers=_blocks, query_key=_fused_query_key,
-)
+QWEN2_VL_TOWER = QwenTower(name="Qwen2-VL vision", model_types=("qwen2_vl_vision",),
+                           model_class=_qwen2_vl_tower_class, windowed=False)
+QWEN2_5_VL_TOWER = QwenTower(name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_vision",),
+                             model_class=_qwen2_5_vl_tower_class, windowed=True)
 
 
 def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -150,24 +181,8 @@ def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
                     "`visual` and `get_rope_index` was found in it")
 
 
-def _visual(model: torch.nn.Module) -> torch.nn.Module:
-    return qwen_model(model).visual
-
-
 # ------------------------------------------------------------------------------------------------
 # Budgets
-
-
-def _check_budget(name: str, value) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"visionzip.apply: {name} must be an int (a count per image) or a float (a ratio of each "
-                        f"image's tokens), got {type(value).__name__}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"visionzip.apply: {name} must be >= 0, got {value}")
-    elif not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ValueError(f"visionzip.apply: {name} as a ratio must be in (0, 1], got {value}")
-    return value
 
 
 def image_budgets(dominant: int | float, contextual: int | float, tokens: list[int],
@@ -196,44 +211,47 @@ class QwenVLPatch:
     """VisionZip on a Qwen2-VL / Qwen2.5-VL model instance (see the module docstring).
 
     ``settings`` = what was given to ``apply`` (``dominant``, ``contextual``: int counts or float
-    ratios per image; ``layer``); ``layer_index`` = the scoring block, 0..depth-1."""
+    ratios per image; ``layer``); ``layer_index`` = the scoring block, 0..depth-1; ``tower`` = the
+    :class:`QwenTower` record."""
 
-    def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant, contextual, layer: int):
+    def __init__(self, model: torch.nn.Module, tower: QwenTower, dominant, contextual, layer: int):
         self.model = model
         self.qwen = qwen_model(model)
         self.visual = self.qwen.visual
-        self.family = tower_family
-        self.dominant = _check_budget("dominant", dominant)
-        self.contextual = _check_budget("contextual", contextual)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"visionzip.apply: layer must be an int, got {type(layer).__name__}")
-        blocks = tower_family.layers(self.visual)
-        n = len(blocks)
+        self.tower = tower
+        tower_class = tower.model_class()
+        if not isinstance(self.visual, tower_class):
+            raise TypeError(f"visionzip.apply: the vision tower of this {type(model).__name__} is a "
+                            f"{type(self.visual).__name__}, not the {tower_class.__name__} the {tower.name} patch runs")
+        self.dominant = check_count_or_ratio("dominant", dominant)
+        self.contextual = check_count_or_ratio("contextual", contextual)
+        layer = check_int("layer", layer)
+        vision_blocks = blocks(self.visual)
+        n = len(vision_blocks)
         if not -n <= layer < n:
             raise ValueError(f"visionzip.apply: layer must be in [-{n}, {n - 1}] for this {n}-block "
-                             f"{tower_family.name} tower, got {layer}")
+                             f"{tower.name} tower, got {layer}")
         self.layer = layer
         self.layer_index = layer % n
         self.num_layers = n
         # Qwen2.5-VL: windowed blocks attend within windows; VisionZip reads a full-attention block.
-        self.windowed = hasattr(self.visual, "window_size") or hasattr(self.visual, "fullatt_block_indexes")
+        self.windowed = tower.windowed
         if self.windowed:
             full = list(getattr(self.visual, "fullatt_block_indexes", None) or [])
             if self.layer_index not in full:
-                raise ValueError(f"visionzip.apply: layer {layer} (block {self.layer_index}) of the "
-                                 f"{tower_family.name} "
-                                 f"tower is a windowed block; the scoring layer must be a full-attention block, "
+                raise ValueError(f"visionzip.apply: layer {layer} (block {self.layer_index}) of the {tower.name} "
+                                 "tower is a windowed block; the scoring layer must be a full-attention block, "
                                  f"one of fullatt_block_indexes = {full}")
         merge = getattr(self.visual, "spatial_merge_size", None)
         if not isinstance(merge, int):
             raise _missing("`spatial_merge_size`", self.visual)
         self.spatial_merge_size = merge
         self.unit = merge * merge
-        self.query_key: FusedQueryKey = tower_family.query_key(blocks[self.layer_index])
+        self.query_key = fused_query_key(vision_blocks[self.layer_index])
         config = self.qwen.config
         self.image_token_id = config.image_token_id
         self.video_token_id = getattr(config, "video_token_id", None)
-        self._inner_get_image_features = self.qwen.get_image_features  # bound: the class's, or a previous attribute
+        # A bound method: pickled as (patch, "get_image_features"); a deep copy gets its own patch.
         self._saved_get_image_features = replace_instance_attribute(self.qwen, "get_image_features",
                                                                     self.get_image_features)
         self._pre_hook = self.qwen.register_forward_pre_hook(self._check_inputs, with_kwargs=True)
@@ -244,7 +262,7 @@ class QwenVLPatch:
         return {"dominant": self.dominant, "contextual": self.contextual, "layer": self.layer}
 
     def __repr__(self) -> str:
-        return (f"QwenVLPatch({self.family.name}, dominant={self.dominant}, contextual={self.contextual}, "
+        return (f"QwenVLPatch({self.tower.name}, dominant={self.dominant}, contextual={self.contextual}, "
                 f"layer={self.layer} -> block {self.layer_index} of {self.num_layers})")
 
     # -- grids and budgets -----------------------------------------------------------------------
@@ -276,29 +294,58 @@ class QwenVLPatch:
         dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
         return tokens, dominants, contextuals
 
-    # -- capture (hooks that exist only inside get_image_features) ------------------------------
-    @staticmethod
-    def _capture_attention_inputs(slot: dict, module, args, kwargs):
-        slot["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        slot["rotary"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
+    # -- the tower, run by the patch ---------------------------------------------------------------
+    def run_tower(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs):
+        """The tower's blocks and merger, run here with every intermediate in a local variable.
 
-    @staticmethod
-    def _capture_qkv(slot: dict, module, args, output):
-        slot["qkv"] = output
+        The inputs of the blocks come from transformers' own functions and the tower's own modules
+        (``patch_embed``, ``rotary_pos_emb``, the window permutation), then each block runs as one call
+        of its module, as the stock tower calls it. Before the scoring block runs, its fused q/k/v is
+        computed by the block's own ``norm1`` and ``attn.qkv`` on the block's input: the same modules on
+        the same tensor the block uses, so bit for bit the qkv inside the block (in eager).
 
-    def window_index(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Qwen2.5-VL's window order of the merge units, from transformers' own function."""
-        try:
-            from transformers.vision_utils import get_vision_window_index
-        except ImportError:
-            get_vision_window_index = None
-        if get_vision_window_index is not None:
-            index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=self.spatial_merge_size,
-                                               window_size=self.visual.window_size, patch_size=self.visual.patch_size)
-            return index
-        if hasattr(self.visual, "get_window_index"):  # older transformers: a method of the tower
-            return self.visual.get_window_index(image_grid_thw)[0]
-        raise _missing("window index function (transformers.vision_utils.get_vision_window_index)", self.visual)
+        Returns:
+            (last_hidden_state [T, C_vision] (window order on Qwen2.5-VL), merged [T/4, C_llm] in
+            original order, qkv [T, 3*H*d] of the scoring block (window order, no autograd), rotary
+            (cos, sin) [T, d], cu_seqlens [n+1] of the images, window_index [T/4] or ``None``).
+        """
+        # transformers' own geometry of the packed tower (imported here: apply() names an older transformers).
+        from transformers.vision_utils import (get_max_seqlen, get_vision_attention_seqlens, get_vision_position_ids,
+                                               get_vision_window_index)
+
+        visual = self.visual
+        position_ids = get_vision_position_ids(image_grid_thw, visual.spatial_merge_size, kwargs=kwargs)
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(image_grid_thw, visual.config, kwargs=kwargs)
+        hidden = visual.patch_embed(pixel_values)
+        window_index = None
+        if self.windowed:
+            window_index, cu_window_seqlens = get_vision_window_index(
+                image_grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                patch_size=visual.patch_size, kwargs=kwargs)
+            max_window_seqlen = get_max_seqlen(cu_window_seqlens, visual.config, kwargs=kwargs,
+                                               kwarg_name="max_window_seqlen")
+            full_blocks = set(visual.fullatt_block_indexes)
+            seq_len = hidden.shape[0]
+            hidden = visual.permute_input_for_window_attn(hidden, window_index, seq_len=seq_len)
+        rotary = visual.rotary_pos_emb(hidden, position_ids)
+        if self.windowed:
+            rotary = tuple(visual.permute_input_for_window_attn(f, window_index, seq_len=seq_len) for f in rotary)
+        query_key = self.query_key
+        qkv = None
+        for index, block in enumerate(blocks(visual)):
+            if self.windowed and index not in full_blocks:
+                block_seqlens, block_max = cu_window_seqlens, max_window_seqlen
+            else:
+                block_seqlens, block_max = cu_seqlens, max_seqlen
+            if index == self.layer_index:
+                # The selection is discrete: no gradient flows to q or k (docs/SPEC.md "Gradients").
+                with torch.no_grad():
+                    qkv = query_key.qkv_proj(query_key.attention_input(hidden))
+            hidden = block(hidden, cu_seqlens=block_seqlens, max_seqlen=block_max, position_embeddings=rotary, **kwargs)
+        merged = visual.merger(hidden)
+        if window_index is not None:
+            merged = merged[torch.argsort(window_index)]
+        return hidden, merged, qkv, rotary, cu_seqlens, window_index
 
     # -- the replacement of <Qwen model>.get_image_features ---------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
@@ -319,66 +366,61 @@ class QwenVLPatch:
         grids = self._grids(image_grid_thw, pixel_values.shape[0] if pixel_values.dim() >= 1 else None)
         tokens = [t * h * w // self.unit for t, h, w in grids]
         dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
-        slot: dict = {}
-        query_key = self.query_key
-        handles = [
-            query_key.attention.register_forward_pre_hook(partial(self._capture_attention_inputs, slot),
-                                                          with_kwargs=True),
-            query_key.qkv_proj.register_forward_hook(partial(self._capture_qkv, slot)),
-        ]
-        try:
-            out = self._inner_get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [name for name in ("qkv", "cu_seqlens", "rotary") if name not in slot]
-        if missing:
-            raise RuntimeError(f"visionzip: block {self.layer_index} of the {self.family.name} tower ran without "
-                               f"{missing} being captured (its attention / qkv not called as modules?)")
-        merged = out.pooler_output
-        merged = torch.cat(list(merged), dim=0) if isinstance(merged, (list, tuple)) else merged
-        tokens_out, keep, cu_out = self.compress(merged, slot["qkv"], slot["rotary"], slot["cu_seqlens"],
-                                                 image_grid_thw, tokens, dominants, contextuals)
+        pixel_values = pixel_values.type(self.visual.dtype)  # as the stock get_image_features
+        last_hidden_state, merged, qkv, rotary, cu_seqlens, window_index = self.run_tower(
+            pixel_values, image_grid_thw, **kwargs)
+        tokens_out, keep, cu_out = self.compress(merged, qkv, rotary, cu_seqlens, window_index, tokens, dominants,
+                                                 contextuals)
         counts = [d + k for d, k in zip(dominants, contextuals)]
-        result = QwenVisionZipOutput(last_hidden_state=out.last_hidden_state, pooler_output=tokens_out.split(counts),
+        result = QwenVisionZipOutput(last_hidden_state=last_hidden_state, pooler_output=tokens_out.split(counts),
                                      keep=keep, cu_seqlens=cu_out)
         return result if return_dict else result.to_tuple()
 
     def compress(self, merged: torch.Tensor, qkv: torch.Tensor, rotary: tuple, cu_seqlens: torch.Tensor,
-                 image_grid_thw: torch.Tensor, tokens: list[int], dominants: list[int], contextuals: list[int]):
-        """Scores and metric from the captured fused qkv [T, 3*H*d] (window order) and the rotary
-        (cos, sin), put in original order, then ``varlen_select_merge`` on ``merged`` [T/4, C_llm]
-        (``tokens`` = N_i, its images' merge units)."""
+                 window_index: torch.Tensor | None, tokens: list[int], dominants: list[int], contextuals: list[int]):
+        """Scores and metric from the scoring block's fused qkv [T, 3*H*d] (window order) and its rotary
+        (cos, sin), put in original order with ``argsort(window_index)``, then ``varlen_select_merge``
+        on ``merged`` [T/4, C_llm] (original order; ``tokens`` = N_i, its images' merge units)."""
         query_key = self.query_key
         qkv = qkv.detach()
         T = qkv.shape[0]
         q, k, _ = qkv.view(T, 3, query_key.num_heads, query_key.head_dim).unbind(1)
-        if query_key.rotary is not None:
-            cos, sin = rotary
-            q, k = query_key.rotary(q, k, cos, sin)
+        cos, sin = rotary
+        q, k = query_key.rotary(q, k, cos, sin)
         scores, metric = ops.varlen_scores_and_metric(q, k, cu_seqlens, scale=query_key.scale, unit=self.unit)
-        if self.windowed:
-            original = torch.argsort(self.window_index(image_grid_thw)).to(scores.device)
+        if window_index is not None:
+            original = torch.argsort(window_index).to(scores.device)
             scores, metric = scores[original], metric[original]
         # The images' bounds from the host grid, so that the op need not read the tower's device cu_seqlens
         # back (its one sync); cu_seqlens_out is then on the CPU too.
         cu_units = torch.tensor([0, *tokens], dtype=torch.int64).cumsum(0)
         return ops.varlen_select_merge(merged, scores, metric, cu_units, dominants, contextuals)
 
-    # -- input check -------------------------------------------------------------------------------
+    # -- input check (a forward pre-hook on the inner model) ---------------------------------------
+    # Reads counts out of tensors (a graph break under torch.compile): runs eagerly, outside the graph.
+    @torch.compiler.disable
     def _check_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        pixel_values = kwargs.get("pixel_values")
-        if input_ids is None or pixel_values is None:
+        if input_ids is None:
             return None
-        _, dominants, contextuals = self.budgets(kwargs.get("image_grid_thw"))
-        rows = sum(dominants) + sum(contextuals)
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is not None:
+            _, dominants, contextuals = self.budgets(kwargs.get("image_grid_thw"))
+            rows, images = sum(dominants) + sum(contextuals), f"{len(dominants)} image(s)"
+        else:
+            # generate() encodes the images first (through the patched get_image_features) and passes
+            # the features instead of pixel_values.
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if not isinstance(encoded, QwenVisionZipOutput) or not encoded.pooler_output:
+                return None
+            rows = sum(f.shape[0] for f in encoded.pooler_output)
+            images = f"{len(encoded.pooler_output)} pre-encoded image(s)"
         found = int((input_ids == self.image_token_id).sum())
         if found != rows:
             raise ValueError(
                 f"visionzip: input_ids holds {found} image placeholder tokens (id {self.image_token_id}) but the "
-                f"VisionZip-patched model produces {rows} image tokens ({len(dominants)} image(s), dominant "
-                f"{self.dominant} + contextual {self.contextual} per image). Pass the processor's output through "
+                f"VisionZip-patched model produces {rows} image tokens ({images}, dominant {self.dominant} + "
+                f"contextual {self.contextual} per image). Pass the processor's output through "
                 "visionzip_kernels.integrations.transformers.shrink_inputs(model, inputs) first.")
         if kwargs.get("position_ids") is None:
             raise ValueError("visionzip: a VisionZip prompt needs its 3-D position_ids (the original positions of the "
@@ -425,11 +467,9 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
             (left when they were not padded).
         pad_token_id: default: the model's ``pad_token_id`` (config or text config), else 0.
     """
-    from . import get_patch
+    from . import patch_for_prompt
 
-    patch = get_patch(model)
-    if not isinstance(patch, QwenVLPatch):
-        raise TypeError("shrink_inputs: model is not a Qwen2-VL / Qwen2.5-VL model patched by visionzip_kernels.apply")
+    patch = patch_for_prompt(model, QwenVLPatch)
     for key in ("input_ids", "pixel_values", "image_grid_thw"):
         if inputs.get(key) is None:
             raise KeyError(f"shrink_inputs: inputs has no {key!r}")
@@ -438,7 +478,7 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
         raise ValueError(f"shrink_inputs: input_ids must be [B, S], got shape {list(input_ids.shape)}")
     attention_mask = inputs.get("attention_mask")
     side = padding_side or _padding_side(attention_mask)
-    if side not in ("left", "right"):
+    if side not in PADDING_SIDES:
         raise ValueError(f"shrink_inputs: padding_side must be 'left' or 'right', got {side!r}")
     qwen = patch.qwen
     grid = inputs["image_grid_thw"]
@@ -471,27 +511,8 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     kept[chosen[:, 0], chosen[:, 1]] = True
 
     if pad_token_id is None:
-        config = qwen.config
-        pad_token_id = getattr(config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(getattr(config, "text_config", None), "pad_token_id", None)
-        pad_token_id = 0 if pad_token_id is None else pad_token_id
-    lengths = kept.sum(dim=1)
-    width = int(lengths.max()) if input_ids.shape[0] else 0
-    B = input_ids.shape[0]
-    # Destination column of every kept position, so each tensor is packed by one scatter.
-    rank = kept.long().cumsum(dim=1) - 1
-    if side == "left":
-        rank = rank + (width - lengths).unsqueeze(1)
-    rows, cols = kept.nonzero(as_tuple=True)
-    dest = rank[rows, cols]
-
-    def pack(t: torch.Tensor, fill, seq_dim: int = 1) -> torch.Tensor:
-        t = t.movedim(seq_dim, 1)
-        out = t.new_full((B, width, *t.shape[2:]), fill)
-        out[rows, dest] = t[rows, cols]
-        return out.movedim(1, seq_dim)
-
+        pad_token_id = default_pad_token_id(qwen.config)
+    pack = RowPacker(kept, side)
     new_mask = pack(torch.ones_like(input_ids) if attention_mask is None else attention_mask, 0)
     new_ids = pack(input_ids, pad_token_id)
     data = dict(inputs.items())
@@ -511,19 +532,26 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     image_rows = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
     image_mask = (new_ids == patch.image_token_id) & new_mask.bool()
     data["inputs_embeds"] = embeds.masked_scatter(image_mask.unsqueeze(-1), image_rows)
-    if isinstance(inputs, dict) and type(inputs) is dict:
-        return data
-    try:
-        return type(inputs)(data)
-    except Exception:  # a mapping type that cannot be rebuilt from a dict
-        return data
+    return same_mapping(inputs, data)
+
+
+def make_qwen2_vl_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen2-VL model."""
+    return QwenVLPatch(model, QWEN2_VL_TOWER, budget.dominant, budget.contextual, layer)
+
+
+def make_qwen2_5_vl_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen2.5-VL model."""
+    return QwenVLPatch(model, QWEN2_5_VL_TOWER, budget.dominant, budget.contextual, layer)
 
 
 QWEN2_VL = CompositeFamily(
-    name="Qwen2-VL", model_types=("qwen2_vl",), tower=_visual, make_patch=QwenVLPatch,
-    defaults=DEFAULTS, tower_family=QWEN2_VL_TOWER,
+    name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+    summary="attention received in the last vision block (fused qkv, after rotary), per image, packed",
+    make_patch=make_qwen2_vl_patch, per_image_budget=True, tower_model_types=QWEN2_VL_TOWER.model_types,
 )
 QWEN2_5_VL = CompositeFamily(
-    name="Qwen2.5-VL", model_types=("qwen2_5_vl",), tower=_visual, make_patch=QwenVLPatch,
-    defaults=DEFAULTS, tower_family=QWEN2_5_VL_TOWER,
+    name="Qwen2.5-VL", model_types=("qwen2_5_vl",), classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+    summary="the same, window order undone (see :mod:`.qwen_vl`)",
+    make_patch=make_qwen2_5_vl_patch, per_image_budget=True, tower_model_types=QWEN2_5_VL_TOWER.model_types,
 )

@@ -17,12 +17,6 @@ import torch
 from .common import EncoderFamily, QueryKey, layer_norm1_input, run_layer_without_mask, separate_projections
 
 
-def _model_class():
-    from transformers import SiglipVisionModel
-
-    return SiglipVisionModel
-
-
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.encoder.layers
 
@@ -43,7 +37,8 @@ def _num_tokens(model: torch.nn.Module) -> int:
 FAMILY = EncoderFamily(
     name="SigLIP",
     model_types=("siglip_vision_model",),
-    model_class=_model_class,
+    class_name="SiglipVisionModel",
+    summary="``attention_received``, no CLS",
     keep_cls=False,
     layers=_layers,
     query_key=_query_key,
