@@ -1,4 +1,4 @@
-"""The CUDA merge kernels (csrc/cuda/merge_kernels.cuh) run on the CPU, on every machine.
+"""The CUDA merge kernels (csrc/cuda/*.cuh, launched through merge_kernels.cuh) run on the CPU, on every machine.
 
 The kernels are written against raw pointers with no ATen, so a host compiler builds them together
 with a small thread-level emulation of CUDA (tests/cuda_emulation: one std::thread per CUDA thread,
@@ -35,7 +35,7 @@ from visionzip_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "tests/cuda_emulation/harness.cpp", ROOT / "tests/cuda_emulation/cuda_emulation.h",
-           ROOT / "csrc/cuda/merge_kernels.cuh", ROOT / "csrc/merge_math.h"]
+           *sorted((ROOT / "csrc/cuda").glob("*.cuh")), ROOT / "csrc/merge_math.h"]
 CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 I64 = ctypes.c_int64
 ops = torch.ops.visionzip

@@ -23,7 +23,10 @@
 #include <vector>
 
 #include "../checks.h"
+#include "images.cuh"
+#include "merge_kernels.cuh"
 #include "merge_launch.h"
+#include "scratch.cuh"
 
 namespace visionzip::cuda {
 namespace {
