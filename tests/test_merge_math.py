@@ -48,7 +48,7 @@ def emu(tmp_path_factory):
         pytest.skip("no C++ compiler")
     out = tmp_path_factory.mktemp("cuda_emulation") / "vz_emulation.so"
     cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off",
-           "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Werror",
+           "-Wall", "-Wextra", "-Wshadow", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Werror",
            *(f"-isystem{p}" for p in include_paths()[:1]), str(SOURCES[0]), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(out))

@@ -1,5 +1,6 @@
 // The row kernels: the merge forward (dominant rows gathered, contextual rows averaged over their
-// members) and its backward, reading the plan scratch; 16-byte packs along the channels.
+// members) and its backward, reading the plan scratch; 16-byte packs along the channels where the
+// alignment allows them (launch_geometry.cuh's pack_width).
 #pragma once
 
 #include <cstdint>
@@ -47,17 +48,19 @@ merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int
     // The contextual rows (long: a sum over members) come first, so that blocks start in roughly
     // decreasing order of work; then the dominant rows (one load each).
     const bool is_contextual = g < contextual_rows;
-    const int64_t j = is_contextual ? g : g - contextual_rows;
-    const ImageSpan span = images.span(is_contextual ? images.image_of_target(j) : images.image_of_dominant(j));
+    // The row's entry in the per-target arrays (contextual) or in keep (dominant).
+    const int64_t entry = is_contextual ? g : g - contextual_rows;
+    const ImageSpan span =
+        images.span(is_contextual ? images.image_of_target(entry) : images.image_of_dominant(entry));
     const int64_t D = span.D;
-    const int64_t r = is_contextual ? D + (j - span.target_base) : j - span.keep_base;
+    const int64_t r = is_contextual ? D + (entry - span.target_base) : entry - span.keep_base;
     const scalar_t* h = hidden + span.batch * hidden_sb + span.first_row * hidden_sn + c;
     pack_t out;
     if (r < D) {
-      const int64_t t = keep[j];
+      const int64_t t = keep[entry];
       out = t >= 0 && t < span.N ? load_pack<scalar_t, VEC>(h + t * hidden_sn) : zero_pack<scalar_t, VEC>();
     } else {
-      const int64_t i = j;  // the target's entry
+      const int64_t i = entry;  // the target's entry
       const int32_t count = plan.counts[i];
       const int32_t* list = plan.members + span.token_base + plan.offsets[i];
       acc_t sums[VEC];
