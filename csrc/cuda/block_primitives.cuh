@@ -1,5 +1,6 @@
-// Block-wide building blocks of plan_select_kernel: a warp sum, the block's exclusive scan, and the
-// top-k (a radix select of the k-th largest score key, then the tied tokens in index order).
+// Building blocks of the plan kernels: a warp sum (plan_lists_kernel uses it too), the block's
+// exclusive scan, and the top-k (a radix select of the k-th largest score key, then the tied tokens
+// in index order).
 #pragma once
 
 #include <cstdint>
@@ -8,8 +9,7 @@
 
 namespace visionzip::cuda {
 
-// Block-wide helpers of plan_select_kernel (blockDim.x == kPlanThreads; every thread calls them).
-
+// The sum of value over the 32 lanes of a warp, returned to every lane.
 __device__ __forceinline__ int warp_sum(int value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   return __reduce_add_sync(kFullMask, value);
@@ -18,6 +18,8 @@ __device__ __forceinline__ int warp_sum(int value) {
   return value;
 #endif
 }
+
+// Block-wide helpers of plan_select_kernel (blockDim.x == kPlanThreads; every thread calls them).
 
 // Exclusive prefix sum over the threads in thread order; *total gets the block total. Two
 // barriers, the second after every thread has read warp_totals, so calls can follow each other.
