@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, include_paths
 
 ROOT = Path(__file__).parent
 
@@ -26,7 +26,10 @@ def want_cuda() -> bool:
 
 def extension():
     # No FMA contraction: the CPU kernels round each product and sum as the CUDA ones do (merge_math.h).
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
+    # -Wshadow for our sources (the CUDA stage fails on any warning in csrc/); torch's headers, which
+    # would trip it, are named system headers, and a system header's warnings are not shown.
+    system_headers = [flag for path in include_paths() for flag in ("-isystem", path)]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wshadow", *system_headers]
     cpu_sources = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if not want_cuda():
         return CppExtension("visionzip_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
@@ -35,7 +38,8 @@ def extension():
     return CUDAExtension(
         "visionzip_kernels._C",
         cpu_sources + sources("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
+                                                         "-Xcompiler", "-Wshadow", *system_headers]},
         extra_link_args=["-fopenmp"],
     )
 

@@ -44,23 +44,6 @@ void check_positive_sizes(const char* op, const char* name, const at::Tensor& t)
   }
 }
 
-}  // namespace
-
-void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
-                  const c10::SymInt& contextual, bool keep_cls) {
-  TORCH_CHECK_VALUE(dominant >= 1, "visionzip.", op, ": dominant must be >= 1",
-                    keep_cls ? " (keep_cls=True always keeps token 0)" : "", ", got ", dominant);
-  TORCH_CHECK_VALUE(dominant <= num_tokens, "visionzip.", op, ": dominant must be <= N (",
-                    num_tokens, "), got ", dominant);
-  TORCH_CHECK_VALUE(contextual >= 0, "visionzip.", op, ": contextual must be >= 0, got ",
-                    contextual);
-  TORCH_CHECK_VALUE(contextual <= num_tokens - dominant, "visionzip.", op,
-                    ": contextual must be <= N - dominant (", num_tokens, " - ", dominant, " = ",
-                    num_tokens - dominant, "), got ", contextual);
-}
-
-namespace {
-
 void check_metric(const char* op, const at::Tensor& metric, const char* ref_name,
                   const at::Tensor& ref) {
   check_rank(op, "metric", metric, 3, "[B, N, d]");
@@ -95,14 +78,6 @@ void check_query_key(const char* op, const char* q_name, const at::Tensor& q, in
   check_positive_sizes(op, "k", k);
 }
 
-}  // namespace
-
-void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k) {
-  check_query_key("cls_attention", "q_cls", q_cls, 3, "[B, H, d]", k);
-}
-
-namespace {
-
 // q and k of one layout: the same rank, a float dtype, one device and the same sizes.
 void check_query_key_pair(const char* op, const at::Tensor& q, const at::Tensor& k, int64_t rank,
                           const char* layout) {
@@ -118,7 +93,54 @@ void check_query_key_pair(const char* op, const at::Tensor& q, const at::Tensor&
   check_positive_sizes(op, "k", k);  // dim 0 (B, or the packed T) may be 0: empty outputs
 }
 
+void check_budget_list(const char* op, const char* name, c10::IntArrayRef budgets,
+                       const c10::SymInt& num_images) {
+  TORCH_CHECK_VALUE(num_images == static_cast<int64_t>(budgets.size()), "visionzip.", op, ": ",
+                    name, " must hold one count per image (", num_images,
+                    " images: cu_seqlens.size(0) - 1), got ", budgets.size());
+  for (size_t i = 0; i < budgets.size(); ++i) {
+    TORCH_CHECK_VALUE(budgets[i] >= 0, "visionzip.", op, ": ", name, "[", i,
+                      "] (image ", i, ") must be >= 0, got ", budgets[i]);
+  }
+}
+
+// The rules both packed merge ops share: scores [T] (its rank checked by the caller, first) and
+// metric [T, d] on the device of `data` (hidden, or the gradient), cu_seqlens, and one budget >= 0
+// per image in each list.
+void check_packed_merge_inputs(const char* op, const char* data_name, const at::Tensor& data,
+                               const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                               c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  check_float(op, "scores", scores);
+  check_same_device(op, "scores", scores, data_name, data);
+  check_rank(op, "metric", metric, 2, "[T, d]");
+  check_float(op, "metric", metric);
+  check_same_device(op, "metric", metric, data_name, data);
+  check_dim(op, "metric", metric, 0, "scores", scores.sym_size(0), "the token count");
+  check_positive_sizes(op, "metric", metric);
+  check_cu_seqlens(op, cu_seqlens, data_name, data);
+  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
+  check_budget_list(op, "dominant", dominant, num_images);
+  check_budget_list(op, "contextual", contextual, num_images);
+}
+
 }  // namespace
+
+void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
+                  const c10::SymInt& contextual, bool keep_cls) {
+  TORCH_CHECK_VALUE(dominant >= 1, "visionzip.", op, ": dominant must be >= 1",
+                    keep_cls ? " (keep_cls=True always keeps token 0)" : "", ", got ", dominant);
+  TORCH_CHECK_VALUE(dominant <= num_tokens, "visionzip.", op, ": dominant must be <= N (",
+                    num_tokens, "), got ", dominant);
+  TORCH_CHECK_VALUE(contextual >= 0, "visionzip.", op, ": contextual must be >= 0, got ",
+                    contextual);
+  TORCH_CHECK_VALUE(contextual <= num_tokens - dominant, "visionzip.", op,
+                    ": contextual must be <= N - dominant (", num_tokens, " - ", dominant, " = ",
+                    num_tokens - dominant, "), got ", contextual);
+}
+
+void check_cls_attention_args(const at::Tensor& q_cls, const at::Tensor& k) {
+  check_query_key("cls_attention", "q_cls", q_cls, 3, "[B, H, d]", k);
+}
 
 void check_attention_received_args(const at::Tensor& q, const at::Tensor& k) {
   check_query_key_pair("attention_received", q, k, 4, "[B, N, H, d]");
@@ -224,10 +246,10 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const char* 
                     cu_seqlens.sym_sizes());
 }
 
-void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
-                             int64_t unit) {
+void check_cu_seqlens_offsets(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
+                              int64_t unit) {
   TORCH_CHECK(unit >= 1 && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.device().is_cpu(),
-              "visionzip.", op, ": check_cu_seqlens_values needs a CPU cu_seqlens [n + 1] and unit >= 1");
+              "visionzip.", op, ": check_cu_seqlens_offsets needs a CPU cu_seqlens [n + 1] and unit >= 1");
   const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* cu = offsets.const_data_ptr<int64_t>();
   const int64_t n = offsets.size(0) - 1;
@@ -255,50 +277,8 @@ void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& 
                     ") must be a multiple of unit (", unit, ")");
 }
 
-}  // namespace visionzip
-
 // ---------------------------------------------------------------------------------------------
 // Packed (varlen) images.
-
-namespace visionzip {
-
-namespace {
-
-void check_budget_list(const char* op, const char* name, c10::IntArrayRef budgets,
-                       const c10::SymInt& num_images) {
-  TORCH_CHECK_VALUE(num_images == static_cast<int64_t>(budgets.size()), "visionzip.", op, ": ",
-                    name, " must hold one count per image (", num_images,
-                    " images: cu_seqlens.size(0) - 1), got ", budgets.size());
-  for (size_t i = 0; i < budgets.size(); ++i) {
-    TORCH_CHECK_VALUE(budgets[i] >= 0, "visionzip.", op, ": ", name, "[", i,
-                      "] (image ", i, ") must be >= 0, got ", budgets[i]);
-  }
-}
-
-}  // namespace
-
-namespace {
-
-// The rules both packed merge ops share: scores [T] and metric [T, d] on the device of `data`
-// (hidden, or the gradient), cu_seqlens, and one budget >= 0 per image in each list.
-void check_packed_merge_inputs(const char* op, const char* data_name, const at::Tensor& data,
-                               const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                               c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
-  check_rank(op, "scores", scores, 1, "[T]");
-  check_float(op, "scores", scores);
-  check_same_device(op, "scores", scores, data_name, data);
-  check_rank(op, "metric", metric, 2, "[T, d]");
-  check_float(op, "metric", metric);
-  check_same_device(op, "metric", metric, data_name, data);
-  check_dim(op, "metric", metric, 0, "scores", scores.sym_size(0), "the token count");
-  check_positive_sizes(op, "metric", metric);
-  check_cu_seqlens(op, cu_seqlens, data_name, data);
-  const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
-  check_budget_list(op, "dominant", dominant, num_images);
-  check_budget_list(op, "contextual", contextual, num_images);
-}
-
-}  // namespace
 
 void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
                                     const at::Tensor& metric, const at::Tensor& cu_seqlens,
@@ -319,17 +299,18 @@ void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, cons
   check_rank(op, "grad_tokens", grad_tokens, 2, "[sum(D_i + K_i), C]");
   check_float(op, "grad_tokens", grad_tokens);
   check_positive_sizes(op, "grad_tokens", grad_tokens);
+  check_rank(op, "scores", scores, 1, "[T]");
   check_packed_merge_inputs(op, "grad_tokens", grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
   int64_t kept = 0;
   for (size_t i = 0; i < dominant.size(); ++i) kept += dominant[i] + contextual[i];
   check_dim(op, "grad_tokens", grad_tokens, 0, "dominant + contextual", kept, "the sum");
 }
 
-std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens,
-                                             int64_t num_tokens, c10::IntArrayRef dominant,
-                                             c10::IntArrayRef contextual) {
+std::vector<int64_t> read_cu_seqlens_and_check_budgets(const char* op, const at::Tensor& cu_seqlens,
+                                                       int64_t num_tokens, c10::IntArrayRef dominant,
+                                                       c10::IntArrayRef contextual) {
   const at::Tensor cu_host = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
-  check_cu_seqlens_values(op, cu_host, num_tokens, /*unit=*/1);
+  check_cu_seqlens_offsets(op, cu_host, num_tokens, /*unit=*/1);
   const int64_t* cu_ptr = cu_host.const_data_ptr<int64_t>();
   std::vector<int64_t> cu(cu_ptr, cu_ptr + cu_host.numel());
   const int64_t n = static_cast<int64_t>(cu.size()) - 1;
@@ -344,6 +325,5 @@ std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& c
   }
   return cu;
 }
-
 
 }  // namespace visionzip

@@ -19,10 +19,10 @@ void check_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k, bool
 // 1 <= dominant <= N and 0 <= contextual <= N - dominant.
 void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymInt& dominant,
                   const c10::SymInt& contextual, bool keep_cls);
-// Scores ([B, N] dense or [T] packed) are ranked in fp32: every score must be finite there, and a finite fp64 score beyond fp32's
-// range is named as such (its fp32 value would read "inf"). Data-dependent: it reads the values (on
-// the host), so the CUDA kernels do not call it. scores_f32: the scores as contiguous fp32 on CPU,
-// when the caller has them already.
+// Scores ([B, N] dense or [T] packed) are ranked in fp32: every score must be finite there, and a
+// finite fp64 score beyond fp32's range is named as such (its fp32 value would read "inf").
+// Data-dependent: it reads the values (on the host), so the CUDA kernels do not call it.
+// scores_f32: the scores as contiguous fp32 on CPU, when the caller has them already.
 void check_finite_scores(const char* op, const at::Tensor& scores, const at::Tensor& scores_f32);
 void check_finite_scores(const char* op, const at::Tensor& scores);
 void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls);
@@ -42,8 +42,8 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const char* 
 // ... and the value rule, data-dependent: cu[0] = 0, non-decreasing, cu[n] = total_tokens, every
 // length divisible by unit. It reads the values, so only for a CPU cu_seqlens (never a fake one):
 // a CUDA one would need a host sync.
-void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
-                             int64_t unit);
+void check_cu_seqlens_offsets(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
+                              int64_t unit);
 // q, k [T, H, d] with cu_seqlens and unit in {1, 4}; T divisible by unit. Shapes only.
 void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& cu_seqlens, int64_t unit);
@@ -56,7 +56,7 @@ void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& 
 namespace visionzip {
 
 // hidden [T, C], scores [T], metric [T, d], cu_seqlens [n+1], len(dominant) == len(contextual) == n,
-// every budget >= 0. The rules that need cu_seqlens' values are check_cu_seqlens_values'.
+// every budget >= 0. The rules that need cu_seqlens' values are read_cu_seqlens_and_check_budgets'.
 void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
                                     const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                     c10::IntArrayRef dominant, c10::IntArrayRef contextual);
@@ -65,10 +65,10 @@ void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, cons
                                              const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                              c10::IntArrayRef dominant, c10::IntArrayRef contextual);
 // Reads cu_seqlens (one small device-to-host copy when it is on a GPU) and returns it as host ints
-// after check_cu_seqlens_values (unit 1) and, per image i of
-// N_i = cu[i+1] - cu[i] tokens, dominant[i] <= N_i and contextual[i] <= N_i - dominant[i].
-std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens,
-                                             int64_t num_tokens, c10::IntArrayRef dominant,
-                                             c10::IntArrayRef contextual);
+// after check_cu_seqlens_offsets (unit 1) and, per image i of N_i = cu[i+1] - cu[i] tokens, the
+// budget rules dominant[i] <= N_i and contextual[i] <= N_i - dominant[i].
+std::vector<int64_t> read_cu_seqlens_and_check_budgets(const char* op, const at::Tensor& cu_seqlens,
+                                                       int64_t num_tokens, c10::IntArrayRef dominant,
+                                                       c10::IntArrayRef contextual);
 
 }  // namespace visionzip

@@ -71,9 +71,9 @@ PYBIND11_MODULE(_C, m) {
           visionzip::check_varlen_scores_and_metric_args(q, k, cu_seqlens, unit);
         },
         py::arg("q"), py::arg("k"), py::arg("cu_seqlens"), py::arg("unit"));
-  m.def("cu_seqlens_values",
+  m.def("cu_seqlens_offsets",
         [](const std::string& op, const Tensor& cu_seqlens, int64_t total_tokens, int64_t unit) {
-          visionzip::check_cu_seqlens_values(op.c_str(), cu_seqlens, total_tokens, unit);
+          visionzip::check_cu_seqlens_offsets(op.c_str(), cu_seqlens, total_tokens, unit);
         },
         py::arg("op"), py::arg("cu_seqlens"), py::arg("total_tokens"), py::arg("unit") = 1);
   // Packed (varlen) images.
@@ -92,10 +92,10 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("grad_tokens"), py::arg("scores"), py::arg("metric"), py::arg("cu_seqlens"), py::arg("dominant"),
         py::arg("contextual"));
-  m.def("cu_seqlens_values",
+  m.def("read_cu_seqlens_and_check_budgets",
         [](const std::string& op, const Tensor& cu_seqlens, int64_t num_tokens, const std::vector<int64_t>& dominant,
            const std::vector<int64_t>& contextual) {
-          return visionzip::check_cu_seqlens_values(op.c_str(), cu_seqlens, num_tokens, dominant, contextual);
+          return visionzip::read_cu_seqlens_and_check_budgets(op.c_str(), cu_seqlens, num_tokens, dominant, contextual);
         },
         py::arg("op"), py::arg("cu_seqlens"), py::arg("num_tokens"), py::arg("dominant"), py::arg("contextual"));
 }

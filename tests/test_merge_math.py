@@ -1,4 +1,4 @@
-"""The CUDA merge kernels (csrc/cuda/merge_kernels.cuh) run on the CPU, on every machine.
+"""The CUDA merge kernels (csrc/cuda/*.cuh, launched through merge_kernels.cuh) run on the CPU, on every machine.
 
 The kernels are written against raw pointers with no ATen, so a host compiler builds them together
 with a small thread-level emulation of CUDA (tests/cuda_emulation: one std::thread per CUDA thread,
@@ -35,7 +35,7 @@ from visionzip_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "tests/cuda_emulation/harness.cpp", ROOT / "tests/cuda_emulation/cuda_emulation.h",
-           ROOT / "csrc/cuda/merge_kernels.cuh", ROOT / "csrc/merge_math.h"]
+           *sorted((ROOT / "csrc/cuda").glob("*.cuh")), ROOT / "csrc/merge_math.h"]
 CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 I64 = ctypes.c_int64
 ops = torch.ops.visionzip
@@ -48,7 +48,7 @@ def emu(tmp_path_factory):
         pytest.skip("no C++ compiler")
     out = tmp_path_factory.mktemp("cuda_emulation") / "vz_emulation.so"
     cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off",
-           "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Werror",
+           "-Wall", "-Wextra", "-Wshadow", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Werror",
            *(f"-isystem{p}" for p in include_paths()[:1]), str(SOURCES[0]), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(out))

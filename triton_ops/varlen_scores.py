@@ -165,7 +165,7 @@ def varlen_scores_and_metric(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch
     check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
     T, H, d = k.shape
     if cu_seqlens.device.type == "cpu":
-        check.cu_seqlens_values(OP, cu_seqlens, T, unit)
+        check.cu_seqlens_offsets(OP, cu_seqlens, T, unit)
     q, k = unit_last_stride(q), unit_last_stride(k)
     cu = cu_seqlens.to(k.device)
     units = T // unit

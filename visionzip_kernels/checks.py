@@ -10,13 +10,14 @@ Each function takes the op's arguments and returns None or raises; ``budget(op, 
 checks 1 <= D <= N and 0 <= K <= N - D; ``finite_scores(op, scores)``, the one data-dependent rule,
 reads the scores (a device sync on CUDA). Packed (varlen) ops: ``varlen_scores_and_metric_args``
 checks shapes, dtypes and devices (cu_seqlens included) without reading values;
-``cu_seqlens_values(op, cu_seqlens, T, unit)`` reads a CPU cu_seqlens (0 first, non-decreasing, T
+``cu_seqlens_offsets(op, cu_seqlens, T, unit)`` reads a CPU cu_seqlens (0 first, non-decreasing, T
 last, lengths divisible by unit) and is never called on a fake or CUDA one.
 
 Packed (varlen) images: ``varlen_select_merge_args`` checks shapes, dtypes, devices and the budget
-lists; ``cu_seqlens_values(op, cu_seqlens, T, dominant, contextual)`` (an overload of the same name)
-reads cu_seqlens (a small copy to the host), checks its values and every image's budget against its
-size, and returns it as a list of ints. ``finite_scores`` takes dense [B, N] and packed [T] scores.
+lists; ``read_cu_seqlens_and_check_budgets(op, cu_seqlens, T, dominant, contextual)`` reads
+cu_seqlens (a small copy to the host), checks its offsets as ``cu_seqlens_offsets`` does (unit 1) and
+every image's budget against its size, and returns it as a list of ints. ``finite_scores`` takes dense
+[B, N] and packed [T] scores.
 """
 
 from ._C import (  # noqa: F401  (re-exported)
@@ -25,9 +26,10 @@ from ._C import (  # noqa: F401  (re-exported)
     cls_attention_args,
     contextual_merge_args,
     contextual_merge_backward_args,
-    cu_seqlens_values,
+    cu_seqlens_offsets,
     dominant_topk_args,
     finite_scores,
+    read_cu_seqlens_and_check_budgets,
     scores_and_metric_args,
     select_merge_args,
     varlen_scores_and_metric_args,

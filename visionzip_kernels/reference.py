@@ -166,7 +166,7 @@ def varlen_scores_and_metric(
     op = "varlen_scores_and_metric"
     check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
     offsets = cu_seqlens.cpu()  # the loop over images below needs the offsets on the host anyway
-    check.cu_seqlens_values(op, offsets, q.shape[0], unit)
+    check.cu_seqlens_offsets(op, offsets, q.shape[0], unit)
     dt = _compute_dtype(k.dtype, upcast)
     T, H, d = k.shape
     received = torch.zeros(T, dtype=dt, device=q.device)
@@ -205,7 +205,7 @@ def varlen_select_merge(
     dominant = budget_list(op, "dominant", dominant, num_images)
     contextual = budget_list(op, "contextual", contextual, num_images)
     check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
-    cu = check.cu_seqlens_values(op, cu_seqlens, hidden.shape[0], dominant, contextual)
+    cu = check.read_cu_seqlens_and_check_budgets(op, cu_seqlens, hidden.shape[0], dominant, contextual)
     check.finite_scores(op, scores)
     tokens, keep = [], []
     for i, (D, K) in enumerate(zip(dominant, contextual)):

@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cpu(
   constexpr const char* op = "varlen_select_merge";
   check_varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual);
   const std::vector<int64_t> cu =
-      check_cu_seqlens_values(op, cu_seqlens, hidden.size(0), dominant, contextual);
+      read_cu_seqlens_and_check_budgets(op, cu_seqlens, hidden.size(0), dominant, contextual);
   check_finite_scores(op, scores);
   const std::vector<int64_t> offsets = output_offsets(dominant, contextual);
   const int64_t C = hidden.size(1), total = offsets.back();
@@ -108,7 +108,7 @@ at::Tensor varlen_select_merge_backward_cpu(const at::Tensor& grad_tokens, const
   check_varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant,
                                           contextual);
   const std::vector<int64_t> cu =
-      check_cu_seqlens_values(op, cu_seqlens, scores.size(0), dominant, contextual);
+      read_cu_seqlens_and_check_budgets(op, cu_seqlens, scores.size(0), dominant, contextual);
   check_finite_scores(op, scores);
   const std::vector<int64_t> offsets = output_offsets(dominant, contextual);
   const at::Tensor grad = grad_tokens.contiguous();

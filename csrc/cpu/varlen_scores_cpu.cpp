@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_scores_and_metric_cpu(const at::Tensor
                                                                 int64_t unit) {
   constexpr const char* op = "varlen_scores_and_metric";
   check_varlen_scores_and_metric_args(q_in, k_in, cu_seqlens, unit);
-  check_cu_seqlens_values(op, cu_seqlens, q_in.size(0), unit);
+  check_cu_seqlens_offsets(op, cu_seqlens, q_in.size(0), unit);
   const at::Tensor q = with_unit_last_stride(q_in);
   const at::Tensor k = with_unit_last_stride(k_in);
   const int64_t T = k.size(0), H = k.size(1), d = k.size(2);

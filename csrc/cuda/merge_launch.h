@@ -1,5 +1,6 @@
 // Host-side pieces shared by the CUDA ops built on merge_kernels.cuh (select_merge_cuda.cu for the
-// dense ops, varlen_merge_cuda.cu for the packed ones).
+// dense ops, varlen_merge_cuda.cu for the packed ones): size limits, the plan scratch as a tensor,
+// and the plan launch for a metric tensor of any dtype.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -11,7 +12,9 @@
 #include <cstdint>
 #include <limits>
 
+#include "launch_geometry.cuh"
 #include "merge_kernels.cuh"
+#include "scratch.cuh"
 
 namespace visionzip::cuda {
 
@@ -24,7 +27,7 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) {
 inline void check_cuda_sizes(const char* op, int64_t N, int64_t C, const char* tokens_name = "N") {
   TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), "visionzip.", op, ": ", tokens_name,
                     " must be < 2^31 on CUDA, got ", N);
-  TORCH_CHECK_VALUE(channel_blocks(C, 1) <= kMaxChannelBlocks, "visionzip.", op, ": C = ", C,
+  TORCH_CHECK_VALUE(channel_blocks(C, 1).count <= kMaxChannelBlocks, "visionzip.", op, ": C = ", C,
                     " is too large for the CUDA kernels");
 }
 

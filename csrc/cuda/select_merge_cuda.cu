@@ -1,9 +1,9 @@
 // CUDA kernels of contextual_merge (forward, backward) and select_merge, registered under the CUDA
-// dispatch key of the visionzip library. The kernels and their launchers are merge_kernels.cuh
-// (raw pointers, no ATen; also run on the host under tests/cuda_emulation); this file checks the
-// arguments with the shared csrc/checks.h rules, allocates outputs and plan scratch through the
-// caching allocator, and launches on the current stream. No device value is read on the host, so
-// select_merge can be captured in a CUDA graph.
+// dispatch key of the visionzip library. The kernels and their launchers are merge_kernels.cuh and
+// the headers it includes (raw pointers, no ATen; also run on the host under tests/cuda_emulation);
+// this file checks the arguments with the shared csrc/checks.h rules, allocates outputs and plan
+// scratch through the caching allocator, and launches on the current stream. No device value is
+// read on the host, so select_merge can be captured in a CUDA graph.
 //
 // GPU input policy (data-dependent rules need a sync to check): a keep index outside [0, N) gives a
 // zero dominant row and marks no token; a repeated one marks its token once; non-finite scores
@@ -22,7 +22,10 @@
 #include <limits>
 
 #include "../checks.h"
+#include "images.cuh"
+#include "merge_kernels.cuh"
 #include "merge_launch.h"
+#include "scratch.cuh"
 
 namespace visionzip::cuda {
 namespace {

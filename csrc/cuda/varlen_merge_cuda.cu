@@ -23,7 +23,10 @@
 #include <vector>
 
 #include "../checks.h"
+#include "images.cuh"
+#include "merge_kernels.cuh"
 #include "merge_launch.h"
+#include "scratch.cuh"
 
 namespace visionzip::cuda {
 namespace {
@@ -57,7 +60,8 @@ at::Tensor output_offsets(const PackedBatch& batch, const at::Tensor& cu_seqlens
 // and every image's size limits.
 PackedBatch checked_batch(const char* op, const at::Tensor& cu_seqlens, int64_t num_tokens,
                           c10::IntArrayRef dominant, c10::IntArrayRef contextual, int64_t d, int64_t C) {
-  const std::vector<int64_t> cu = check_cu_seqlens_values(op, cu_seqlens, num_tokens, dominant, contextual);
+  const std::vector<int64_t> cu =
+      read_cu_seqlens_and_check_budgets(op, cu_seqlens, num_tokens, dominant, contextual);
   PackedBatch batch =
       describe_packed(cu.data(), static_cast<int64_t>(dominant.size()), dominant.data(), contextual.data(), d);
   for (const PackedImage& image : batch.table) check_cuda_sizes(op, image.N, C, "every image's token count");

@@ -1,4 +1,4 @@
-// A small thread-level emulation of the CUDA features csrc/cuda/merge_kernels.cuh uses, so that the
+// A small thread-level emulation of the CUDA features the merge kernels (csrc/cuda/*.cuh) use, so that the
 // kernels themselves (indexing, barriers, warp votes and shuffles, scans, launch geometry) run and
 // are tested on machines without a GPU. Every CUDA thread of a block is a std::thread; blocks run one
 // after another, so `__shared__` becomes `static` storage. __syncthreads() is a block barrier and the

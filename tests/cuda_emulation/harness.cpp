@@ -1,4 +1,4 @@
-// C entry points that run csrc/cuda/merge_kernels.cuh under the host emulation, through the same
+// C entry points that run the CUDA merge kernels (csrc/cuda/*.cuh) under the host emulation, through the same
 // launchers the CUDA extension uses, on caller-owned buffers (torch tensors from Python, ctypes).
 // dtype codes: 0 float32, 1 float64, 2 float16, 3 bfloat16 (c10::Half / c10::BFloat16, as on CUDA).
 #include <c10/util/BFloat16.h>
@@ -10,7 +10,10 @@
 
 #include "cuda_emulation.h"
 // (after the emulation)
+#include "../../csrc/cuda/images.cuh"
+#include "../../csrc/cuda/launch_geometry.cuh"
 #include "../../csrc/cuda/merge_kernels.cuh"
+#include "../../csrc/cuda/scratch.cuh"
 
 namespace {
 
@@ -150,6 +153,6 @@ void vz_emu_plan_launch(int64_t B, int64_t N, int64_t d, int64_t K, int64_t* out
   for (int i = 0; i < 5; ++i) out[i] = values[i];
 }
 
-int64_t vz_emu_channel_blocks(int64_t C, int vec) { return channel_blocks(C, vec); }
+int64_t vz_emu_channel_blocks(int64_t C, int vec) { return channel_blocks(C, vec).count; }
 
 }  // extern "C"
