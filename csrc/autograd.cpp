@@ -267,13 +267,8 @@ at::Tensor varlen_select_merge_backward_autograd(const at::Tensor& grad_tokens,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
-  // The score ops and the top-k are not differentiable (docs/SPEC.md "Gradients": q, k, scores and metric get
-  // no gradient; the selection is discrete): falling through the autograd key, their outputs never
-  // require grad, whatever their inputs do, and backward never meets them.
-  for (const char* op : {"cls_attention", "attention_received", "scores_and_metric", "dominant_topk",
-                         "varlen_scores_and_metric"}) {
-    m.impl(op, torch::CppFunction::makeFallthrough());
-  }
+  // The non-differentiable ops (the score ops, the top-k) fall through the Autograd key; they are
+  // registered from Python, from the op table (visionzip_kernels/op_table.py).
   m.impl("contextual_merge", &contextual_merge_autograd);
   m.impl("contextual_merge_backward", &contextual_merge_backward_autograd);
   m.impl("select_merge", &select_merge_autograd);

@@ -383,12 +383,16 @@ def test_triton_checks_and_empty(device):
     pytest.importorskip("triton")
     import triton_ops
 
+    from visionzip_kernels import backends
+
+    # The kernel registered for the op validates before the launcher (which takes valid arguments).
+    kernel = backends.triton_kernel("varlen_scores_and_metric")
     q, k, cu = packed_qk((8, 12), H=1, d=16, device=device)
     with pytest.raises(ValueError, match=r"unit must be 1 or 4"):
-        triton_ops.varlen_scores_and_metric(q, k, cu, 0.25, 3)
+        kernel(q, k, cu, 0.25, 3)
     # A CPU cu_seqlens is checked for free, whatever the data's device.
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
-        triton_ops.varlen_scores_and_metric(q, k, torch.tensor([0, 8, 16]), 0.25, 4)
+        kernel(q, k, torch.tensor([0, 8, 16]), 0.25, 4)
     empty = torch.empty(0, 1, 16, device=device)
     scores, metric = triton_ops.varlen_scores_and_metric(empty, empty, torch.tensor([0, 0], device=device), 0.25, 4)
     assert scores.shape == (0,) and metric.shape == (0, 16)
