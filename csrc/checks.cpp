@@ -264,8 +264,9 @@ namespace visionzip {
 
 namespace {
 
-void check_budget_list(const char* op, const char* name, c10::IntArrayRef budgets,
-                       const c10::SymInt& num_images) {
+// Budgets: c10::IntArrayRef (the kernels) or c10::SymIntArrayRef (the fake kernels).
+template <class Budgets>
+void check_budget_list(const char* op, const char* name, Budgets budgets, const c10::SymInt& num_images) {
   TORCH_CHECK_VALUE(num_images == static_cast<int64_t>(budgets.size()), "visionzip.", op, ": ",
                     name, " must hold one count per image (", num_images,
                     " images: cu_seqlens.size(0) - 1), got ", budgets.size());
@@ -281,9 +282,10 @@ namespace {
 
 // The rules both packed merge ops share: scores [T] and metric [T, d] on the device of `data`
 // (hidden, or the gradient), cu_seqlens, and one budget >= 0 per image in each list.
+template <class Budgets>
 void check_packed_merge_inputs(const char* op, const char* data_name, const at::Tensor& data,
                                const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                               c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+                               Budgets dominant, Budgets contextual) {
   check_rank(op, "scores", scores, 1, "[T]");
   check_float(op, "scores", scores);
   check_same_device(op, "scores", scores, data_name, data);
@@ -298,11 +300,10 @@ void check_packed_merge_inputs(const char* op, const char* data_name, const at::
   check_budget_list(op, "contextual", contextual, num_images);
 }
 
-}  // namespace
-
-void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
-                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                    c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+template <class Budgets>
+void check_varlen_select_merge_args_impl(const at::Tensor& hidden, const at::Tensor& scores,
+                                         const at::Tensor& metric, const at::Tensor& cu_seqlens, Budgets dominant,
+                                         Budgets contextual) {
   constexpr const char* op = "varlen_select_merge";
   check_rank(op, "hidden", hidden, 2, "[T, C]");
   check_float(op, "hidden", hidden);
@@ -312,17 +313,44 @@ void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& 
   check_packed_merge_inputs(op, "hidden", hidden, scores, metric, cu_seqlens, dominant, contextual);
 }
 
-void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
-                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+template <class Budgets>
+void check_varlen_select_merge_backward_args_impl(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                                  const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                                  Budgets dominant, Budgets contextual) {
   constexpr const char* op = "varlen_select_merge_backward";
   check_rank(op, "grad_tokens", grad_tokens, 2, "[sum(D_i + K_i), C]");
   check_float(op, "grad_tokens", grad_tokens);
   check_positive_sizes(op, "grad_tokens", grad_tokens);
   check_packed_merge_inputs(op, "grad_tokens", grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
-  int64_t kept = 0;
-  for (size_t i = 0; i < dominant.size(); ++i) kept += dominant[i] + contextual[i];
+  c10::SymInt kept = 0;
+  for (size_t i = 0; i < dominant.size(); ++i) kept = kept + dominant[i] + contextual[i];
   check_dim(op, "grad_tokens", grad_tokens, 0, "dominant + contextual", kept, "the sum");
+}
+
+}  // namespace
+
+void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                    c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  check_varlen_select_merge_args_impl(hidden, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                    c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
+  check_varlen_select_merge_args_impl(hidden, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+  check_varlen_select_merge_backward_args_impl(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
+  check_varlen_select_merge_backward_args_impl(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 std::vector<int64_t> check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens,

@@ -95,6 +95,8 @@ def varlen_select_merge_fake(
     dominant: list[int], contextual: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The rules on cu_seqlens' values (and so D_i + K_i <= N_i) need its data: the kernels check them.
+    # Under torch.compile(dynamic=True) the budgets are SymInts: the check compares them symbolically
+    # and the output size is their symbolic sum, so a new budget list needs no new graph.
     check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
     kept = sum(dominant) + sum(contextual)
     tokens = hidden.new_empty((kept, hidden.shape[1]))
