@@ -14,12 +14,12 @@ import torch
 
 import visionzip_kernels
 
-OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge", "contextual_merge_backward",
-       "select_merge", "varlen_scores_and_metric", "varlen_select_merge", "varlen_select_merge_backward")
+# Every op of the table has a CUDA backend: C++ (csrc/cuda) or Triton (registered in Python).
+OPS = visionzip_kernels.op_table.NAMES
 
 assert torch.version.cuda, "this check needs the CUDA build of torch"
-# torch has no public query for "is a kernel registered for this key"; this one is what
-# torch.library's own tests use.
+# torch has no public query for "is a kernel registered for this key" (torch.library can register
+# kernels, not list them); this private one is what torch.library's own tests use.
 missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"visionzip::{op}", "CUDA")]
 if missing:
     sys.exit(f"no CUDA kernel registered for: {', '.join(missing)}")

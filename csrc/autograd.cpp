@@ -163,40 +163,40 @@ using VarlenOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 VarlenOutputs call_varlen_select_merge(const at::Tensor& hidden, const at::Tensor& scores,
                                        const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                       c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+                                       c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("visionzip::varlen_select_merge", "")
                              .typed<VarlenOutputs(const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, const at::Tensor&,
-                                                  c10::IntArrayRef, c10::IntArrayRef)>();
+                                                  c10::SymIntArrayRef, c10::SymIntArrayRef)>();
   return op.call(hidden, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 at::Tensor call_varlen_select_merge_backward(const at::Tensor& grad_tokens, const at::Tensor& scores,
                                              const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+                                             c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("visionzip::varlen_select_merge_backward", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, const at::Tensor&,
-                                               c10::IntArrayRef, c10::IntArrayRef)>();
+                                               c10::SymIntArrayRef, c10::SymIntArrayRef)>();
   return op.call(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 void save_varlen(AutogradContext* ctx, const at::Tensor& scores, const at::Tensor& metric,
-                 const at::Tensor& cu_seqlens, c10::IntArrayRef dominant,
-                 c10::IntArrayRef contextual) {
+                 const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+                 c10::SymIntArrayRef contextual) {
   ctx->save_for_backward({scores, metric, cu_seqlens});
-  ctx->saved_data["dominant"] = dominant.vec();
-  ctx->saved_data["contextual"] = contextual.vec();
+  ctx->saved_data["dominant"] = c10::IValue(dominant);
+  ctx->saved_data["contextual"] = c10::IValue(contextual);
 }
 
 class VarlenSelectMerge : public torch::autograd::Function<VarlenSelectMerge> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden,
                                const at::Tensor& scores, const at::Tensor& metric,
-                               const at::Tensor& cu_seqlens, c10::IntArrayRef dominant,
-                               c10::IntArrayRef contextual) {
+                               const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+                               c10::SymIntArrayRef contextual) {
     at::Tensor tokens, keep, cu_seqlens_out;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -211,8 +211,8 @@ class VarlenSelectMerge : public torch::autograd::Function<VarlenSelectMerge> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     return {call_varlen_select_merge_backward(grads[0], saved[0], saved[1], saved[2],
-                                              ctx->saved_data["dominant"].toIntVector(),
-                                              ctx->saved_data["contextual"].toIntVector()),
+                                              ctx->saved_data["dominant"].toSymIntVector(),
+                                              ctx->saved_data["contextual"].toSymIntVector()),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -221,8 +221,8 @@ class VarlenSelectMergeBackward : public torch::autograd::Function<VarlenSelectM
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_tokens,
                             const at::Tensor& scores, const at::Tensor& metric,
-                            const at::Tensor& cu_seqlens, c10::IntArrayRef dominant,
-                            c10::IntArrayRef contextual) {
+                            const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+                            c10::SymIntArrayRef contextual) {
     save_varlen(ctx, scores, metric, cu_seqlens, dominant, contextual);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant,
@@ -232,15 +232,15 @@ class VarlenSelectMergeBackward : public torch::autograd::Function<VarlenSelectM
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor tokens = std::get<0>(call_varlen_select_merge(
-        grads[0], saved[0], saved[1], saved[2], ctx->saved_data["dominant"].toIntVector(),
-        ctx->saved_data["contextual"].toIntVector()));
+        grads[0], saved[0], saved[1], saved[2], ctx->saved_data["dominant"].toSymIntVector(),
+        ctx->saved_data["contextual"].toSymIntVector()));
     return {tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 VarlenOutputs varlen_select_merge_autograd(const at::Tensor& hidden, const at::Tensor& scores,
                                            const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                           c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+                                           c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
   if (!needs_grad(hidden)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual);
@@ -253,8 +253,8 @@ VarlenOutputs varlen_select_merge_autograd(const at::Tensor& hidden, const at::T
 at::Tensor varlen_select_merge_backward_autograd(const at::Tensor& grad_tokens,
                                                  const at::Tensor& scores, const at::Tensor& metric,
                                                  const at::Tensor& cu_seqlens,
-                                                 c10::IntArrayRef dominant,
-                                                 c10::IntArrayRef contextual) {
+                                                 c10::SymIntArrayRef dominant,
+                                                 c10::SymIntArrayRef contextual) {
   if (!needs_grad(grad_tokens)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant,
@@ -267,13 +267,8 @@ at::Tensor varlen_select_merge_backward_autograd(const at::Tensor& grad_tokens,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
-  // The score ops and the top-k are not differentiable (docs/SPEC.md "Gradients": q, k, scores and metric get
-  // no gradient; the selection is discrete): falling through the autograd key, their outputs never
-  // require grad, whatever their inputs do, and backward never meets them.
-  for (const char* op : {"cls_attention", "attention_received", "scores_and_metric", "dominant_topk",
-                         "varlen_scores_and_metric"}) {
-    m.impl(op, torch::CppFunction::makeFallthrough());
-  }
+  // The non-differentiable ops (the score ops, the top-k) fall through the Autograd key; they are
+  // registered from Python, from the op table (visionzip_kernels/op_table.py).
   m.impl("contextual_merge", &contextual_merge_autograd);
   m.impl("contextual_merge_backward", &contextual_merge_backward_autograd);
   m.impl("select_merge", &select_merge_autograd);

@@ -93,8 +93,10 @@ void check_query_key_pair(const char* op, const at::Tensor& q, const at::Tensor&
   check_positive_sizes(op, "k", k);  // dim 0 (B, or the packed T) may be 0: empty outputs
 }
 
-void check_budget_list(const char* op, const char* name, c10::IntArrayRef budgets,
-                       const c10::SymInt& num_images) {
+// Budgets: c10::IntArrayRef (the kernels) or c10::SymIntArrayRef (the fake kernels, under
+// torch.compile a budget is a SymInt and must not be specialised by these checks).
+template <class Budgets>
+void check_budget_list(const char* op, const char* name, Budgets budgets, const c10::SymInt& num_images) {
   TORCH_CHECK_VALUE(num_images == static_cast<int64_t>(budgets.size()), "visionzip.", op, ": ",
                     name, " must hold one count per image (", num_images,
                     " images: cu_seqlens.size(0) - 1), got ", budgets.size());
@@ -107,9 +109,10 @@ void check_budget_list(const char* op, const char* name, c10::IntArrayRef budget
 // The rules both packed merge ops share: scores [T] (its rank checked by the caller, first) and
 // metric [T, d] on the device of `data` (hidden, or the gradient), cu_seqlens, and one budget >= 0
 // per image in each list.
+template <class Budgets>
 void check_packed_merge_inputs(const char* op, const char* data_name, const at::Tensor& data,
                                const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                               c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+                               Budgets dominant, Budgets contextual) {
   check_float(op, "scores", scores);
   check_same_device(op, "scores", scores, data_name, data);
   check_rank(op, "metric", metric, 2, "[T, d]");
@@ -121,6 +124,33 @@ void check_packed_merge_inputs(const char* op, const char* data_name, const at::
   const c10::SymInt num_images = cu_seqlens.sym_size(0) - 1;
   check_budget_list(op, "dominant", dominant, num_images);
   check_budget_list(op, "contextual", contextual, num_images);
+}
+
+template <class Budgets>
+void varlen_select_merge_rules(const at::Tensor& hidden, const at::Tensor& scores, const at::Tensor& metric,
+                               const at::Tensor& cu_seqlens, Budgets dominant, Budgets contextual) {
+  constexpr const char* op = "varlen_select_merge";
+  check_rank(op, "hidden", hidden, 2, "[T, C]");
+  check_float(op, "hidden", hidden);
+  check_positive_sizes(op, "hidden", hidden);
+  check_rank(op, "scores", scores, 1, "[T]");
+  check_dim(op, "scores", scores, 0, "hidden", hidden.sym_size(0), "the token count");
+  check_packed_merge_inputs(op, "hidden", hidden, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+template <class Budgets>
+void varlen_select_merge_backward_rules(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                        const at::Tensor& metric, const at::Tensor& cu_seqlens, Budgets dominant,
+                                        Budgets contextual) {
+  constexpr const char* op = "varlen_select_merge_backward";
+  check_rank(op, "grad_tokens", grad_tokens, 2, "[sum(D_i + K_i), C]");
+  check_float(op, "grad_tokens", grad_tokens);
+  check_positive_sizes(op, "grad_tokens", grad_tokens);
+  check_rank(op, "scores", scores, 1, "[T]");
+  check_packed_merge_inputs(op, "grad_tokens", grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
+  c10::SymInt kept = 0;
+  for (size_t i = 0; i < dominant.size(); ++i) kept = kept + dominant[i] + contextual[i];
+  check_dim(op, "grad_tokens", grad_tokens, 0, "dominant + contextual", kept, "the sum");
 }
 
 }  // namespace
@@ -280,30 +310,29 @@ void check_varlen_scores_and_metric_args(const at::Tensor& q, const at::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // Packed (varlen) images.
 
+// Each packed op's rules are one template over the budgets' type; these overloads are its two entry points.
 void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
                                     const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                     c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
-  constexpr const char* op = "varlen_select_merge";
-  check_rank(op, "hidden", hidden, 2, "[T, C]");
-  check_float(op, "hidden", hidden);
-  check_positive_sizes(op, "hidden", hidden);
-  check_rank(op, "scores", scores, 1, "[T]");
-  check_dim(op, "scores", scores, 0, "hidden", hidden.sym_size(0), "the token count");
-  check_packed_merge_inputs(op, "hidden", hidden, scores, metric, cu_seqlens, dominant, contextual);
+  varlen_select_merge_rules(hidden, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                    c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
+  varlen_select_merge_rules(hidden, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
                                              const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                              c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
-  constexpr const char* op = "varlen_select_merge_backward";
-  check_rank(op, "grad_tokens", grad_tokens, 2, "[sum(D_i + K_i), C]");
-  check_float(op, "grad_tokens", grad_tokens);
-  check_positive_sizes(op, "grad_tokens", grad_tokens);
-  check_rank(op, "scores", scores, 1, "[T]");
-  check_packed_merge_inputs(op, "grad_tokens", grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
-  int64_t kept = 0;
-  for (size_t i = 0; i < dominant.size(); ++i) kept += dominant[i] + contextual[i];
-  check_dim(op, "grad_tokens", grad_tokens, 0, "dominant + contextual", kept, "the sum");
+  varlen_select_merge_backward_rules(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
+}
+
+void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
+  varlen_select_merge_backward_rules(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 std::vector<int64_t> read_cu_seqlens_and_check_budgets(const char* op, const at::Tensor& cu_seqlens,

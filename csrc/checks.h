@@ -64,6 +64,14 @@ void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& 
 void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
                                              const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                              c10::IntArrayRef dominant, c10::IntArrayRef contextual);
+// The same rules on budgets that may be symbols (the fake kernels under torch.compile(dynamic=True)):
+// signs and sums are compared symbolically, so tracing guards on them, never on a budget's value.
+void check_varlen_select_merge_args(const at::Tensor& hidden, const at::Tensor& scores,
+                                    const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                    c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual);
+void check_varlen_select_merge_backward_args(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                             c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual);
 // Reads cu_seqlens (one small device-to-host copy when it is on a GPU) and returns it as host ints
 // after check_cu_seqlens_offsets (unit 1) and, per image i of N_i = cu[i+1] - cu[i] tokens, the
 // budget rules dominant[i] <= N_i and contextual[i] <= N_i - dominant[i].

@@ -36,11 +36,13 @@ TORCH_LIBRARY(visionzip, m) {
   // Packed images (cu_seqlens [n+1] over T) with per-image budgets; per image the dense select_merge
   // with keep_cls=False, kept tokens in original order: hidden [T,C], scores [T], metric [T,d] ->
   // (tokens [sum(D_i+K_i),C], keep [sum(D_i+K_i)] int64 packed indices, cu_seqlens_out [n+1]).
+  // The budgets are SymInt[] so that torch.compile traces them as symbols instead of specialising on
+  // every budget list (the kernels take plain int lists: the dispatcher converts at the call).
   m.def(
       "varlen_select_merge(Tensor hidden, Tensor scores, Tensor metric, Tensor cu_seqlens,"
-      " int[] dominant, int[] contextual) -> (Tensor tokens, Tensor keep, Tensor cu_seqlens_out)");
+      " SymInt[] dominant, SymInt[] contextual) -> (Tensor tokens, Tensor keep, Tensor cu_seqlens_out)");
   // [sum(D_i+K_i),C] -> grad of hidden [T,C] (T = scores.size(0)); recomputes the selection.
   m.def(
       "varlen_select_merge_backward(Tensor grad_tokens, Tensor scores, Tensor metric,"
-      " Tensor cu_seqlens, int[] dominant, int[] contextual) -> Tensor");
+      " Tensor cu_seqlens, SymInt[] dominant, SymInt[] contextual) -> Tensor");
 }

@@ -76,17 +76,18 @@ PYBIND11_MODULE(_C, m) {
           visionzip::check_cu_seqlens_offsets(op.c_str(), cu_seqlens, total_tokens, unit);
         },
         py::arg("op"), py::arg("cu_seqlens"), py::arg("total_tokens"), py::arg("unit") = 1);
-  // Packed (varlen) images.
+  // Packed (varlen) images. The budget lists may hold SymInts (the fake kernels under
+  // torch.compile(dynamic=True)): taken as such, they are not turned into plain ints (a value guard).
   m.def("varlen_select_merge_args",
         [](const Tensor& hidden, const Tensor& scores, const Tensor& metric, const Tensor& cu_seqlens,
-           const std::vector<int64_t>& dominant, const std::vector<int64_t>& contextual) {
+           c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
           visionzip::check_varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual);
         },
         py::arg("hidden"), py::arg("scores"), py::arg("metric"), py::arg("cu_seqlens"), py::arg("dominant"),
         py::arg("contextual"));
   m.def("varlen_select_merge_backward_args",
         [](const Tensor& grad_tokens, const Tensor& scores, const Tensor& metric, const Tensor& cu_seqlens,
-           const std::vector<int64_t>& dominant, const std::vector<int64_t>& contextual) {
+           c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
           visionzip::check_varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant,
                                                              contextual);
         },

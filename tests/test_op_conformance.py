@@ -4,8 +4,10 @@ against eager and the reference, and empty batches (B = 0)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from helpers import (
     packed_inputs,
     separated_scores,
 )
-from visionzip_kernels import reference
+from visionzip_kernels import op_table, reference
 
 ops = torch.ops.visionzip
 
@@ -71,11 +73,9 @@ def _varlen_samples(op: str, dtype: torch.dtype, strided: bool, requires_grad: b
     raise AssertionError(op)
 
 
-ALL_OPS = ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "contextual_merge",
-           "contextual_merge_backward", "select_merge", "varlen_scores_and_metric"]
-DIFFERENTIABLE = {"contextual_merge", "contextual_merge_backward", "select_merge"}
-ALL_OPS += ["varlen_select_merge", "varlen_select_merge_backward"]
-DIFFERENTIABLE |= {"varlen_select_merge", "varlen_select_merge_backward"}
+# The op list comes from the op table; test_op_table_matches_the_schema_block ties it to csrc/ops.cpp.
+ALL_OPS = list(op_table.NAMES)
+DIFFERENTIABLE = {op.name for op in op_table.OPS if op.differentiable}
 OPCHECK_CASES = (
     [(op, torch.float32, False, False) for op in ALL_OPS]
     + [(op, torch.float32, False, True) for op in sorted(DIFFERENTIABLE)]
@@ -114,7 +114,7 @@ def test_inference_calls_run_no_python(op):
     assert others == [], f"{op} ran Python on the inference path: {others}"
 
 
-@pytest.mark.parametrize("op", ["cls_attention", "attention_received", "scores_and_metric", "dominant_topk"])
+@pytest.mark.parametrize("op", sorted(set(ALL_OPS) - DIFFERENTIABLE))
 def test_non_differentiable_ops_never_require_grad(op):
     """docs/SPEC.md "Gradients": q, k, scores and metric get no gradient. Inputs that require grad give
     outputs that do not (no graph, no "autograd kernel was not registered" warning)."""
@@ -126,6 +126,37 @@ def test_non_differentiable_ops_never_require_grad(op):
         out = getattr(ops, op)(*args, **kwargs)
     for t in out if isinstance(out, tuple) else (out,):
         assert not t.requires_grad and t.grad_fn is None, f"{op} output requires grad"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpp_names(path: str, pattern: str) -> list[str]:
+    return re.findall(pattern, (ROOT / path).read_text())
+
+
+def test_op_table_matches_the_schema_block():
+    """The C++ schema block (csrc/ops.cpp) and the op table name the same ops, both ways, and so do the
+    schemas torch holds for the namespace; csrc/autograd.cpp implements autograd for exactly the
+    table's differentiable ops (the others fall through, registered from the table)."""
+    defined = _cpp_names("csrc/ops.cpp", r'm\.def\(\s*"(\w+)\(')
+    assert len(defined) == len(set(defined)), f"an op defined twice in csrc/ops.cpp: {defined}"
+    assert set(defined) == set(op_table.NAMES), (
+        f"only in csrc/ops.cpp: {set(defined) - set(op_table.NAMES)}; only in the table: "
+        f"{set(op_table.NAMES) - set(defined)}")
+    for name in op_table.NAMES:
+        assert getattr(ops, name).default.name() == f"visionzip::{name}"
+    autograd = set(_cpp_names("csrc/autograd.cpp", r'm\.impl\(\s*"(\w+)"'))
+    assert autograd == DIFFERENTIABLE, f"autograd.cpp: {sorted(autograd)}, table: {sorted(DIFFERENTIABLE)}"
+
+
+def test_public_wrappers_come_from_the_table():
+    import visionzip_kernels
+
+    assert list(visionzip_kernels.ops.__all__) == list(op_table.PUBLIC)
+    for name in op_table.PUBLIC:
+        assert name in visionzip_kernels.__all__
+        assert getattr(visionzip_kernels, name) is op_table.BY_NAME[name].wrapper
 
 
 def test_every_op_is_opchecked():

@@ -9,6 +9,7 @@ because the switch is read at import.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from helpers import (  # noqa: E402
     make_case,
     topk_is_separated,
 )
-from visionzip_kernels import reference  # noqa: E402
+from visionzip_kernels import backends, reference  # noqa: E402
 
 ops = torch.ops.visionzip
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -89,7 +90,7 @@ def test_topk_with_ties_and_signs(N, dominant, keep_cls, device):
     scores[:, ::7] = -0.0
     scores[:, 1::11] = 0.0
     expected = reference.dominant_topk(scores, dominant, keep_cls)
-    keep = triton_ops.dominant_topk(scores.to(device), dominant, keep_cls)
+    keep = triton_ops.dominant_topk(scores.to(device), dominant, keep_cls=keep_cls)
     assert_equal_verbose(keep, expected, "keep")
     assert_equal_verbose(keep, ops.dominant_topk(scores, dominant, keep_cls), "keep vs C++")
 
@@ -98,8 +99,8 @@ def test_topk_with_ties_and_signs(N, dominant, keep_cls, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_topk_low_precision_scores(dtype):
     scores = (torch.randperm(300).float() / 4 - 30).to(dtype).view(2, 150)
-    assert_equal_verbose(triton_ops.dominant_topk(scores, 20, False), reference.dominant_topk(scores, 20, False),
-                         "keep")
+    assert_equal_verbose(triton_ops.dominant_topk(scores, 20, keep_cls=False),
+                         reference.dominant_topk(scores, 20, False), "keep")
 
 
 @pytest.mark.parametrize("device", [_device_marks(d) for d in DEVICES])
@@ -130,7 +131,7 @@ SCORES_AND_METRIC_CASES = [
 def test_scores_and_metric_vs_reference_and_cpp(dtype, B, N, H, d, strided, keep_cls, device):
     case = make_case(B, N, 8, H=H, d=d, dtype=dtype, seed=N + H, strided=strided, device=device)
     q = case.q[:, :1] if keep_cls else case.q
-    scores, metric = triton_ops.scores_and_metric(q, case.k, case.scale, keep_cls)
+    scores, metric = triton_ops.scores_and_metric(q, case.k, case.scale, keep_cls=keep_cls)
     cpp_scores, cpp_metric = ops.scores_and_metric(q.cpu(), case.k.cpu(), case.scale, keep_cls)
     ref_scores, _ = reference.scores_and_metric(q.cpu(), case.k.cpu(), case.scale, keep_cls)
     assert_close_verbose(scores, ref_scores, atol=SCORE_ATOL, rtol=SCORE_RTOL, name="scores vs reference")
@@ -175,7 +176,7 @@ def test_empty_batch():
     assert triton_ops.cls_attention(k[:, 0], k, 0.25).shape == (0, 9)
     assert triton_ops.attention_received(k, k, 0.25).shape == (0, 9)
     for keep_cls in (True, False):
-        scores, metric = triton_ops.scores_and_metric(k, k, 0.25, keep_cls)
+        scores, metric = triton_ops.scores_and_metric(k, k, 0.25, keep_cls=keep_cls)
         assert scores.shape == (0, 9) and metric.shape == (0, 9, 16)
     assert triton_ops.dominant_topk(torch.randn(0, 9), 3).shape == (0, 3)
 
@@ -183,21 +184,40 @@ def test_empty_batch():
 @needs_interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_scores_rejected_before_launch(bad):
+    """The host-side data rule runs in visionzip_kernels, before the launcher (triton_ops takes
+    validated arguments)."""
     scores = torch.rand(2, 30)
     scores[1, 7] = bad
     with pytest.raises(ValueError, match=r"dominant_topk: scores must be finite, got scores\[1, 7\]"):
-        triton_ops.dominant_topk(scores, 5)
+        backends.triton_kernel("dominant_topk")(scores, 5, True)
 
 
 def test_validation_runs_before_launch():
+    """The kernel registered for a Triton op checks its arguments (the C++ rules) before launching."""
     with pytest.raises(ValueError, match="k must be a 4-D tensor"):
-        triton_ops.cls_attention(torch.randn(1, 2, 8), torch.randn(1, 9, 16), 0.3)
+        backends.triton_kernel("cls_attention")(torch.randn(1, 2, 8), torch.randn(1, 9, 16), 0.3)
     with pytest.raises(TypeError, match="k must have the dtype of q"):
-        triton_ops.attention_received(torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8).half(), 0.3)
+        backends.triton_kernel("attention_received")(torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8).half(), 0.3)
     with pytest.raises(ValueError, match="dominant must be <= N"):
-        triton_ops.dominant_topk(torch.randn(1, 9), 10)
+        backends.triton_kernel("dominant_topk")(torch.randn(1, 9), 10, True)
     with pytest.raises(ValueError, match="N must be <= 16384"):
-        triton_ops.dominant_topk(torch.randn(1, 16385), 10)
+        backends.triton_kernel("dominant_topk")(torch.randn(1, 16385), 10, True)
+    with pytest.raises(ValueError, match="has no Triton kernel"):
+        backends.triton_kernel("select_merge")
+
+
+def test_triton_ops_is_a_leaf():
+    """No module of triton_ops imports visionzip_kernels (checked in a fresh interpreter, as a user
+    who imports triton_ops alone)."""
+    script = ("import sys, triton_ops\n"
+              "assert 'visionzip_kernels' not in sys.modules, sorted(m for m in sys.modules if 'visionzip' in m)\n"
+              "print('leaf ok')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "leaf ok" in result.stdout, result.stdout + result.stderr
+    imports = re.compile(r"^\s*(from|import)\s+visionzip_kernels\b", re.MULTILINE)
+    sources = Path(__file__).resolve().parents[1].glob("triton_ops/*.py")
+    assert not [p.name for p in sources if imports.search(p.read_text())]
 
 
 _DISPATCH_SCRIPT = textwrap.dedent(
@@ -211,7 +231,7 @@ _DISPATCH_SCRIPT = textwrap.dedent(
     # the ops dispatch to the Python (Triton) kernels, not to the C++ ones
     calls = []
     original = triton_ops.cls_attention
-    triton_ops.cls_attention = lambda *a: calls.append(1) or original(*a)
+    triton_ops.cls_attention = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     scores = ops.cls_attention(case.q[:, 0], case.k, case.scale)
     assert calls, "cls_attention did not run the Triton kernel"
     assert_close_verbose(scores, reference.cls_attention(case.q[:, 0], case.k, case.scale), atol=1e-7, rtol=1e-5,

@@ -35,7 +35,7 @@ def _configs():
     import triton
     import triton.language as tl
 
-    from triton_ops._launch import accumulator_dtype, head_block
+    from triton_ops.tiles import accumulator_dtype, head_block, tile_config
 
     # (the package re-exports functions under these modules' names)
     ar = importlib.import_module("triton_ops.attention_received")
@@ -47,7 +47,7 @@ def _configs():
     seen = set()
     for dtype, t in names.items():
         for N, H, d in SHAPES:
-            tiles = dict(ar.tile_config(dtype, d, False))  # a copy: the launcher caches it
+            tiles = dict(tile_config(dtype, d, False))  # a copy: the launcher caches it
             warps = tiles.pop("num_warps")
             io = {"q_ptr": t, "k_ptr": t}
             yield f"row_stats {t} d={d}", ar._row_stats_kernel, io, tiles, warps
@@ -67,6 +67,11 @@ def _configs():
                 for with_logits, with_metric in ((True, True), (True, False), (False, True)):
                     consts = dict(NUM_HEADS=H, BLOCK_N=block_n, BLOCK_D=head_block(d), WITH_LOGITS=with_logits,
                                   WITH_METRIC=with_metric, ACC_DTYPE=accumulator_dtype(dtype))
+                    # The launcher passes the pointers a launch does not use as None (constexprs).
+                    if not with_logits:
+                        consts.update(q_ptr=None, logits_ptr=None, stats_ptr=None)
+                    if not with_metric:
+                        consts.update(metric_ptr=None)
                     key = (t, tuple(consts.items()))
                     if key not in seen:
                         seen.add(key)
@@ -78,7 +83,7 @@ def _configs():
         for fuse in (False, True):
             block = triton.next_power_of_2(N) if fuse else min(cls.NORMALIZE_BLOCK, triton.next_power_of_2(N))
             consts = dict(NUM_HEADS=H, BLOCK=block, BLOCK_STATS=triton.next_power_of_2(n_blocks), FUSE_TOPK=fuse,
-                          KEEP_CLS=True)
+                          KEEP_CLS=True, **({} if fuse else {"keep_ptr": None}))
             yield f"cls_normalize N={N} fuse_topk={fuse}", cls._cls_normalize_kernel, {"keep_ptr": "i64"}, consts, \
                 8 if fuse else 4
         yield f"head_mean N={N}", ar._head_mean_kernel, {}, dict(NUM_HEADS=H, BLOCK=256), 4

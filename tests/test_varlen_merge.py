@@ -358,6 +358,74 @@ def test_compile_fullgraph_forward_and_backward():
                          "compiled keep vs reference")
 
 
+def _count_compilations(fn):
+    """fn compiled with dynamic shapes and fullgraph, and the list of graphs its backend was given (one
+    per compilation; the backend runs each graph as it is)."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return torch.compile(fn, backend=counting_backend, dynamic=True, fullgraph=True), graphs
+
+
+def _budget_lists(count: int, seed: int = 0):
+    """count distinct (dominant, contextual) pairs of 3-image budget lists, every budget in 2..9 (0 and
+    1 are sizes torch.compile always specialises)."""
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+    while len(seen) < count:
+        pair = tuple(tuple(torch.randint(2, 10, (3,), generator=g).tolist()) for _ in range(2))
+        if pair not in seen:
+            seen.append(pair)
+    return [(list(d), list(k)) for d, k in seen]
+
+
+def test_compile_dynamic_does_not_specialise_on_budgets():
+    """Packed images of different sizes give different budgets (a compiled Qwen tower meets a new list
+    at almost every call): 20 budget lists over 5 total lengths compile at most twice (the budgets are
+    SymInt[] in the schema and stay symbols in the fake kernel and the C++ autograd), with results
+    equal to eager."""
+    compiled, graphs = _count_compilations(wrapper)
+    for i, (dominant, contextual) in enumerate(_budget_lists(20)):
+        sizes = [24 + 4 * (i % 5), 20, 28]  # 5 total lengths T
+        hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, seed=i)
+        got = compiled(hidden, scores, metric, cu, dominant, contextual)
+        expected = wrapper(hidden, scores, metric, cu, dominant, contextual)
+        for a, b, name in zip(got, expected, ("tokens", "keep", "cu_seqlens_out")):
+            assert_equal_verbose(a, b, f"list {i}: compiled {name} vs eager")
+    assert len(graphs) <= 2, f"{len(graphs)} compilations for 20 budget lists and 5 lengths"
+
+
+def test_compile_dynamic_backward_does_not_specialise_on_budgets():
+    """The same with a gradient: the traced graph goes through the C++ autograd (which saves the budgets
+    as SymInts) and its backward op; AOTAutograd's joint graph too (aot_eager), results equal to eager."""
+    compiled, graphs = _count_compilations(wrapper)
+    compiled_aot = torch.compile(wrapper, backend="aot_eager", dynamic=True, fullgraph=True)
+    for i, (dominant, contextual) in enumerate(_budget_lists(10, seed=1)):
+        sizes = [24 + 4 * (i % 5), 20, 28]
+        hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, seed=i)
+        grads = []
+        for fn in (wrapper, compiled, compiled_aot):
+            h = hidden.clone().requires_grad_()
+            fn(h, scores, metric, cu, dominant, contextual)[0].square().sum().backward()
+            grads.append(h.grad)
+        assert_equal_verbose(grads[1], grads[0], f"list {i}: compiled grad vs eager")
+        assert_equal_verbose(grads[2], grads[0], f"list {i}: aot_eager grad vs eager")
+    assert len(graphs) <= 2, f"{len(graphs)} compilations for 10 budget lists and 5 lengths"
+
+
+def test_compile_dynamic_symbolic_budget_rules():
+    """A negative budget still fails under compile, with the C++ rule (checked symbolically: the
+    message names the symbol, not its value)."""
+    compiled, _ = _count_compilations(wrapper)
+    hidden, scores, metric, cu = packed_inputs([24, 20, 28], [3, 4, 5], [2, 2, 2])
+    compiled(hidden, scores, metric, cu, [3, 4, 5], [2, 2, 2])
+    with pytest.raises(Exception, match=r"varlen_select_merge: contextual\[1\] \(image 1\) must be >= 0, got "):
+        compiled(hidden, scores, metric, cu, [3, 4, 5], [2, -2, 2])
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA (csrc/cuda/varlen_merge_cuda.cu): one set of launches over the images uses the CPU kernels'
 # formulas in the same order, so tokens, keep and gradients must equal the CPU kernel's bit for bit

@@ -243,6 +243,27 @@ def test_compile_fullgraph():
         assert_close_verbose(got[0] / 2, ref_scores, atol=FP32_ATOL, rtol=FP32_RTOL, name="compiled vs reference")
 
 
+def test_compile_dynamic_total_lengths():
+    """Packed images of 5 total lengths (3 images, different sizes each call) under
+    torch.compile(dynamic=True, fullgraph=True): at most 2 compilations, results equal to eager."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def step(q, k, cu):
+        return visionzip_kernels.varlen_scores_and_metric(q, k, cu, unit=4)
+
+    compiled = torch.compile(step, backend=counting_backend, dynamic=True, fullgraph=True)
+    for i in range(5):
+        q, k, cu = packed_qk((16 + 4 * i, 12, 20 + 8 * i), H=2, d=16, seed=i, fused_qkv=True)
+        got, eager = compiled(q, k, cu), step(q, k, cu)
+        assert_equal_verbose(got[0], eager[0], f"T={q.shape[0]}: compiled scores vs eager")
+        assert_equal_verbose(got[1], eager[1], f"T={q.shape[0]}: compiled metric vs eager")
+    assert len(graphs) <= 2, f"{len(graphs)} compilations for 5 total lengths"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     q, k, cu = packed_qk((12, 0, 20), H=3, d=8, dtype=dtype, fused_qkv=dtype == torch.bfloat16)
@@ -383,12 +404,16 @@ def test_triton_checks_and_empty(device):
     pytest.importorskip("triton")
     import triton_ops
 
+    from visionzip_kernels import backends
+
+    # The kernel registered for the op validates before the launcher (which takes valid arguments).
+    kernel = backends.triton_kernel("varlen_scores_and_metric")
     q, k, cu = packed_qk((8, 12), H=1, d=16, device=device)
     with pytest.raises(ValueError, match=r"unit must be 1 or 4"):
-        triton_ops.varlen_scores_and_metric(q, k, cu, 0.25, 3)
+        kernel(q, k, cu, 0.25, 3)
     # A CPU cu_seqlens is checked for free, whatever the data's device.
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
-        triton_ops.varlen_scores_and_metric(q, k, torch.tensor([0, 8, 16]), 0.25, 4)
+        kernel(q, k, torch.tensor([0, 8, 16]), 0.25, 4)
     empty = torch.empty(0, 1, 16, device=device)
     scores, metric = triton_ops.varlen_scores_and_metric(empty, empty, torch.tensor([0, 0], device=device), 0.25, 4)
     assert scores.shape == (0,) and metric.shape == (0, 16)
@@ -401,7 +426,7 @@ from test_varlen_scores import packed_qk
 from visionzip_kernels import reference
 calls = []
 original = triton_ops.varlen_scores_and_metric
-triton_ops.varlen_scores_and_metric = lambda *a: calls.append(1) or original(*a)
+triton_ops.varlen_scores_and_metric = lambda *a, **kw: calls.append(1) or original(*a, **kw)
 q, k, cu = packed_qk((12, 0, 20), H=2, d=16, fused_qkv=True)
 scores, metric = vz.varlen_scores_and_metric(q, k, cu, unit=4)
 assert calls, "varlen_scores_and_metric did not run the Triton kernel"

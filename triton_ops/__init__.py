@@ -10,6 +10,10 @@
 - :func:`varlen_scores_and_metric`: the same for packed images with cu_seqlens (Qwen2-VL's layout),
   pooled over merge units, with the metric (triton_ops/varlen_scores.py).
 
+The launchers take validated arguments (visionzip_kernels checks them before a launch: the op's
+rules, written once in C++); this package imports nothing from visionzip_kernels. The tile helpers
+the kernels share are in triton_ops/tiles.py, the launch plumbing in triton_ops/_launch.py.
+
 Import this package only after deciding on TRITON_INTERPRET: the @triton.jit decorators read it
 when they run. visionzip_kernels imports it lazily, at the first Triton launch.
 """

@@ -16,54 +16,14 @@ runs in base 2: logits are scaled by ``scale * log2(e)`` once and exponentiated 
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import checks as check
-
-from ._launch import device_context, head_split, unit_last_stride
+from ._launch import device_context, unit_last_stride
+from .tiles import INTERPRETED, LOG2_E, qk_logits, row_tiles, tile_config
 
 HEAD_MEAN_BLOCK = 256
-# Read once, at import, as triton itself reads it (the @triton.jit decorators below depend on it).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2_E = 1.0 / math.log(2.0)
-
-
-@triton.jit
-def _load_tile(ptr, offs_rows, row_mask, stride_row, col0, head_dim, COLS: tl.constexpr, OPERAND: tl.constexpr):
-    offs_c = col0 + tl.arange(0, COLS)
-    tile = tl.load(ptr + offs_rows[:, None] * stride_row + offs_c[None, :],
-                   mask=row_mask[:, None] & (offs_c < head_dim)[None, :], other=0.0)
-    return tile.to(OPERAND)
-
-
-@triton.jit
-def _logits(q_lo, q_hi, k_ptr, offs_n, n_mask, stride_kn, head_dim, D_LO: tl.constexpr, D_HI: tl.constexpr,
-            OPERAND: tl.constexpr, PRECISION: tl.constexpr):
-    """[rows of q, BLOCK of k] fp32 = q . k^T over both column tiles, unscaled: the dot runs on the
-    operands as stored (scaling q first would round it again) and the caller scales the fp32 logits."""
-    k_lo = _load_tile(k_ptr, offs_n, n_mask, stride_kn, 0, head_dim, D_LO, OPERAND)
-    acc = tl.dot(q_lo, tl.trans(k_lo), input_precision=PRECISION, out_dtype=tl.float32)
-    if D_HI > 0:
-        k_hi = _load_tile(k_ptr, offs_n, n_mask, stride_kn, D_LO, head_dim, D_HI, OPERAND)
-        acc = tl.dot(q_hi, tl.trans(k_hi), acc, input_precision=PRECISION, out_dtype=tl.float32)
-    return acc
-
-
-@triton.jit
-def _row_tiles(ptr, offs_rows, row_mask, stride_row, head_dim, D_LO: tl.constexpr, D_HI: tl.constexpr,
-               OPERAND: tl.constexpr):
-    """A block of rows as its two column tiles (the second a dummy when D_HI == 0)."""
-    lo = _load_tile(ptr, offs_rows, row_mask, stride_row, 0, head_dim, D_LO, OPERAND)
-    hi = lo
-    if D_HI > 0:
-        hi = _load_tile(ptr, offs_rows, row_mask, stride_row, D_LO, head_dim, D_HI, OPERAND)
-    return lo, hi
 
 
 @triton.jit
@@ -76,7 +36,7 @@ def _row_stats_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, n_tokens, n_heads, head_di
     h = bh % n_heads
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_tokens
-    q_lo, q_hi = _row_tiles(q_ptr + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qn, head_dim, D_LO, D_HI,
+    q_lo, q_hi = row_tiles(q_ptr + b * stride_qb + h * stride_qh, offs_m, m_mask, stride_qn, head_dim, D_LO, D_HI,
                             OPERAND)
     k_head = k_ptr + b * stride_kb + h * stride_kh
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -84,7 +44,7 @@ def _row_stats_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, n_tokens, n_heads, head_di
     for n0 in range(0, n_tokens, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_tokens
-        logits = _logits(q_lo, q_hi, k_head, offs_n, n_mask, stride_kn, head_dim, D_LO, D_HI, OPERAND,
+        logits = qk_logits(q_lo, q_hi, k_head, offs_n, n_mask, stride_kn, head_dim, D_LO, D_HI, OPERAND,
                          PRECISION) * qk_scale
         logits = tl.where(n_mask[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -108,14 +68,14 @@ def _column_sums_kernel(q_ptr, k_ptr, max_ptr, inv_sum_ptr, out_ptr, n_tokens, n
     q_head = q_ptr + b * stride_qb + h * stride_qh
     # k^T is the fixed operand here: logits^T [BLOCK_N, BLOCK_M] = k . q^T, so the column sums are
     # row sums of the tile.
-    k_lo, k_hi = _row_tiles(k_head, offs_n, n_mask, stride_kn, head_dim, D_LO, D_HI, OPERAND)
+    k_lo, k_hi = row_tiles(k_head, offs_n, n_mask, stride_kn, head_dim, D_LO, D_HI, OPERAND)
     received = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(0, n_tokens, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_tokens
         row_max = tl.load(max_ptr + bh * n_tokens + offs_m, mask=m_mask, other=0.0)
         inv_sum = tl.load(inv_sum_ptr + bh * n_tokens + offs_m, mask=m_mask, other=0.0)
-        logits_t = _logits(k_lo, k_hi, q_head, offs_m, m_mask, stride_qn, head_dim, D_LO, D_HI, OPERAND,
+        logits_t = qk_logits(k_lo, k_hi, q_head, offs_m, m_mask, stride_qn, head_dim, D_LO, D_HI, OPERAND,
                            PRECISION) * qk_scale
         probs_t = tl.exp2(logits_t - row_max[None, :]) * inv_sum[None, :]
         received += tl.sum(tl.where(m_mask[None, :], probs_t, 0.0), axis=1)
@@ -133,25 +93,9 @@ def _head_mean_kernel(per_head_ptr, out_ptr, n_tokens, divisor, NUM_HEADS: tl.co
     tl.store(out_ptr + b * n_tokens + offs, total / divisor, mask=mask)
 
 
-@functools.lru_cache(maxsize=64)
-def tile_config(dtype: torch.dtype, head_dim: int, interpreted: bool) -> dict:
-    """Constexprs and warps of both passes for one dtype and head dim.
-
-    fp16/bf16 run on tensor cores as stored, on 64 x 64 tiles. fp32 (and fp64, computed in fp32) run
-    IEEE fp32 dots on 32 x 32 tiles: larger ones spill registers on sm_90 (tests/test_triton_compile.py
-    compiles every configuration and checks). The interpreter's dot is numpy's, which cannot
-    multiply bf16: there bf16 operands are widened to fp32, exactly.
-    """
-    d_lo, d_hi = head_split(head_dim)
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted):
-        operand = tl.float16 if dtype == torch.float16 else tl.bfloat16
-        return dict(BLOCK_M=64, BLOCK_N=64, D_LO=d_lo, D_HI=d_hi, OPERAND=operand, PRECISION="tf32", num_warps=4)
-    return dict(BLOCK_M=32, BLOCK_N=32, D_LO=d_lo, D_HI=d_hi, OPERAND=tl.float32, PRECISION="ieee", num_warps=4)
-
-
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """q, k [B,N,H,d] -> [B,N] fp32: mean over heads and queries of the attention each key receives."""
-    check.attention_received_args(q, k)
+    """q, k [B,N,H,d] -> [B,N] fp32: mean over heads and queries of the attention each key receives.
+    Arguments are validated by the caller (visionzip_kernels)."""
     return received_scores(unit_last_stride(q), unit_last_stride(k), scale)
 
 

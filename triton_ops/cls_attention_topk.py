@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import checks as check
-
-from ._launch import accumulator_dtype, device_context, head_block, multiprocessor_count, unit_last_stride
+from ._launch import device_context, multiprocessor_count, unit_last_stride
+from .tiles import accumulator_dtype, head_block
 from .topk import check_topk_size, select_topk_row
 
 # Token blocks of the logits pass, largest first: the largest that still gives every SM two programs
@@ -128,7 +127,7 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(B: int, N: int, H: int, d: int, element_size: int, accumulator, processors: int, fuse_topk: bool,
+def _plan(B: int, N: int, H: int, d: int, element_size: int, accumulator, processors: int, *, fuse_topk: bool,
           keep_cls: bool, with_logits: bool, with_metric: bool) -> _Plan:
     block_n = token_block(B, N, d, element_size, processors)
     n_blocks = -(-N // block_n)
@@ -145,58 +144,60 @@ def _plan(B: int, N: int, H: int, d: int, element_size: int, accumulator, proces
     )
 
 
-def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, dominant: int, keep_cls: bool,
-            fuse_topk: bool, metric: torch.Tensor | None):
-    """Scores (when q_cls is given), keep (when fused) and the metric (when given, written in place)."""
+def _launch(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float, *, metric: torch.Tensor | None = None,
+            dominant: int = 0, keep_cls: bool = True,
+            fuse_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores (when q_cls is given; else an empty [B, 0]), keep (when fused; else None) and the metric
+    (when given, written in place). A pointer a launch does not use is passed as None, which Triton
+    compiles as a constexpr the kernel never reads (its WITH_* / FUSE_TOPK switch is off)."""
     B, N, H, d = k.shape
     with_logits = q_cls is not None
     out = torch.empty(B, N if with_logits else 0, dtype=torch.float32, device=k.device)
-    # keep only exists when fused; otherwise the kernels get a placeholder they never touch.
-    keep = torch.empty(B, dominant, dtype=torch.int64, device=k.device) if fuse_topk else out
+    keep = torch.empty(B, dominant, dtype=torch.int64, device=k.device) if fuse_topk else None
     if B == 0:
         return out, keep
     plan = _plan(B, N, H, d, k.element_size(), accumulator_dtype(k.dtype), multiprocessor_count(k.device),
-                 fuse_topk, keep_cls, with_logits, metric is not None)
+                 fuse_topk=fuse_topk, keep_cls=keep_cls, with_logits=with_logits, with_metric=metric is not None)
+    logits = stats = None
+    q_strides = (0, 0)
     if with_logits:
         # One allocation for the logits [B*H, N] and the block statistics [B*H, n_blocks, 2].
         workspace = torch.empty(B * H * (N + 2 * plan.n_blocks), dtype=torch.float32, device=k.device)
         logits, stats = workspace[: B * H * N], workspace[B * H * N :]
         q_strides = (q_cls.stride(0), q_cls.stride(1))
-    else:
-        logits = stats = k  # placeholders: the kernel touches neither without WITH_LOGITS
-        q_cls, q_strides = k, (0, 0)
     metric_strides = (metric.stride(0), metric.stride(1)) if metric is not None else (0, 0)
     with device_context(k):
         _cls_logits_kernel[plan.logits_grid](
-            q_cls, k, logits, stats, metric if metric is not None else k, N, d, float(scale),
+            q_cls, k, logits, stats, metric, N, d, float(scale),
             *q_strides, k.stride(0), k.stride(1), k.stride(2), *metric_strides, **plan.logits_meta,
         )
         if with_logits:
             _cls_normalize_kernel[plan.normalize_grid](
-                logits, stats, out, keep, N, plan.n_blocks, dominant, keep.stride(0) if fuse_topk else 1,
+                logits, stats, out, keep, N, plan.n_blocks, dominant, keep.stride(0) if fuse_topk else 0,
                 **plan.normalize_meta,
             )
     return out, keep
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """q_cls [B,H,d], k [B,N,H,d] (last dim unit-stride, any other strides) -> [B,N] fp32."""
-    check.cls_attention_args(q_cls, k)
-    return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale, 0, True, False, None)[0]
+    """q_cls [B,H,d], k [B,N,H,d] (last dim unit-stride, any other strides) -> [B,N] fp32. Arguments
+    are validated by the caller (visionzip_kernels)."""
+    return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale)[0]
 
 
-def cls_attention_topk(q_cls: torch.Tensor, k: torch.Tensor, scale: float, dominant: int,
+def cls_attention_topk(q_cls: torch.Tensor, k: torch.Tensor, scale: float, dominant: int, *,
                        keep_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and keep in two launches: -> (scores [B,N] fp32, keep [B,D] int64 ascending)."""
-    check.cls_attention_args(q_cls, k)
-    check.budget("cls_attention_topk", k.shape[1], dominant, 0, keep_cls)
+    """Scores and keep in two launches: -> (scores [B,N] fp32, keep [B,D] int64 ascending). Arguments
+    are valid cls_attention arguments and a budget 1 <= D <= N (the caller's checks); N above the
+    Triton top-k's limit raises."""
     check_topk_size("cls_attention_topk", k.shape[1])
-    return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale, dominant, keep_cls, True, None)
+    return _launch(unit_last_stride(q_cls), unit_last_stride(k), scale, dominant=dominant, keep_cls=keep_cls,
+                   fuse_topk=True)
 
 
 def cls_scores_and_metric(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS scores [B,N] fp32 (empty [B,0] when q_cls is None) and metric [B,N,d] in k.dtype, from one
     read of k. Arguments are validated by the caller and have unit-stride last dims."""
     metric = torch.empty(k.shape[0], k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
-    scores = _launch(q_cls, k, scale, 0, True, False, metric)[0]
+    scores = _launch(q_cls, k, scale, metric=metric)[0]
     return scores, metric

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from visionzip_kernels import checks as check
-
 from ._launch import unit_last_stride
 from .attention_received import received_scores
 from .cls_attention_topk import cls_scores_and_metric
 
 
-def scores_and_metric(q: torch.Tensor, k: torch.Tensor, scale: float,
+def scores_and_metric(q: torch.Tensor, k: torch.Tensor, scale: float, *,
                       keep_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B,M,H,d], k [B,N,H,d] -> (scores [B,N] fp32, metric [B,N,d] in k.dtype); see
-    visionzip_kernels.scores_and_metric."""
-    check.scores_and_metric_args(q, k, keep_cls)
+    visionzip_kernels.scores_and_metric. Arguments are validated by the caller (visionzip_kernels)."""
     q, k = unit_last_stride(q), unit_last_stride(k)
     if keep_cls:
         return cls_scores_and_metric(q[:, 0], k, scale)

@@ -12,9 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import checks as check
-
-from ._launch import check_finite_on_host, device_context
+from ._launch import device_context
 
 # One program holds a whole row of scores in registers.
 MAX_TOKENS = 16384
@@ -55,16 +53,17 @@ def _topk_kernel(scores_ptr, keep_ptr, n_tokens, dominant, stride_sb, stride_sn,
 
 
 def check_topk_size(op: str, n_tokens: int) -> None:
+    """The Triton top-k's own limit (not a rule of the op: the C++ kernels take any N)."""
     if n_tokens > MAX_TOKENS:
         raise ValueError(f"visionzip.{op}: the Triton top-k holds a row in registers; N must be <= {MAX_TOKENS}, "
                          f"got {n_tokens}")
 
 
-def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
-    """scores [B, N] (any float dtype) -> keep [B, D] int64 ascending, ties to the lower index."""
-    check.dominant_topk_args(scores, dominant, keep_cls)
+def dominant_topk(scores: torch.Tensor, dominant: int, *, keep_cls: bool = True) -> torch.Tensor:
+    """scores [B, N] (any float dtype) -> keep [B, D] int64 ascending, ties to the lower index.
+    Arguments are validated by the caller (visionzip_kernels: the op's rules, and finite scores where
+    reading them needs no device sync); N above this top-k's limit raises."""
     check_topk_size("dominant_topk", scores.shape[1])
-    check_finite_on_host("dominant_topk", scores)
     B, N = scores.shape
     keep = torch.empty(B, dominant, dtype=torch.int64, device=scores.device)
     if B == 0:

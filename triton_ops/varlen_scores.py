@@ -25,12 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from visionzip_kernels import checks as check
+from ._launch import device_context, unit_last_stride
+from .tiles import INTERPRETED, LOG2_E, accumulator_dtype, head_block, qk_logits, row_tiles, tile_config
 
-from ._launch import accumulator_dtype, device_context, head_block, unit_last_stride
-from .attention_received import INTERPRETED, LOG2_E, _logits, _row_tiles, tile_config
-
-OP = "varlen_scores_and_metric"
 IMAGE_CHUNK = 64  # block_starts read this many at a time when a program looks up its image
 POOL_BLOCK = 16  # merge units per program of the pooling kernel ([16, 128] fp32 tiles: no spills)
 
@@ -65,7 +62,7 @@ def _varlen_row_stats_kernel(q_ptr, k_ptr, cu_ptr, block_starts_ptr, max_ptr, in
         length = (end - start).to(tl.int32)
         offs_m = (block - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < length
-        q_lo, q_hi = _row_tiles(q_ptr + start * stride_qt + h * stride_qh, offs_m, m_mask, stride_qt, head_dim, D_LO,
+        q_lo, q_hi = row_tiles(q_ptr + start * stride_qt + h * stride_qh, offs_m, m_mask, stride_qt, head_dim, D_LO,
                                 D_HI, OPERAND)
         k_head = k_ptr + start * stride_kt + h * stride_kh
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -73,7 +70,7 @@ def _varlen_row_stats_kernel(q_ptr, k_ptr, cu_ptr, block_starts_ptr, max_ptr, in
         for n0 in range(0, length, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < length
-            logits = _logits(q_lo, q_hi, k_head, offs_n, n_mask, stride_kt, head_dim, D_LO, D_HI, OPERAND,
+            logits = qk_logits(q_lo, q_hi, k_head, offs_n, n_mask, stride_kt, head_dim, D_LO, D_HI, OPERAND,
                              PRECISION) * qk_scale
             logits = tl.where(n_mask[None, :], logits, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -100,7 +97,7 @@ def _varlen_column_sums_kernel(q_ptr, k_ptr, cu_ptr, block_starts_ptr, max_ptr, 
         stats = h * n_tokens + start
         # k^T is the fixed operand: logits^T [BLOCK_N, BLOCK_M] = k . q^T, so the column sums are
         # row sums of the tile.
-        k_lo, k_hi = _row_tiles(k_ptr + start * stride_kt + h * stride_kh, offs_n, n_mask, stride_kt, head_dim, D_LO,
+        k_lo, k_hi = row_tiles(k_ptr + start * stride_kt + h * stride_kh, offs_n, n_mask, stride_kt, head_dim, D_LO,
                                 D_HI, OPERAND)
         received = tl.zeros([BLOCK_N], tl.float32)
         for m0 in range(0, length, BLOCK_M):
@@ -108,7 +105,7 @@ def _varlen_column_sums_kernel(q_ptr, k_ptr, cu_ptr, block_starts_ptr, max_ptr, 
             m_mask = offs_m < length
             row_max = tl.load(max_ptr + stats + offs_m, mask=m_mask, other=0.0)
             inv_sum = tl.load(inv_sum_ptr + stats + offs_m, mask=m_mask, other=0.0)
-            logits_t = _logits(k_lo, k_hi, q_head, offs_m, m_mask, stride_qt, head_dim, D_LO, D_HI, OPERAND,
+            logits_t = qk_logits(k_lo, k_hi, q_head, offs_m, m_mask, stride_qt, head_dim, D_LO, D_HI, OPERAND,
                                PRECISION) * qk_scale
             probs_t = tl.exp2(logits_t - row_max[None, :]) * inv_sum[None, :]
             received += tl.sum(tl.where(m_mask[None, :], probs_t, 0.0), axis=1)
@@ -160,12 +157,9 @@ def _block_starts(lengths: torch.Tensor, block: int) -> torch.Tensor:
 def varlen_scores_and_metric(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                              unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [T,H,d], cu_seqlens [n+1] -> (scores [T/unit] fp32, metric [T/unit, d] in k.dtype); see
-    visionzip_kernels.varlen_scores_and_metric. A CPU cu_seqlens has its values checked (free); a
-    CUDA one is not (that would be a host sync)."""
-    check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
+    visionzip_kernels.varlen_scores_and_metric. Arguments are validated by the caller
+    (visionzip_kernels), cu_seqlens' values too where reading them needs no host sync."""
     T, H, d = k.shape
-    if cu_seqlens.device.type == "cpu":
-        check.cu_seqlens_offsets(OP, cu_seqlens, T, unit)
     q, k = unit_last_stride(q), unit_last_stride(k)
     cu = cu_seqlens.to(k.device)
     units = T // unit

@@ -1,45 +1,21 @@
 """visionzip-kernels: VisionZip token selection and merging as fused torch.ops.visionzip.* ops.
 
-Importing the package loads the compiled kernels and their autograd (``_C``) first, then registers
-the fake kernels for the ops it defines, then the Triton kernels for CUDA tensors (see ``backends``).
+Importing the package loads the compiled kernels and their autograd (``_C``) first, then registers,
+from the op table (``op_table``), the fake kernels and the Autograd fallthrough of the
+non-differentiable ops, then the Triton kernels for CUDA tensors (see ``backends``).
 """
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
-from . import backends, ops, reference
+from . import backends, op_table, ops, reference
 from .api import BUDGETS, compress, split_budget
-from .ops import (
-    attention_received,
-    cls_attention,
-    contextual_merge,
-    contextual_merge_backward,
-    dominant_topk,
-    scores_and_metric,
-    select_merge,
-    varlen_scores_and_metric,
-    varlen_select_merge,
-)
+from .ops import *  # noqa: F403  (the typed wrappers: ops.__all__, which is the op table's public ops)
 
-__all__ = [
-    "BUDGETS",
-    "attention_received",
-    "backends",
-    "cls_attention",
-    "compress",
-    "contextual_merge",
-    "contextual_merge_backward",
-    "dominant_topk",
-    "ops",
-    "reference",
-    "scores_and_metric",
-    "select_merge",
-    "varlen_scores_and_metric",
-    "varlen_select_merge",
-    "split_budget",
-]
+__all__ = ["BUDGETS", "backends", "compress", "op_table", "ops", "reference", "split_budget", *op_table.PUBLIC]
 __version__ = "0.1.0"
 
+op_table.register()
 backends.register()
 
 # The transformers integration (visionzip_kernels.integrations), loaded on first use so that

@@ -1,10 +1,13 @@
 """Which kernels serve which device.
 
 - CPU tensors: the C++ kernels (csrc/cpu), always registered by ``_C``.
-- CUDA tensors: cls_attention, attention_received, scores_and_metric, dominant_topk and
-  varlen_scores_and_metric run the Triton kernels in triton_ops/, registered here under the CUDA
-  key of the same ops (so the C++-defined schemas, the Python fake kernels, opcheck and
-  torch.compile all keep working).
+- CUDA tensors: the ops whose CUDA backend in the op table (op_table.py) is "triton" run the
+  Triton kernels in triton_ops/, registered here under the CUDA key of the same ops (so the
+  C++-defined schemas, the Python fake kernels, opcheck and torch.compile all keep working); the
+  others have C++ CUDA kernels (csrc/cuda).
+- The launchers in triton_ops/ take validated arguments: the kernel registered here runs the op's
+  checks first (the C++ rules, through visionzip_kernels.checks, and the data rules that cost no
+  device sync), then the launcher.
 - ``VISIONZIP_BACKEND=triton`` (read once, at import) also routes CPU tensors of those ops
   through Triton. That needs ``TRITON_INTERPRET=1`` in the environment before the import; it is how
   the tests, and anyone without a GPU, check the Triton kernels.
@@ -15,55 +18,45 @@ after ``import visionzip_kernels`` and before the first Triton call.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
+from . import op_table
+
 BACKEND_ENV = "VISIONZIP_BACKEND"
-TRITON_OPS = ("cls_attention", "attention_received", "scores_and_metric", "dominant_topk", "varlen_scores_and_metric")
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    import triton_ops
+@functools.lru_cache(maxsize=None)
+def triton_kernel(op: str) -> Callable:
+    """The kernel registered for a Triton op (an op of the table with ``cuda="triton"``): it checks
+    the arguments (the op's ``launch_checks``), imports triton_ops at the first call and runs the
+    launcher of the same name, every argument passed by its schema name."""
+    spec = op_table.BY_NAME[op]
+    if spec.cuda != "triton":
+        raise ValueError(f"visionzip::{op} has no Triton kernel (its CUDA backend is {spec.cuda!r})")
+    # The dispatcher leaves out trailing arguments the caller left at their schema default
+    # (ops.dominant_topk(scores, 7) arrives without keep_cls): fill them in from the schema.
+    schema = getattr(torch.ops.visionzip, op).default._schema
+    names = tuple(argument.name for argument in schema.arguments)
+    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
 
-    return triton_ops.cls_attention(q_cls, k, scale)
+    def kernel(*args, **kwargs):
+        named = {**defaults, **dict(zip(names, args)), **kwargs}
+        spec.launch_checks(**named)
+        return getattr(importlib.import_module("triton_ops"), op)(**named)
 
-
-def _attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    import triton_ops
-
-    return triton_ops.attention_received(q, k, scale)
-
-
-def _scores_and_metric(q: torch.Tensor, k: torch.Tensor, scale: float,
-                       keep_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton_ops
-
-    return triton_ops.scores_and_metric(q, k, scale, keep_cls)
-
-
-def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
-    import triton_ops
-
-    return triton_ops.dominant_topk(scores, dominant, keep_cls)
-
-
-def _varlen_scores_and_metric(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
-                              unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton_ops
-
-    return triton_ops.varlen_scores_and_metric(q, k, cu_seqlens, scale, unit)
-
-
-_LAUNCHERS = {"cls_attention": _cls_attention, "attention_received": _attention_received,
-              "scores_and_metric": _scores_and_metric, "dominant_topk": _dominant_topk,
-              "varlen_scores_and_metric": _varlen_scores_and_metric}
+    kernel.__name__ = kernel.__qualname__ = f"triton_{op}"
+    return kernel
 
 
 def requested_cpu_backend() -> str:
@@ -75,7 +68,8 @@ def requested_cpu_backend() -> str:
 
 
 def register() -> None:
-    """Registers the Triton launchers (CUDA always when triton is installed; CPU on request)."""
+    """Registers the Triton kernels of the table's Triton ops (CUDA always when triton is installed;
+    CPU on request)."""
     cpu_triton = requested_cpu_backend() == "triton"
     if cpu_triton and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{BACKEND_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 set before import")
@@ -83,10 +77,12 @@ def register() -> None:
         if cpu_triton:
             raise RuntimeError(f"{BACKEND_ENV}=triton needs the triton package")
         return
-    for op, launcher in _LAUNCHERS.items():
-        torch.library.register_kernel(f"visionzip::{op}", "cuda", launcher)
+    for op in op_table.OPS:
+        if op.cuda != "triton":
+            continue
+        torch.library.register_kernel(op.qualified_name, "cuda", triton_kernel(op.name))
         if cpu_triton:
             with warnings.catch_warnings():
                 # Replacing the C++ CPU kernel is the point of the switch; torch warns about it.
                 warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-                torch.library.register_kernel(f"visionzip::{op}", "cpu", launcher)
+                torch.library.register_kernel(op.qualified_name, "cpu", triton_kernel(op.name))

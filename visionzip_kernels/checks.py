@@ -1,5 +1,5 @@
-"""Argument checks of every op, for Python callers: the fake (meta) kernels, the Triton launchers
-and the reference.
+"""Argument checks of every op, for Python callers: the fake (meta) kernels, the checks before a
+Triton launch (ops.py; triton_ops itself takes validated arguments) and the reference.
 
 The rules are written once, in C++ (csrc/checks.cpp), and reached here through ``_C``
 (csrc/python_module.cpp): the C++ kernels call the same functions, so every backend raises the same

@@ -1,7 +1,9 @@
 """Fake kernels and typed Python wrappers for the torch.ops.visionzip.* ops.
 
 The schemas, the C++ kernels and the autograd formulas live in csrc/ (one TORCH_LIBRARY block;
-csrc/autograd.cpp); this module is imported after visionzip_kernels._C has been loaded.
+csrc/autograd.cpp); this module is imported after visionzip_kernels._C has been loaded. The fake
+kernels and the checks before a Triton launch are registered from the op table
+(visionzip_kernels/op_table.py).
 """
 
 from __future__ import annotations
@@ -29,22 +31,20 @@ _ops = torch.ops.visionzip
 
 # --------------------------------------------------------------------------------------------
 # Fake (meta) kernels: output shapes follow from input shapes and int arguments alone.
+# Registered from the op table (op_table.py).
 
 
-@torch.library.register_fake("visionzip::cls_attention")
-def _cls_attention_fake(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def cls_attention_fake(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     check.cls_attention_args(q_cls, k)
     return k.new_empty(k.shape[:2], dtype=torch.float32)
 
 
-@torch.library.register_fake("visionzip::attention_received")
-def _attention_received_fake(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_received_fake(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     check.attention_received_args(q, k)
     return k.new_empty(k.shape[:2], dtype=torch.float32)
 
 
-@torch.library.register_fake("visionzip::scores_and_metric")
-def _scores_and_metric_fake(
+def scores_and_metric_fake(
     q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check.scores_and_metric_args(q, k, keep_cls)
@@ -52,30 +52,26 @@ def _scores_and_metric_fake(
     return k.new_empty((B, N), dtype=torch.float32), k.new_empty((B, N, d))
 
 
-@torch.library.register_fake("visionzip::dominant_topk")
-def _dominant_topk_fake(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
+def dominant_topk_fake(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
     check.dominant_topk_args(scores, dominant, keep_cls)
     return scores.new_empty((scores.shape[0], dominant), dtype=torch.int64)
 
 
-@torch.library.register_fake("visionzip::contextual_merge")
-def _contextual_merge_fake(
+def contextual_merge_fake(
     hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int
 ) -> torch.Tensor:
     check.contextual_merge_args(hidden, metric, keep, contextual)
     return hidden.new_empty((hidden.shape[0], keep.shape[1] + contextual, hidden.shape[2]))
 
 
-@torch.library.register_fake("visionzip::contextual_merge_backward")
-def _contextual_merge_backward_fake(
+def contextual_merge_backward_fake(
     grad_tokens: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
     check.contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens)
     return grad_tokens.new_empty((grad_tokens.shape[0], num_tokens, grad_tokens.shape[2]))
 
 
-@torch.library.register_fake("visionzip::select_merge")
-def _select_merge_fake(
+def select_merge_fake(
     hidden: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int,
     keep_cls: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +81,7 @@ def _select_merge_fake(
     return tokens, keep
 
 
-@torch.library.register_fake("visionzip::varlen_scores_and_metric")
-def _varlen_scores_and_metric_fake(
+def varlen_scores_and_metric_fake(
     q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, unit: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # Shapes only: cu_seqlens' values are data (the CPU kernel checks them; a fake tensor has none).
@@ -95,12 +90,13 @@ def _varlen_scores_and_metric_fake(
     return k.new_empty((units,), dtype=torch.float32), k.new_empty((units, k.shape[2]))
 
 
-@torch.library.register_fake("visionzip::varlen_select_merge")
-def _varlen_select_merge_fake(
+def varlen_select_merge_fake(
     hidden: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, cu_seqlens: torch.Tensor,
     dominant: list[int], contextual: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The rules on cu_seqlens' values (and so D_i + K_i <= N_i) need its data: the kernels check them.
+    # Under torch.compile(dynamic=True) the budgets are SymInts: the check compares them symbolically
+    # and the output size is their symbolic sum, so a new budget list needs no new graph.
     check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
     kept = sum(dominant) + sum(contextual)
     tokens = hidden.new_empty((kept, hidden.shape[1]))
@@ -108,13 +104,45 @@ def _varlen_select_merge_fake(
     return tokens, keep, torch.empty_like(cu_seqlens)
 
 
-@torch.library.register_fake("visionzip::varlen_select_merge_backward")
-def _varlen_select_merge_backward_fake(
+def varlen_select_merge_backward_fake(
     grad_tokens: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, cu_seqlens: torch.Tensor,
     dominant: list[int], contextual: list[int],
 ) -> torch.Tensor:
     check.varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant, contextual)
     return grad_tokens.new_empty((scores.shape[0], grad_tokens.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before a Triton launch (visionzip_kernels/backends.py): the launchers in triton_ops/ take
+# validated arguments. Each takes its op's arguments by the schema's names, applies the C++ rules and,
+# on tensors whose data the host reads without a device sync (CPU tensors, i.e. the interpreter),
+# the data rules of the C++ kernels. On CUDA the Triton top-k orders NaN above +inf and the packed
+# kernels clamp cu_seqlens' offsets: wrong numbers for bad data, never an out-of-bounds access.
+
+
+def cls_attention_launch_checks(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    check.cls_attention_args(q_cls, k)
+
+
+def attention_received_launch_checks(q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    check.attention_received_args(q, k)
+
+
+def scores_and_metric_launch_checks(q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool) -> None:
+    check.scores_and_metric_args(q, k, keep_cls)
+
+
+def dominant_topk_launch_checks(scores: torch.Tensor, dominant: int, keep_cls: bool) -> None:
+    check.dominant_topk_args(scores, dominant, keep_cls)
+    if not scores.is_cuda and scores.numel() > 0:
+        check.finite_scores("dominant_topk", scores)
+
+
+def varlen_scores_and_metric_launch_checks(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                                            unit: int) -> None:
+    check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
+    if cu_seqlens.device.type == "cpu":
+        check.cu_seqlens_offsets("varlen_scores_and_metric", cu_seqlens, k.shape[0], unit)
 
 
 # --------------------------------------------------------------------------------------------
