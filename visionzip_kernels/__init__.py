@@ -6,7 +6,11 @@ the fake kernels for the ops it defines, then the Triton kernels for CUDA tensor
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
+# isort: off
+# _build_check before _C: under a torch other than the build's, a clear ImportError, not an undefined symbol.
+from . import _build_check  # noqa: F401
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+# isort: on
 from . import backends, ops, reference
 from .api import BUDGETS, compress, split_budget
 from .ops import (
@@ -38,7 +42,7 @@ __all__ = [
     "varlen_select_merge",
     "split_budget",
 ]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version: pyproject.toml reads it from here (setuptools, without importing)
 
 backends.register()
 
