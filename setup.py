@@ -85,23 +85,20 @@ def build_info(with_cuda_kernels: bool) -> str:
 if torch is not None:
 
     class BuildExtensionWithInfo(BuildExtension):
-        """torch's BuildExtension, which then records the build's torch in _build_info.py beside _C.
-
-        The file goes where _C goes: the build directory for a wheel, the source tree for an in-place
-        or editable build, so every install that has _C has the record of what _C needs.
-        """
+        """torch's BuildExtension, which then records the build's torch in _build_info.py beside _C,
+        so that every install that has _C has the record of what _C needs."""
 
         def run(self) -> None:
             super().run()
             with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
-            target = Path(self.get_ext_fullpath(EXTENSION_NAME)).parent / "_build_info.py"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(build_info(with_cuda))
-
-        def get_outputs(self) -> list[str]:
-            # Listed as an output so that editable installs and wheels account for it.
-            info = str(Path(self.get_ext_fullpath(EXTENSION_NAME)).parent / "_build_info.py")
-            return super().get_outputs() + [info]
+            # The build directory feeds wheels (bdist_wheel copies all of it); an in-place or editable
+            # build imports from the source tree, where setuptools has copied _C.
+            targets = {Path(self.build_lib) / "visionzip_kernels" / "_build_info.py"}
+            if self.inplace:
+                targets.add(Path(self.get_ext_fullpath(EXTENSION_NAME)).parent / "_build_info.py")
+            for target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(build_info(with_cuda))
 
     ext_modules = [extension()]
     build_ext_command = BuildExtensionWithInfo
