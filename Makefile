@@ -59,7 +59,7 @@ setup: requirements
 	  echo "setup: building the C++ extension against torch $$torch_version (about 3 minutes on 2 cores)..."; \
 	  start=$$SECONDS; mkdir -p build; \
 	  $(PIP) install -v --no-build-isolation -e . 2>&1 | tee build/pip-build.log | \
-	    sed -nE -u 's#^\[([0-9]+/[0-9]+)\].* -c [^ ]*(csrc/[^ ]+).*#  [\1] \2#p' || \
+	    sed -nE -u 's#^ *\[([0-9]+/[0-9]+)\].* -c [^ ]*(csrc/[^ ]+).*#  [\1] \2#p' || \
 	    { tail -40 build/pip-build.log; echo "setup: the build failed; full log: build/pip-build.log"; exit 1; }; \
 	  rm -f $(STAMPS)/build-* && mkdir -p $(STAMPS) && touch "$$stamp"; \
 	  echo "setup: built visionzip_kernels._C in $$((SECONDS - start)) s"; \
