@@ -39,7 +39,7 @@ visionzip-kernels: torch is not importable in this build environment.
 The extension is compiled against the torch that will run it, so build it with that torch and
 without build isolation (pip's isolated build would use no torch, or another version of it):
 
-    {python} -m pip install torch==2.13.0      # skip if torch is installed; any torch >= 2.6 works
+    {python} -m pip install torch==2.13.0 ninja "setuptools>=77"   # any torch >= 2.6; keep yours if installed
     {python} -m pip install --no-build-isolation {target}
 """
 
