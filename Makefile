@@ -26,9 +26,8 @@ $(PY):
 # Stamps in the venv record what is installed: the requirements by the hash of their files, the
 # extension by the hash of its sources and the torch version. An already set-up clone skips both
 # steps while nothing they depend on changed (Python files are installed editable); CI's clean
-# clone has no venv and does everything. Each step says what it does and how long it took: a cold
-# set-up is about $(COLD_SETUP) here, most of it the C++ build.
-COLD_SETUP := 5 minutes on 2 cores
+# clone has no venv and does everything. Each step says what it does and how long it took (a cold
+# set-up: README, "Set-up and the two commands").
 STAMPS := $(VENV)/.visionzip-stamps
 REQUIREMENTS_HASH = $(shell cat requirements-dev.txt requirements-integrations.txt | sha256sum | cut -c1-16)
 SOURCES_HASH = $(shell cat setup.py pyproject.toml $$(find csrc -type f | sort) | sha256sum | cut -c1-16)
