@@ -7,13 +7,17 @@ non-differentiable ops, then the Triton kernels for CUDA tensors (see ``backends
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
+# isort: off
+# _build_check before _C: under a torch other than the build's, a clear ImportError, not an undefined symbol.
+from . import _build_check  # noqa: F401
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+# isort: on
 from . import backends, op_table, ops, reference
 from .api import BUDGETS, compress, split_budget
 from .ops import *  # noqa: F403  (the typed wrappers: ops.__all__, which is the op table's public ops)
 
 __all__ = ["BUDGETS", "backends", "compress", "op_table", "ops", "reference", "split_budget", *op_table.PUBLIC]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version: pyproject.toml reads it from here (setuptools, without importing)
 
 op_table.register()
 backends.register()
