@@ -46,9 +46,21 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: b
     return (received.mean(dim=1) / N).float()
 
 
+def _mean_in_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean of x over dim with a stated summation order: from zero, adding the slices one at a time in
+    ascending index order, each add rounded in x.dtype, then one division by the size. (torch.mean picks
+    its own order, pairwise or vectorised, and its last bits differ from the kernels' once the size is 9
+    or more.) Starting from +0 as the kernels' accumulators do also maps a sum of -0.0s to +0.0."""
+    total = torch.zeros_like(x.select(dim, 0))
+    for i in range(x.shape[dim]):
+        total = total + x.select(dim, i)
+    return total / x.shape[dim]
+
+
 def head_mean(k: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-    """[B,N,H,d] -> [B,N,d] in k.dtype: the merge metric, k averaged over heads."""
-    return k.to(_compute_dtype(k.dtype, upcast)).mean(dim=2).to(k.dtype)
+    """[B,N,H,d] -> [B,N,d] in k.dtype: the merge metric, k averaged over heads (docs/SPEC.md "Notation"):
+    summed over h in ascending order in fp32 (fp64 for fp64), divided by H, rounded once to k.dtype."""
+    return _mean_in_order(k.to(_compute_dtype(k.dtype, upcast)), dim=2).to(k.dtype)
 
 
 def scores_and_metric(
@@ -176,7 +188,9 @@ def varlen_scores_and_metric(
         probs = (queries @ keys.transpose(1, 2) * scale).softmax(dim=-1)  # [H, L, L]
         received[start:end] = probs.mean(dim=0).sum(dim=0)
     scores = received.view(-1, unit).mean(dim=1).float()
-    metric = k.to(dt).reshape(T // unit, unit, H, d).mean(dim=1).mean(dim=1).to(k.dtype)
+    # The kernels' order: per head, the unit's tokens summed in order and divided by unit, then the heads
+    # summed in order and divided by H; one rounding to k.dtype.
+    metric = _mean_in_order(_mean_in_order(k.to(dt).reshape(T // unit, unit, H, d), dim=1), dim=1).to(k.dtype)
     return scores, metric
 def _targets(keep: torch.Tensor, num_tokens: int, contextual: int) -> torch.Tensor:
     """[D] ascending dominant indices of one image -> [K] its targets' token indices, ascending: the
