@@ -80,6 +80,20 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     return _dominant_topk(scores, dominant, keep_cls)
 
 
+def _check_keep_values(op: str, keep: torch.Tensor, num_tokens: int) -> None:
+    """The CPU kernels' rule on keep's values, with their messages (csrc/cpu/select_merge_cpu.cpp,
+    check_keep_values): entries in [0, N), distinct within a row; the first offence in row-major order
+    is named."""
+    for b, row in enumerate(keep.tolist()):
+        seen = set()
+        for i, token in enumerate(row):
+            if not 0 <= token < num_tokens:
+                raise ValueError(f"visionzip.{op}: keep[{b}, {i}] = {token} is out of range for N = {num_tokens}")
+            if token in seen:
+                raise ValueError(f"visionzip.{op}: keep[{b}] must hold distinct token indices, {token} appears twice")
+            seen.add(token)
+
+
 def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool) -> torch.Tensor:
     """dominant_topk on checked arguments (dominant may be 0 without keep_cls)."""
     s = scores.float()
@@ -111,6 +125,7 @@ def contextual_merge(
 ) -> torch.Tensor:
     """[B,N,C], [B,N,d], [B,D] -> [B,D+K,C]: dominant rows in keep's order, then K contextual rows."""
     check.contextual_merge_args(hidden, metric, keep, contextual)
+    _check_keep_values("contextual_merge", keep, hidden.shape[1])
     return _contextual_merge(hidden, metric, keep, contextual, upcast)
 
 
@@ -145,11 +160,12 @@ def contextual_merge_backward(
 ) -> torch.Tensor:
     """[B,D+K,C] -> [B,N,C]: the vector-Jacobian product of :func:`contextual_merge`, by autograd."""
     check.contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens)
+    _check_keep_values("contextual_merge_backward", keep, num_tokens)
     B, _, C = grad_tokens.shape
     contextual = grad_tokens.shape[1] - keep.shape[1]
     hidden = torch.zeros(B, num_tokens, C, dtype=grad_tokens.dtype, device=grad_tokens.device, requires_grad=True)
     with torch.enable_grad():
-        tokens = contextual_merge(hidden, metric, keep, contextual, upcast=upcast)
+        tokens = _contextual_merge(hidden, metric, keep, contextual, upcast)
         (grad_hidden,) = torch.autograd.grad(tokens, hidden, grad_tokens)
     return grad_hidden
 
@@ -165,8 +181,9 @@ def select_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dominant_topk then contextual_merge: -> (tokens [B,D+K,C], keep [B,D])."""
     check.select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls)
-    keep = dominant_topk(scores, dominant, keep_cls)
-    return contextual_merge(hidden, metric, keep, contextual, upcast=upcast), keep
+    check.finite_scores("select_merge", scores)  # named as select_merge's, as the kernels do
+    keep = _dominant_topk(scores, dominant, keep_cls)
+    return _contextual_merge(hidden, metric, keep, contextual, upcast), keep
 
 
 def varlen_scores_and_metric(
@@ -219,6 +236,21 @@ def varlen_select_merge(
     dominant = budget_list(op, "dominant", dominant, num_images)
     contextual = budget_list(op, "contextual", contextual, num_images)
     check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
+    return _varlen_select_merge(op, hidden, scores, metric, cu_seqlens, dominant, contextual, upcast)
+
+
+def _varlen_select_merge(
+    op: str,
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    metric: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dominant: list[int],
+    contextual: list[int],
+    upcast: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """varlen_select_merge on arguments whose metadata op (the forward or the backward) has checked:
+    the value rules are checked here, under op's name."""
     cu = check.cu_seqlens_values(op, cu_seqlens, hidden.shape[0], dominant, contextual)
     check.finite_scores(op, scores)
     tokens, keep = [], []
@@ -249,10 +281,12 @@ def varlen_select_merge_backward(
     upcast: bool = True,
 ) -> torch.Tensor:
     """[sum(D_i+K_i), C] -> [T, C]: the vector-Jacobian product of :func:`varlen_select_merge`, by autograd."""
+    op = "varlen_select_merge_backward"
     check.varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant, contextual)
     hidden = grad_tokens.new_zeros((scores.shape[0], grad_tokens.shape[1]), requires_grad=True)
     with torch.enable_grad():
-        tokens = varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual, upcast=upcast)[0]
+        dominant, contextual = list(dominant), list(contextual)
+        tokens = _varlen_select_merge(op, hidden, scores, metric, cu_seqlens, dominant, contextual, upcast)[0]
         if not tokens.requires_grad:  # no budget anywhere: nothing depends on hidden
             return torch.zeros_like(hidden, requires_grad=False)
         (grad_hidden,) = torch.autograd.grad(tokens, hidden, grad_tokens)
