@@ -8,6 +8,8 @@ Validation is the same as the ops', so the reference raises the same errors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -107,11 +109,26 @@ def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool) -> torch
     return ranked.sort(dim=1).values
 
 
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> the rows' unit vectors as docs/SPEC.md "Merging" step 1 defines them: each row times
+    the power of two 2^-e, e = ilogb(max |row|) (e at least the dtype's smallest normal exponent), then
+    divided by max(norm, 1e-12). The power of two brings max |row| into [1, 2) exactly, so the result is
+    the same for the row times any power of two, and tiny or huge rows neither underflow nor overflow
+    (their norm is >= 1: the eps only keeps a zero row zero). A row that is not finite is left as it
+    is (its unit vector holds NaNs, as F.normalize gives)."""
+    max_abs = rows.abs().amax(dim=-1, keepdim=True).double()
+    smallest_normal_exponent = round(math.log2(torch.finfo(rows.dtype).tiny))
+    exponent = (torch.frexp(max_abs).exponent - 1).clamp(min=smallest_normal_exponent)  # max = f * 2^e, f in [1, 2)
+    scaled = torch.isfinite(max_abs) & (max_abs > 0)
+    scale = torch.where(scaled, torch.exp2(-exponent.double()), 1.0).to(rows.dtype)  # exact powers of two
+    return F.normalize(rows * scale, dim=-1, eps=1e-12)
+
+
 def _assignment(metric: torch.Tensor, rest: torch.Tensor, contextual: int, dt: torch.dtype):
     """Positions of the targets within the rest, and each rest token's target (targets map to themselves)."""
     B, M = rest.shape
     d = metric.shape[2]
-    unit = F.normalize(metric.to(dt).gather(1, rest[..., None].expand(B, M, d)), dim=-1, eps=1e-12)
+    unit = _unit_rows(metric.to(dt).gather(1, rest[..., None].expand(B, M, d)))
     step = max(1, M // contextual)
     target_pos = torch.arange(contextual, device=metric.device) * step
     similarity = unit @ unit[:, target_pos].transpose(1, 2)  # [B, M, K]
