@@ -66,23 +66,12 @@ VZ_HOST_DEVICE bool beats(float candidate, float best) {
 // assignment is scale invariant, where a plain normalisation loses tiny rows to underflow (|m|^2 <
 // 2^-149) and huge ones to overflow. For ordinary rows the unit vectors keep their bits (every
 // product, sum, sqrt and quotient is scaled by an exact power of two) and the similarities are scaled
-// alike, so the argmax is unchanged. Read from the bits: ilogbf and ldexpf are library calls, and
-// this runs once per metric row.
+// alike, so the argmax is unchanged. (Reading the exponent from the float's bits instead of
+// ilogbf/ldexpf makes ptxas spill in plan_select_kernel on sm_90, for no measurable gain on the CPU.)
 VZ_HOST_DEVICE float metric_scale(float max_abs) {
   if (!(max_abs > 0.f) || !finite_value(max_abs)) return 1.f;
-  union {
-    float f;
-    uint32_t u;
-  } bits{max_abs};
-  const uint32_t biased = bits.u >> 23;  // e + 127 for a normal max (1..254), 0 for a subnormal one
-  if (biased == 0) {
-    bits.u = 253u << 23;  // 2^126
-  } else if (biased == 254) {
-    bits.u = 1u << 22;  // 2^-127, a subnormal float
-  } else {
-    bits.u = (254u - biased) << 23;  // 2^-e: biased exponent 127 - e
-  }
-  return bits.f;
+  const int exponent = ilogbf(max_abs);  // max_abs = f * 2^exponent, f in [1, 2); exponent in [-149, 127]
+  return ldexpf(1.f, exponent > -126 ? -exponent : 126);
 }
 
 // acc + a * b, rounded twice and never contracted into an FMA, so that the CUDA kernels pick the
