@@ -3,6 +3,7 @@
 // include from .cu files.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 
@@ -66,12 +67,21 @@ VZ_HOST_DEVICE bool beats(float candidate, float best) {
 // assignment is scale invariant, where a plain normalisation loses tiny rows to underflow (|m|^2 <
 // 2^-149) and huge ones to overflow. For ordinary rows the unit vectors keep their bits (every
 // product, sum, sqrt and quotient is scaled by an exact power of two) and the similarities are scaled
-// alike, so the argmax is unchanged. (Reading the exponent from the float's bits instead of
-// ilogbf/ldexpf makes ptxas spill in plan_select_kernel on sm_90, for no measurable gain on the CPU.)
+// alike, so the argmax is unchanged. The GPU computes it with ilogbf/ldexpf (reading the float's bits
+// there makes ptxas spill in plan_select_kernel on sm_90); the host reads the bits, since ilogbf and
+// ldexpf are library calls there and this runs once per metric row. Both give 2^-clamp(e) exactly.
 VZ_HOST_DEVICE float metric_scale(float max_abs) {
   if (!(max_abs > 0.f) || !finite_value(max_abs)) return 1.f;
+#if defined(__CUDA_ARCH__)
   const int exponent = ilogbf(max_abs);  // max_abs = f * 2^exponent, f in [1, 2); exponent in [-149, 127]
   return ldexpf(1.f, exponent > -126 ? -exponent : 126);
+#else
+  // The biased exponent e + 127 of a normal max (1..254); a subnormal max (0) counts as e = -126.
+  const uint32_t exponent_bits = std::bit_cast<uint32_t>(max_abs) >> 23;
+  const uint32_t biased = exponent_bits > 1u ? exponent_bits : 1u;
+  // 2^-e has the biased exponent 127 - e = 254 - biased, except 2^-127, a subnormal float.
+  return std::bit_cast<float>(biased < 254u ? (254u - biased) << 23 : 1u << 22);
+#endif
 }
 
 // acc + a * b, rounded twice and never contracted into an FMA, so that the CUDA kernels pick the
