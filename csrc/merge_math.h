@@ -3,6 +3,7 @@
 // include from .cu files.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 
@@ -14,7 +15,8 @@
 
 namespace visionzip {
 
-// Same guard as torch.nn.functional.normalize: x / max(||x||, eps).
+// Same guard as torch.nn.functional.normalize: x / max(||x||, eps). A row scaled by metric_scale has
+// a norm >= 1 unless it is zero, so eps only keeps a zero row's unit vector zero.
 constexpr float kNormEps = 1e-12f;
 
 // What a token becomes in the output of contextual_merge.
@@ -48,24 +50,38 @@ VZ_HOST_DEVICE float clamped_norm(float sum_of_squares) {
   return norm > kNormEps ? norm : kNormEps;
 }
 
+// |v| is a finite float (false for +-inf and NaN).
+VZ_HOST_DEVICE bool finite_value(float v) { return fabsf(v) <= 3.40282347e38f; }
+
 // The assignment's argmax order, as torch.argmax: a NaN similarity beats every number (the first
 // NaN wins), otherwise the first maximum wins.
 VZ_HOST_DEVICE bool beats(float candidate, float best) {
   return candidate > best || (candidate != candidate && best == best);
 }
 
-// |v| is a finite float (false for +-inf and NaN).
-VZ_HOST_DEVICE bool finite_value(float v) { return fabsf(v) <= 3.40282347e38f; }
-
-// The power of two a member's metric is multiplied by before its similarities are summed: it brings
-// max |m| into [1, 2) when smaller (capped at 2^126), 1 otherwise. Multiplying by a power of two is
-// exact, so the K similarities are scaled alike and the argmax is unchanged; what it prevents is
-// their underflow for tiny metrics (|m| ~ 1e-30), where the reference, which normalises every member
-// first, still tells the targets apart.
-VZ_HOST_DEVICE float member_scale(float max_abs) {
-  if (!(max_abs > 0.f) || max_abs >= 1.f) return 1.f;
-  const int exponent = ilogbf(max_abs);  // max_abs = f * 2^exponent, f in [1, 2)
-  return ldexpf(1.f, -exponent < 126 ? -exponent : 126);
+// The power of two every metric row (targets and members) is multiplied by before anything else
+// (docs/SPEC.md "Merging" step 1): 2^-e with e = ilogb(max |m|), which brings max |m| into [1, 2);
+// e is taken >= -126, so a row whose max is subnormal gets 2^126 (its max lands in [2^-23, 1)); 1 for
+// a zero or non-finite max. The product is one correctly rounded multiply, so a row multiplied by any
+// power of two 2^p (no element under- or overflowing) gives the same bits as the row itself: the
+// assignment is scale invariant, where a plain normalisation loses tiny rows to underflow (|m|^2 <
+// 2^-149) and huge ones to overflow. For ordinary rows the unit vectors keep their bits (every
+// product, sum, sqrt and quotient is scaled by an exact power of two) and the similarities are scaled
+// alike, so the argmax is unchanged. The GPU computes it with ilogbf/ldexpf (reading the float's bits
+// there makes ptxas spill in plan_select_kernel on sm_90); the host reads the bits, since ilogbf and
+// ldexpf are library calls there and this runs once per metric row. Both give 2^-clamp(e) exactly.
+VZ_HOST_DEVICE float metric_scale(float max_abs) {
+  if (!(max_abs > 0.f) || !finite_value(max_abs)) return 1.f;
+#if defined(__CUDA_ARCH__)
+  const int exponent = ilogbf(max_abs);  // max_abs = f * 2^exponent, f in [1, 2); exponent in [-149, 127]
+  return ldexpf(1.f, exponent > -126 ? -exponent : 126);
+#else
+  // The biased exponent e + 127 of a normal max (1..254); a subnormal max (0) counts as e = -126.
+  const uint32_t exponent_bits = std::bit_cast<uint32_t>(max_abs) >> 23;
+  const uint32_t biased = exponent_bits > 1u ? exponent_bits : 1u;
+  // 2^-e has the biased exponent 127 - e = 254 - biased, except 2^-127, a subnormal float.
+  return std::bit_cast<float>(biased < 254u ? (254u - biased) << 23 : 1u << 22);
+#endif
 }
 
 // acc + a * b, rounded twice and never contracted into an FMA, so that the CUDA kernels pick the

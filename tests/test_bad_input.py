@@ -353,7 +353,7 @@ KEEP_RANGE_CASES = [
 
 @pytest.mark.parametrize("op,name,changes", KEEP_RANGE_CASES, ids=_ids(KEEP_RANGE_CASES))
 def test_keep_out_of_range(op, name, changes):
-    message = assert_rejected(op, changes, ValueError, "keep", metadata_rule=False, reference_message=None)
+    message = assert_rejected(op, changes, ValueError, "keep", metadata_rule=False)
     assert "out of range" in message
 
 
@@ -365,9 +365,18 @@ def _duplicate_keep(f):
 
 @pytest.mark.parametrize("op", ["contextual_merge", "contextual_merge_backward"])
 def test_keep_duplicate_indices(op):
-    message = assert_rejected(op, {"keep": _duplicate_keep}, ValueError, "keep", metadata_rule=False,
-                              reference_message=None)
+    message = assert_rejected(op, {"keep": _duplicate_keep}, ValueError, "keep", metadata_rule=False)
     assert "distinct" in message
+
+
+def test_reference_keep_rule_applies_without_contextual_tokens():
+    """K = 0 never reads the metric, yet a bad keep is still named (not a bare index error)."""
+    args = make_args("contextual_merge", "cpu", {"keep": _keep_with(N), "contextual": 0})
+    with pytest.raises(ValueError) as kernel_info:
+        ops.contextual_merge(*args)
+    with pytest.raises(ValueError) as ref_info:
+        reference.contextual_merge(*args)
+    assert normalized(str(ref_info.value)) == normalized(str(kernel_info.value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,15 +403,53 @@ NON_FINITE = [
 @pytest.mark.parametrize("value", [1e300, -1e300])
 def test_fp64_scores_beyond_float32_are_named(op, value):
     message = assert_rejected(op, {"scores": _scores_with(value, torch.float64)}, ValueError, "scores",
-                              metadata_rule=False, reference_message="type")
+                              metadata_rule=False)
     assert "outside float32's range" in message and "e+300" in message, message
 
 
 @pytest.mark.parametrize("op,name,value,dtype", NON_FINITE, ids=[c[0] + "-" + c[1] for c in NON_FINITE])
 def test_non_finite_scores(op, name, value, dtype):
-    message = assert_rejected(op, {"scores": _scores_with(value, dtype)}, ValueError, "scores", metadata_rule=False,
-                              reference_message="type")
+    message = assert_rejected(op, {"scores": _scores_with(value, dtype)}, ValueError, "scores", metadata_rule=False)
     assert "finite" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Value rules of the packed merge's backward: the kernel and the reference name the backward op (the
+# reference computes it through the forward, whose name it must not borrow).
+
+VARLEN_T = 30
+
+
+def _varlen_backward_args(**changes):
+    g = torch.Generator().manual_seed(0)
+    args = {"grad_tokens": torch.randn(15, C, generator=g), "scores": torch.randn(VARLEN_T, generator=g),
+            "metric": torch.randn(VARLEN_T, d, generator=g), "cu_seqlens": torch.tensor([0, 12, VARLEN_T]),
+            "dominant": [4, 6], "contextual": [2, 3]}
+    args.update({name: change(args[name]) for name, change in changes.items()})
+    return args
+
+
+VARLEN_BACKWARD_VALUE_CASES = [
+    ("cu first", {"cu_seqlens": lambda t: torch.tensor([1, 12, VARLEN_T])}, "cu_seqlens"),
+    ("cu decreasing", {"cu_seqlens": lambda t: torch.tensor([0, 31, VARLEN_T])}, "cu_seqlens"),
+    ("cu last", {"cu_seqlens": lambda t: torch.tensor([0, 12, 29])}, "cu_seqlens"),
+    ("dominant above N_i", {"dominant": lambda t: [13, 0], "contextual": lambda t: [0, 2]}, "dominant"),
+    ("nan score", {"scores": lambda t: t.index_fill(0, torch.tensor([17]), float("nan"))}, "scores"),
+    ("fp64 score beyond fp32", {"scores": lambda t: t.double().index_fill(0, torch.tensor([5]), 1e300)}, "scores"),
+]
+
+
+@pytest.mark.parametrize("rule,changes,arg", VARLEN_BACKWARD_VALUE_CASES,
+                         ids=[c[0] for c in VARLEN_BACKWARD_VALUE_CASES])
+def test_varlen_backward_value_rules_name_the_backward(rule, changes, arg):
+    args = _varlen_backward_args(**changes)
+    with pytest.raises(ValueError) as kernel_info:
+        ops.varlen_select_merge_backward(*args.values())
+    message = normalized(str(kernel_info.value))
+    assert message.startswith(f"visionzip.varlen_select_merge_backward: {arg}"), message
+    with pytest.raises(ValueError) as ref_info:
+        reference.varlen_select_merge_backward(*args.values())
+    assert normalized(str(ref_info.value)) == message, "reference and C++ messages differ"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,8 +348,8 @@ def test_assignment_decided_by_rounding_matches_cpu_bitwise(emu):
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics the plain formulas get wrong: tiny rows (their similarities would underflow; members are
-# scaled by a power of two, merge_math.h's member_scale) and non-finite rows (torch.argmax's order:
+# Metrics the plain formulas get wrong: tiny rows (their similarities would underflow; every row is
+# scaled by a power of two, merge_math.h's metric_scale) and non-finite rows (torch.argmax's order:
 # the first NaN wins; a non-finite member goes to target 0). CPU kernel against the reference, and
 # the emulated CUDA kernels against the CPU kernel bit for bit.
 
@@ -366,6 +366,39 @@ def test_tiny_metrics_are_assigned_as_in_float64(emu, magnitude, seed):
     assert_close_verbose(tokens.double(), expected, atol=1e-6, rtol=1e-5, name=f"CPU, |metric| ~ {magnitude}")
     emu_tokens, emu_keep = emu_merge(emu, hidden, metric, D, K, scores=scores)
     assert_equal_verbose(emu_keep, keep, "keep")
+    assert_equal_verbose(emu_tokens, tokens, "emulated tokens vs CPU kernel")
+
+
+@pytest.mark.parametrize("factor", [2.0**-100, 1e-15, 1e-36, 1e20, 2.0**120])
+def test_metric_scale_does_not_change_the_emulated_plan(emu, factor):
+    """docs/SPEC.md "Merging" step 1: every row (targets included) is brought to max |m| in [1, 2) by a
+    power of two first, so a scaled metric is merged as the unscaled one, on the emulated CUDA kernels
+    as on the CPU kernel (bit for bit for a power of two; the same assignment on a separated metric)."""
+    B, N, C, d, D, K = 2, 120, 16, 16, 10, 6
+    hidden, scores, metric, _ = merge_inputs(B, N, C, D, K, d=d, seed=5)
+    tokens, keep = ops.select_merge(hidden, scores, metric, D, K, True)
+    scaled = metric * factor
+    emu_tokens, emu_keep = emu_merge(emu, hidden, scaled, D, K, scores=scores)
+    assert_equal_verbose(emu_keep, keep, "keep")
+    assert_equal_verbose(emu_tokens, tokens, f"emulated tokens, metric * {factor}, vs CPU kernel unscaled")
+    assert_equal_verbose(ops.select_merge(hidden, scores, scaled, D, K, True)[0], tokens, "CPU kernel, scaled")
+
+
+def test_subnormal_and_zero_metric_rows_match_the_cpu_kernel(emu):
+    """Rows whose max |m| is subnormal (their scale is capped at 2^126) and all-zero rows (a zero unit
+    vector), as targets and as members: the emulated plan is the CPU kernel's, bit for bit."""
+    B, N, C, d, D, K = 2, 96, 8, 12, 8, 7
+    hidden, scores, metric, keep = merge_inputs(B, N, C, D, K, d=d, seed=11)
+    rest, targets = _rest_and_targets(keep[0], N, K)
+    members = [n for n in rest if n not in targets]
+    metric[0, targets[1]] = 0.0
+    metric[0, members[:5]] = 0.0
+    metric[1] *= 2.0**-140  # every row of image 1 subnormal (many elements flush to zero)
+    assert bool((metric[1].abs().amax(dim=-1) < torch.finfo(torch.float32).tiny).all())
+    tokens, got_keep = ops.select_merge(hidden, scores, metric, D, K, True)
+    assert_equal_verbose(got_keep, keep, "keep")
+    assert_tokens_match_reference(tokens, hidden, metric, keep, K, "CPU, zero and subnormal rows")
+    emu_tokens, _ = emu_merge(emu, hidden, metric, D, K, scores=scores)
     assert_equal_verbose(emu_tokens, tokens, "emulated tokens vs CPU kernel")
 
 

@@ -143,3 +143,61 @@ def test_score_ops_properties(B, N, H, d, dtype, strided, seed):
         assert bool((got >= 0).all()), name
         assert_close_verbose(got.sum(dim=1), torch.ones(B), atol=1e-5, rtol=0, name=f"{name} sums to 1")
         assert_close_verbose(got, expected, atol=1e-9, rtol=FP32_RTOL, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric scale (docs/SPEC.md "Merging" step 1): every metric row is brought to max |m| in [1, 2) by a
+# power of two before it is normalised, so the assignment does not depend on the metric's scale. A
+# power-of-two factor gives the same bits; another factor rounds the metric, so it gives the same
+# assignment on a separated metric. fp32 and fp64 take every factor below; bf16 only powers of two
+# (its rounding of metric * 1e20 moves directions by ~1e-3); fp16 only a small one (its range).
+
+SCALE_FACTORS = {
+    torch.float32: [2.0**-100, 1e-15, 1e-36, 1e20, 2.0**100],
+    torch.float64: [2.0**-100, 1e-15, 1e-36, 1e20],
+    torch.bfloat16: [2.0**-100, 2.0**100],
+    torch.float16: [2.0**12],
+}
+
+
+@st.composite
+def scaled_problems(draw):
+    p = draw(merge_problems(max_n=160))
+    p["dtype"] = draw(st.sampled_from(list(SCALE_FACTORS)))
+    return p, draw(st.sampled_from(SCALE_FACTORS[p["dtype"]]))
+
+
+@given(scaled_problems())
+def test_assignment_does_not_depend_on_the_metric_scale(problem):
+    p, factor = problem
+    D, K, keep_cls = p["D"], p["K"], p["keep_cls"]
+    hidden, scores, metric, keep = build(p)
+    scaled = metric * factor
+    assert bool(torch.isfinite(scaled).all()) and bool(((scaled == 0) == (metric == 0)).all()), "precondition"
+    note(f"factor {factor}, dtype {p['dtype']}")
+    # The merged rows depend on the metric only through the assignment: equal bits = equal assignment.
+    for name, merge in (("CPU kernel", ops.select_merge), ("reference", reference.select_merge)):
+        tokens, got_keep = merge(hidden, scores, metric, D, K, keep_cls)
+        scaled_tokens, scaled_keep = merge(hidden, scores, scaled, D, K, keep_cls)
+        assert_equal_verbose(scaled_keep, got_keep, f"{name}: keep, metric * {factor}")
+        assert_equal_verbose(scaled_tokens, tokens, f"{name}: tokens (the assignment), metric * {factor}")
+    scaled_tokens, _ = ops.select_merge(hidden, scores, scaled, D, K, keep_cls)
+    assert_tokens_match_reference(scaled_tokens, hidden, scaled, keep, K, f"CPU vs reference, metric * {factor}")
+
+
+@given(merge_problems(max_n=120), st.integers(-100, 100))
+def test_power_of_two_scale_gives_the_same_bits_even_with_ties(p, exponent):
+    """Without separating the assignment (ties and near-ties left in, duplicated rows added): a power of
+    two leaves every bit of the plan as it is, on the CPU kernel and on the reference alike."""
+    p = dict(p, dtype=torch.float32)
+    D, K, keep_cls = p["D"], p["K"], p["keep_cls"]
+    g = torch.Generator().manual_seed(p["seed"])
+    hidden = torch.randn(p["B"], p["N"], p["C"], generator=g)
+    scores = separated_scores(p["B"], p["N"], seed=p["seed"])
+    metric = torch.randn(p["B"], p["N"], p["d"], generator=g)
+    metric[:, 1::3] = metric[:, ::3][:, : metric[:, 1::3].shape[1]]  # exact ties between targets
+    scaled = metric * 2.0**exponent
+    assert torch.equal(scaled * 2.0**-exponent, metric), "precondition: no element under- or overflows"
+    for name, merge in (("CPU kernel", ops.select_merge), ("reference", reference.select_merge)):
+        tokens, _ = merge(hidden, scores, metric, D, K, keep_cls)
+        assert_equal_verbose(merge(hidden, scores, scaled, D, K, keep_cls)[0], tokens, f"{name}, metric * 2^{exponent}")

@@ -8,6 +8,8 @@ Validation is the same as the ops', so the reference raises the same errors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,9 +48,21 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: b
     return (received.mean(dim=1) / N).float()
 
 
+def _mean_in_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean of x over dim with a stated summation order: from zero, adding the slices one at a time in
+    ascending index order, each add rounded in x.dtype, then one division by the size. (torch.mean picks
+    its own order, pairwise or vectorised, and its last bits differ from the kernels' once the size is 9
+    or more.) Starting from +0 as the kernels' accumulators do also maps a sum of -0.0s to +0.0."""
+    total = torch.zeros_like(x.select(dim, 0))
+    for i in range(x.shape[dim]):
+        total = total + x.select(dim, i)
+    return total / x.shape[dim]
+
+
 def head_mean(k: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-    """[B,N,H,d] -> [B,N,d] in k.dtype: the merge metric, k averaged over heads."""
-    return k.to(_compute_dtype(k.dtype, upcast)).mean(dim=2).to(k.dtype)
+    """[B,N,H,d] -> [B,N,d] in k.dtype: the merge metric, k averaged over heads (docs/SPEC.md "Notation"):
+    summed over h in ascending order in fp32 (fp64 for fp64), divided by H, rounded once to k.dtype."""
+    return _mean_in_order(k.to(_compute_dtype(k.dtype, upcast)), dim=2).to(k.dtype)
 
 
 def scores_and_metric(
@@ -68,6 +82,20 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     return _dominant_topk(scores, dominant, keep_cls)
 
 
+def _check_keep_values(op: str, keep: torch.Tensor, num_tokens: int) -> None:
+    """The CPU kernels' rule on keep's values, with their messages (csrc/cpu/select_merge_cpu.cpp,
+    check_keep_values): entries in [0, N), distinct within a row; the first offence in row-major order
+    is named."""
+    for b, row in enumerate(keep.tolist()):
+        seen = set()
+        for i, token in enumerate(row):
+            if not 0 <= token < num_tokens:
+                raise ValueError(f"visionzip.{op}: keep[{b}, {i}] = {token} is out of range for N = {num_tokens}")
+            if token in seen:
+                raise ValueError(f"visionzip.{op}: keep[{b}] must hold distinct token indices, {token} appears twice")
+            seen.add(token)
+
+
 def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool) -> torch.Tensor:
     """dominant_topk on checked arguments (dominant may be 0 without keep_cls)."""
     s = scores.float()
@@ -81,11 +109,26 @@ def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool) -> torch
     return ranked.sort(dim=1).values
 
 
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> the rows' unit vectors as docs/SPEC.md "Merging" step 1 defines them: each row times
+    the power of two 2^-e, e = ilogb(max |row|) (e at least the dtype's smallest normal exponent), then
+    divided by max(norm, 1e-12). The power of two brings max |row| into [1, 2) exactly, so the result is
+    the same for the row times any power of two, and tiny or huge rows neither underflow nor overflow
+    (their norm is >= 1: the eps only keeps a zero row zero). A row that is not finite is left as it
+    is (its unit vector holds NaNs, as F.normalize gives)."""
+    max_abs = rows.abs().amax(dim=-1, keepdim=True).double()
+    smallest_normal_exponent = round(math.log2(torch.finfo(rows.dtype).tiny))
+    exponent = (torch.frexp(max_abs).exponent - 1).clamp(min=smallest_normal_exponent)  # max = f * 2^e, f in [1, 2)
+    scaled = torch.isfinite(max_abs) & (max_abs > 0)
+    scale = torch.where(scaled, torch.exp2(-exponent.double()), 1.0).to(rows.dtype)  # exact powers of two
+    return F.normalize(rows * scale, dim=-1, eps=1e-12)
+
+
 def _assignment(metric: torch.Tensor, rest: torch.Tensor, contextual: int, dt: torch.dtype):
     """Positions of the targets within the rest, and each rest token's target (targets map to themselves)."""
     B, M = rest.shape
     d = metric.shape[2]
-    unit = F.normalize(metric.to(dt).gather(1, rest[..., None].expand(B, M, d)), dim=-1, eps=1e-12)
+    unit = _unit_rows(metric.to(dt).gather(1, rest[..., None].expand(B, M, d)))
     step = max(1, M // contextual)
     target_pos = torch.arange(contextual, device=metric.device) * step
     similarity = unit @ unit[:, target_pos].transpose(1, 2)  # [B, M, K]
@@ -99,6 +142,7 @@ def contextual_merge(
 ) -> torch.Tensor:
     """[B,N,C], [B,N,d], [B,D] -> [B,D+K,C]: dominant rows in keep's order, then K contextual rows."""
     check.contextual_merge_args(hidden, metric, keep, contextual)
+    _check_keep_values("contextual_merge", keep, hidden.shape[1])
     return _contextual_merge(hidden, metric, keep, contextual, upcast)
 
 
@@ -133,11 +177,12 @@ def contextual_merge_backward(
 ) -> torch.Tensor:
     """[B,D+K,C] -> [B,N,C]: the vector-Jacobian product of :func:`contextual_merge`, by autograd."""
     check.contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens)
+    _check_keep_values("contextual_merge_backward", keep, num_tokens)
     B, _, C = grad_tokens.shape
     contextual = grad_tokens.shape[1] - keep.shape[1]
     hidden = torch.zeros(B, num_tokens, C, dtype=grad_tokens.dtype, device=grad_tokens.device, requires_grad=True)
     with torch.enable_grad():
-        tokens = contextual_merge(hidden, metric, keep, contextual, upcast=upcast)
+        tokens = _contextual_merge(hidden, metric, keep, contextual, upcast)
         (grad_hidden,) = torch.autograd.grad(tokens, hidden, grad_tokens)
     return grad_hidden
 
@@ -153,8 +198,9 @@ def select_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dominant_topk then contextual_merge: -> (tokens [B,D+K,C], keep [B,D])."""
     check.select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls)
-    keep = dominant_topk(scores, dominant, keep_cls)
-    return contextual_merge(hidden, metric, keep, contextual, upcast=upcast), keep
+    check.finite_scores("select_merge", scores)  # named as select_merge's, as the kernels do
+    keep = _dominant_topk(scores, dominant, keep_cls)
+    return _contextual_merge(hidden, metric, keep, contextual, upcast), keep
 
 
 def varlen_scores_and_metric(
@@ -176,7 +222,9 @@ def varlen_scores_and_metric(
         probs = (queries @ keys.transpose(1, 2) * scale).softmax(dim=-1)  # [H, L, L]
         received[start:end] = probs.mean(dim=0).sum(dim=0)
     scores = received.view(-1, unit).mean(dim=1).float()
-    metric = k.to(dt).reshape(T // unit, unit, H, d).mean(dim=1).mean(dim=1).to(k.dtype)
+    # The kernels' order: per head, the unit's tokens summed in order and divided by unit, then the heads
+    # summed in order and divided by H; one rounding to k.dtype.
+    metric = _mean_in_order(_mean_in_order(k.to(dt).reshape(T // unit, unit, H, d), dim=1), dim=1).to(k.dtype)
     return scores, metric
 def _targets(keep: torch.Tensor, num_tokens: int, contextual: int) -> torch.Tensor:
     """[D] ascending dominant indices of one image -> [K] its targets' token indices, ascending: the
@@ -205,6 +253,21 @@ def varlen_select_merge(
     dominant = budget_list(op, "dominant", dominant, num_images)
     contextual = budget_list(op, "contextual", contextual, num_images)
     check.varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual)
+    return _varlen_select_merge(op, hidden, scores, metric, cu_seqlens, dominant, contextual, upcast)
+
+
+def _varlen_select_merge(
+    op: str,
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    metric: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dominant: list[int],
+    contextual: list[int],
+    upcast: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """varlen_select_merge on arguments whose metadata op (the forward or the backward) has checked:
+    the value rules are checked here, under op's name."""
     cu = check.read_cu_seqlens_and_check_budgets(op, cu_seqlens, hidden.shape[0], dominant, contextual)
     check.finite_scores(op, scores)
     tokens, keep = [], []
@@ -235,10 +298,12 @@ def varlen_select_merge_backward(
     upcast: bool = True,
 ) -> torch.Tensor:
     """[sum(D_i+K_i), C] -> [T, C]: the vector-Jacobian product of :func:`varlen_select_merge`, by autograd."""
+    op = "varlen_select_merge_backward"
     check.varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant, contextual)
     hidden = grad_tokens.new_zeros((scores.shape[0], grad_tokens.shape[1]), requires_grad=True)
     with torch.enable_grad():
-        tokens = varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual, upcast=upcast)[0]
+        dominant, contextual = list(dominant), list(contextual)
+        tokens = _varlen_select_merge(op, hidden, scores, metric, cu_seqlens, dominant, contextual, upcast)[0]
         if not tokens.requires_grad:  # no budget anywhere: nothing depends on hidden
             return torch.zeros_like(hidden, requires_grad=False)
         (grad_hidden,) = torch.autograd.grad(tokens, hidden, grad_tokens)

@@ -264,7 +264,8 @@ class PlanBuilder {
     }
     if (K_ == 0) return;
     // Targets sit at positions 0, step, ..., (K-1)*step of the ascending not-kept tokens; their
-    // metric is normalised as m / max(||m||, eps) (docs/SPEC.md "Merging" step 1).
+    // metric is scaled by metric_scale, then normalised as m / max(||m||, eps) (docs/SPEC.md "Merging"
+    // step 1).
     float* targets_t = targets_t_.data() + b * d_ * k_pad_;
     std::fill(targets_t, targets_t + d_ * k_pad_, 0.f);
     std::vector<float> m(d_);
@@ -279,7 +280,11 @@ class PlanBuilder {
       role[n] = kTarget;
       row[n] = static_cast<int32_t>(D_ + i);
       target_ptr_[b * K_ + i] = n;
-      load_metric_row(m_ptr_ + b * ms0_ + n * ms1_, d_, m.data());
+      const uint32_t max_bits = load_metric_row(m_ptr_ + b * ms0_ + n * ms1_, d_, m.data());
+      const float scale = metric_scale(std::bit_cast<float>(max_bits));
+      if (scale != 1.f) {
+        for (int64_t c = 0; c < d_; ++c) m[c] *= scale;
+      }
       float sum_sq = 0.f;
       for (int64_t c = 0; c < d_; ++c) sum_sq = add_product(sum_sq, m[c], m[c]);
       const float norm = clamped_norm(sum_sq);
@@ -289,9 +294,10 @@ class PlanBuilder {
 
   // Each member of members[first, last) goes to its most cosine-similar target (merge_math.h's
   // beats: NaN first, then the first maximum). Dividing by the member's own norm scales all K
-  // similarities alike, so the argmax skips it; a power of two (member_scale) keeps tiny metrics from
-  // underflowing, and a member with a non-finite metric goes to target 0, where the reference's
-  // all-NaN row sends it. Finite members are summed kMemberGroup at a time.
+  // similarities alike, so the argmax skips it; the member is scaled by metric_scale as the targets
+  // are (so no similarity under- or overflows and the assignment is scale invariant), and a member
+  // with a non-finite metric goes to target 0, where the reference's all-NaN row sends it. Finite
+  // members are summed kMemberGroup at a time.
   void assign(int64_t b, int64_t first, int64_t last) {
     if (first >= last) return;
     const int32_t* members = members_.data() + b * N_;
@@ -314,7 +320,7 @@ class PlanBuilder {
         row[n] = static_cast<int32_t>(D_);
         continue;
       }
-      const float scale = member_scale(std::bit_cast<float>(max_bits));
+      const float scale = metric_scale(std::bit_cast<float>(max_bits));
       if (scale != 1.f) {
         for (int64_t c = 0; c < d_; ++c) m[c] *= scale;
       }

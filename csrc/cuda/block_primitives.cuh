@@ -1,4 +1,4 @@
-// Building blocks of the plan kernels: a warp sum (plan_lists_kernel uses it too), the block's
+// Building blocks of the plan kernels: a warp sum (plan_lists_kernel uses it too), a warp max, the block's
 // exclusive scan, and the top-k (a radix select of the k-th largest score key, then the tied tokens
 // in index order).
 #pragma once
@@ -17,6 +17,15 @@ __device__ __forceinline__ int warp_sum(int value) {
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) value += __shfl_xor_sync(kFullMask, value, offset);
   return value;
 #endif
+}
+
+// The largest value over the warp's lanes, in every lane (fmaxf: exact and order-free; NaNs are
+// skipped, which only a row that is all NaN anyway can notice).
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
+  }
+  return value;
 }
 
 // Block-wide helpers of plan_select_kernel (blockDim.x == kPlanThreads; every thread calls them).

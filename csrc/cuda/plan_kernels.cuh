@@ -83,9 +83,10 @@ __device__ void plan_image(const metric_t* metric, int64_t metric_sb, int64_t me
   }
   __syncthreads();
 
-  // Unit metric of each target, m / max(||m||, eps), stored transposed: unit[c * K_pad + i], zero
-  // in the padding. One warp per target: lanes load kUnitStage channels at a time (coalesced) into
-  // shared memory, and every lane sums their squares in channel order, as the CPU kernel's loop does.
+  // Unit metric of each target, m * s / max(||m * s||, eps) with s = metric_scale(max |m|), stored
+  // transposed: unit[c * K_pad + i], zero in the padding. One warp per target: the lanes' max |m|
+  // (warp_max), then lanes load kUnitStage channels at a time (coalesced) into shared memory, and every
+  // lane sums their squares in channel order, as the CPU kernel's loop does.
   const int64_t k_pad = padded_targets(K);
   float* unit = plan.unit + span.unit_base;
   for (int64_t i = warp; i < k_pad; i += kPlanWarps) {
@@ -95,6 +96,9 @@ __device__ void plan_image(const metric_t* metric, int64_t metric_sb, int64_t me
       continue;
     }
     const metric_t* m = m_img + t * metric_sn;
+    float max_abs = 0.f;
+    for (int64_t c = lane; c < d; c += kWarp) max_abs = fmaxf(max_abs, fabsf(static_cast<float>(m[c])));
+    const float scale = metric_scale(warp_max(max_abs));
     float* staged = select_shared.staged[warp];
     float sum_sq = 0.f;
     for (int64_t c0 = 0; c0 < d; c0 += kUnitStage) {
@@ -102,14 +106,14 @@ __device__ void plan_image(const metric_t* metric, int64_t metric_sb, int64_t me
 #pragma unroll
       for (int j = 0; j < kUnitStage / kWarp; ++j) {  // independent loads in flight
         const int64_t c = c0 + j * kWarp + lane;
-        staged[j * kWarp + lane] = c < d ? static_cast<float>(m[c]) : 0.f;
+        staged[j * kWarp + lane] = c < d ? static_cast<float>(m[c]) * scale : 0.f;
       }
       __syncwarp();
       const int width = d - c0 < kUnitStage ? static_cast<int>(d - c0) : kUnitStage;
       for (int l = 0; l < width; ++l) sum_sq = add_product(sum_sq, staged[l], staged[l]);  // broadcast reads
     }
     const float norm = clamped_norm(sum_sq);
-    for (int64_t c = lane; c < d; c += kWarp) unit[c * k_pad + i] = static_cast<float>(m[c]) / norm;
+    for (int64_t c = lane; c < d; c += kWarp) unit[c * k_pad + i] = static_cast<float>(m[c]) * scale / norm;
   }
 }
 
@@ -179,7 +183,7 @@ struct alignas(16) Float4 {
 // staged through shared memory 32 channels at a time (coalesced loads), and each lane sums
 // m[c] * unit[c, i] over c in ascending order, as the CPU kernel does. The member's own norm scales
 // all K similarities alike, so it is skipped; a first pass over the chunks finds each token's max
-// |m| for member_scale (tiny metrics must not underflow) and whether it is finite (a non-finite
+// |m| for metric_scale (tiny metrics must not underflow) and whether it is finite (a non-finite
 // member goes to target 0), as the CPU does. unit_in_shared: the image's unit targets are copied to
 // dynamic shared memory first (plan_launch decides from K_pad * d).
 template <typename metric_t, typename Images>
@@ -225,7 +229,7 @@ plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64
         max_abs = fmaxf(max_abs, fabsf(v));
       }
     }
-    const float scale = member_scale(max_abs);
+    const float scale = metric_scale(max_abs);
     int64_t best = 0;
     float best_sim = 0.f;
     for (int64_t i0 = 0; i0 < K; i0 += kTargetTile) {
