@@ -19,12 +19,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor call_contextual_merge(const at::Tensor& hidden, const at::Tensor& metric,
-                                 const at::Tensor& keep, int64_t contextual) {
+at::Tensor call_contextual_merge(const at::Tensor& hidden, const at::Tensor& metric, const at::Tensor& keep,
+                                 int64_t contextual) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("visionzip::contextual_merge", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t)>();
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
   return op.call(hidden, metric, keep, contextual);
 }
 
@@ -32,20 +31,17 @@ at::Tensor call_contextual_merge_backward(const at::Tensor& grad_tokens, const a
                                           const at::Tensor& keep, int64_t num_tokens) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("visionzip::contextual_merge_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t)>();
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
   return op.call(grad_tokens, metric, keep, num_tokens);
 }
 
-std::tuple<at::Tensor, at::Tensor> call_select_merge(const at::Tensor& hidden,
-                                                     const at::Tensor& scores,
-                                                     const at::Tensor& metric, int64_t dominant,
-                                                     int64_t contextual, bool keep_cls) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("visionzip::select_merge", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, int64_t, int64_t, bool)>();
+std::tuple<at::Tensor, at::Tensor> call_select_merge(const at::Tensor& hidden, const at::Tensor& scores,
+                                                     const at::Tensor& metric, int64_t dominant, int64_t contextual,
+                                                     bool keep_cls) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("visionzip::select_merge", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, int64_t, int64_t, bool)>();
   return op.call(hidden, scores, metric, dominant, contextual, keep_cls);
 }
 
@@ -66,15 +62,15 @@ class ContextualMerge : public torch::autograd::Function<ContextualMerge> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const int64_t num_tokens = ctx->saved_data["num_tokens"].toInt();
-    return {call_contextual_merge_backward(grads[0], saved[0], saved[1], num_tokens), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {call_contextual_merge_backward(grads[0], saved[0], saved[1], num_tokens), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
 class ContextualMergeBackward : public torch::autograd::Function<ContextualMergeBackward> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_tokens,
-                            const at::Tensor& metric, const at::Tensor& keep, int64_t num_tokens) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_tokens, const at::Tensor& metric,
+                            const at::Tensor& keep, int64_t num_tokens) {
     ctx->save_for_backward({metric, keep});
     ctx->saved_data["contextual"] = token_count(grad_tokens) - token_count(keep);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -84,22 +80,19 @@ class ContextualMergeBackward : public torch::autograd::Function<ContextualMerge
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const int64_t contextual = ctx->saved_data["contextual"].toInt();
-    return {call_contextual_merge(grads[0], saved[0], saved[1], contextual), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {call_contextual_merge(grads[0], saved[0], saved[1], contextual), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 class SelectMerge : public torch::autograd::Function<SelectMerge> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden,
-                               const at::Tensor& scores, const at::Tensor& metric, int64_t dominant,
-                               int64_t contextual, bool keep_cls) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& scores,
+                               const at::Tensor& metric, int64_t dominant, int64_t contextual, bool keep_cls) {
     const int64_t num_tokens = token_count(hidden);
     at::Tensor tokens, keep;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(tokens, keep) =
-          call_select_merge(hidden, scores, metric, dominant, contextual, keep_cls);
+      std::tie(tokens, keep) = call_select_merge(hidden, scores, metric, dominant, contextual, keep_cls);
     }
     ctx->save_for_backward({metric, keep});
     ctx->saved_data["num_tokens"] = num_tokens;
@@ -110,8 +103,12 @@ class SelectMerge : public torch::autograd::Function<SelectMerge> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const int64_t num_tokens = ctx->saved_data["num_tokens"].toInt();
-    return {call_contextual_merge_backward(grads[0], saved[0], saved[1], num_tokens), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {call_contextual_merge_backward(grads[0], saved[0], saved[1], num_tokens),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -121,8 +118,8 @@ bool needs_grad(const at::Tensor& differentiable) {
   return at::GradMode::is_enabled() && differentiable.requires_grad();
 }
 
-at::Tensor contextual_merge_autograd(const at::Tensor& hidden, const at::Tensor& metric,
-                                     const at::Tensor& keep, int64_t contextual) {
+at::Tensor contextual_merge_autograd(const at::Tensor& hidden, const at::Tensor& metric, const at::Tensor& keep,
+                                     int64_t contextual) {
   if (!needs_grad(hidden)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_contextual_merge(hidden, metric, keep, contextual);
@@ -130,9 +127,8 @@ at::Tensor contextual_merge_autograd(const at::Tensor& hidden, const at::Tensor&
   return ContextualMerge::apply(hidden, metric, keep, contextual);
 }
 
-at::Tensor contextual_merge_backward_autograd(const at::Tensor& grad_tokens,
-                                              const at::Tensor& metric, const at::Tensor& keep,
-                                              int64_t num_tokens) {
+at::Tensor contextual_merge_backward_autograd(const at::Tensor& grad_tokens, const at::Tensor& metric,
+                                              const at::Tensor& keep, int64_t num_tokens) {
   if (!needs_grad(grad_tokens)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_contextual_merge_backward(grad_tokens, metric, keep, num_tokens);
@@ -140,17 +136,14 @@ at::Tensor contextual_merge_backward_autograd(const at::Tensor& grad_tokens,
   return ContextualMergeBackward::apply(grad_tokens, metric, keep, num_tokens);
 }
 
-std::tuple<at::Tensor, at::Tensor> select_merge_autograd(const at::Tensor& hidden,
-                                                         const at::Tensor& scores,
-                                                         const at::Tensor& metric,
-                                                         int64_t dominant, int64_t contextual,
+std::tuple<at::Tensor, at::Tensor> select_merge_autograd(const at::Tensor& hidden, const at::Tensor& scores,
+                                                         const at::Tensor& metric, int64_t dominant, int64_t contextual,
                                                          bool keep_cls) {
   if (!needs_grad(hidden)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_select_merge(hidden, scores, metric, dominant, contextual, keep_cls);
   }
-  const variable_list out =
-      SelectMerge::apply(hidden, scores, metric, dominant, contextual, keep_cls);
+  const variable_list out = SelectMerge::apply(hidden, scores, metric, dominant, contextual, keep_cls);
   return {out[0], out[1]};
 }
 
@@ -161,14 +154,13 @@ std::tuple<at::Tensor, at::Tensor> select_merge_autograd(const at::Tensor& hidde
 
 using VarlenOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-VarlenOutputs call_varlen_select_merge(const at::Tensor& hidden, const at::Tensor& scores,
-                                       const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                       c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
+VarlenOutputs call_varlen_select_merge(const at::Tensor& hidden, const at::Tensor& scores, const at::Tensor& metric,
+                                       const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+                                       c10::SymIntArrayRef contextual) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("visionzip::varlen_select_merge", "")
-                             .typed<VarlenOutputs(const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&, const at::Tensor&,
-                                                  c10::SymIntArrayRef, c10::SymIntArrayRef)>();
+                             .typed<VarlenOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef)>();
   return op.call(hidden, scores, metric, cu_seqlens, dominant, contextual);
 }
 
@@ -177,15 +169,13 @@ at::Tensor call_varlen_select_merge_backward(const at::Tensor& grad_tokens, cons
                                              c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("visionzip::varlen_select_merge_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&,
-                                               c10::SymIntArrayRef, c10::SymIntArrayRef)>();
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef)>();
   return op.call(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
 }
 
-void save_varlen(AutogradContext* ctx, const at::Tensor& scores, const at::Tensor& metric,
-                 const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
-                 c10::SymIntArrayRef contextual) {
+void save_varlen(AutogradContext* ctx, const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                 c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
   ctx->save_for_backward({scores, metric, cu_seqlens});
   ctx->saved_data["dominant"] = c10::IValue(dominant);
   ctx->saved_data["contextual"] = c10::IValue(contextual);
@@ -193,9 +183,8 @@ void save_varlen(AutogradContext* ctx, const at::Tensor& scores, const at::Tenso
 
 class VarlenSelectMerge : public torch::autograd::Function<VarlenSelectMerge> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden,
-                               const at::Tensor& scores, const at::Tensor& metric,
-                               const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& scores,
+                               const at::Tensor& metric, const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
                                c10::SymIntArrayRef contextual) {
     at::Tensor tokens, keep, cu_seqlens_out;
     {
@@ -213,55 +202,52 @@ class VarlenSelectMerge : public torch::autograd::Function<VarlenSelectMerge> {
     return {call_varlen_select_merge_backward(grads[0], saved[0], saved[1], saved[2],
                                               ctx->saved_data["dominant"].toSymIntVector(),
                                               ctx->saved_data["contextual"].toSymIntVector()),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
 class VarlenSelectMergeBackward : public torch::autograd::Function<VarlenSelectMergeBackward> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_tokens,
-                            const at::Tensor& scores, const at::Tensor& metric,
-                            const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_tokens, const at::Tensor& scores,
+                            const at::Tensor& metric, const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
                             c10::SymIntArrayRef contextual) {
     save_varlen(ctx, scores, metric, cu_seqlens, dominant, contextual);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant,
-                                             contextual);
+    return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor tokens = std::get<0>(call_varlen_select_merge(
-        grads[0], saved[0], saved[1], saved[2], ctx->saved_data["dominant"].toSymIntVector(),
-        ctx->saved_data["contextual"].toSymIntVector()));
+    const at::Tensor tokens = std::get<0>(call_varlen_select_merge(grads[0], saved[0], saved[1], saved[2],
+                                                                   ctx->saved_data["dominant"].toSymIntVector(),
+                                                                   ctx->saved_data["contextual"].toSymIntVector()));
     return {tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-VarlenOutputs varlen_select_merge_autograd(const at::Tensor& hidden, const at::Tensor& scores,
-                                           const at::Tensor& metric, const at::Tensor& cu_seqlens,
-                                           c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
+VarlenOutputs varlen_select_merge_autograd(const at::Tensor& hidden, const at::Tensor& scores, const at::Tensor& metric,
+                                           const at::Tensor& cu_seqlens, c10::SymIntArrayRef dominant,
+                                           c10::SymIntArrayRef contextual) {
   if (!needs_grad(hidden)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_varlen_select_merge(hidden, scores, metric, cu_seqlens, dominant, contextual);
   }
-  const variable_list out =
-      VarlenSelectMerge::apply(hidden, scores, metric, cu_seqlens, dominant, contextual);
+  const variable_list out = VarlenSelectMerge::apply(hidden, scores, metric, cu_seqlens, dominant, contextual);
   return {out[0], out[1], out[2]};
 }
 
-at::Tensor varlen_select_merge_backward_autograd(const at::Tensor& grad_tokens,
-                                                 const at::Tensor& scores, const at::Tensor& metric,
-                                                 const at::Tensor& cu_seqlens,
-                                                 c10::SymIntArrayRef dominant,
-                                                 c10::SymIntArrayRef contextual) {
+at::Tensor varlen_select_merge_backward_autograd(const at::Tensor& grad_tokens, const at::Tensor& scores,
+                                                 const at::Tensor& metric, const at::Tensor& cu_seqlens,
+                                                 c10::SymIntArrayRef dominant, c10::SymIntArrayRef contextual) {
   if (!needs_grad(grad_tokens)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant,
-                                             contextual);
+    return call_varlen_select_merge_backward(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
   }
-  return VarlenSelectMergeBackward::apply(grad_tokens, scores, metric, cu_seqlens, dominant,
-                                          contextual);
+  return VarlenSelectMergeBackward::apply(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
 }
 
 }  // namespace

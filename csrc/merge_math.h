@@ -105,8 +105,6 @@ VZ_HOST_DEVICE uint32_t score_key(float score) {
 }
 
 // The divisor of a contextual row's member mean: max(count, 1).
-VZ_HOST_DEVICE float member_divisor(int32_t count) {
-  return static_cast<float>(count > 1 ? count : 1);
-}
+VZ_HOST_DEVICE float member_divisor(int32_t count) { return static_cast<float>(count > 1 ? count : 1); }
 
 }  // namespace visionzip

@@ -47,8 +47,8 @@ inline void exp_nonpositive(Lanes8& x) {
 // logits[r, j] = sum_c queries[r, c] * keys_t[c, j] for r < rows (a multiple of kTileRows) and
 // j < n_pad (a multiple of kTileCols), each summed over c in ascending order.
 VZ_AVX2_CLONE
-void query_key_logits(const float* __restrict queries, int64_t rows, const float* __restrict keys_t,
-                      int64_t d, int64_t n_pad, float* __restrict logits) {
+void query_key_logits(const float* __restrict queries, int64_t rows, const float* __restrict keys_t, int64_t d,
+                      int64_t n_pad, float* __restrict logits) {
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const float* q = queries + r0 * d;
     for (int64_t j0 = 0; j0 < n_pad; j0 += kTileCols) {
@@ -86,8 +86,7 @@ void query_key_logits(const float* __restrict queries, int64_t rows, const float
 // at most 15 * exp(-87.3) ~ 1e-37 to the sum. Max and sum reduce over eight fixed lanes, then the
 // lanes in a fixed order.
 VZ_AVX2_CLONE
-void add_softmax_rows(float* __restrict logits, int64_t rows, int64_t n, int64_t n_pad,
-                      float* __restrict received) {
+void add_softmax_rows(float* __restrict logits, int64_t rows, int64_t n, int64_t n_pad, float* __restrict received) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = logits + r * n_pad;
     for (int64_t j = n; j < n_pad; ++j) row[j] = -INFINITY;

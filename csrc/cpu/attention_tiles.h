@@ -34,13 +34,12 @@ constexpr int64_t kBlockRows = 32;
 
 // logits[r, j] = sum_c queries[r, c] * keys_t[c, j] for r < rows (a multiple of kTileRows) and
 // j < n_pad (a multiple of kTileCols), each summed over c in ascending order (attention_tiles.cpp).
-void query_key_logits(const float* __restrict queries, int64_t rows, const float* __restrict keys_t,
-                      int64_t d, int64_t n_pad, float* __restrict logits);
+void query_key_logits(const float* __restrict queries, int64_t rows, const float* __restrict keys_t, int64_t d,
+                      int64_t n_pad, float* __restrict logits);
 
 // For each of `rows` rows of logits [rows, n_pad]: softmax over the first n entries, added to
 // received[0..n) row by row in ascending order (attention_tiles.cpp).
-void add_softmax_rows(float* __restrict logits, int64_t rows, int64_t n, int64_t n_pad,
-                      float* __restrict received);
+void add_softmax_rows(float* __restrict logits, int64_t rows, int64_t n, int64_t n_pad, float* __restrict received);
 
 inline int64_t padded_columns(int64_t n) { return (n + kTileCols - 1) / kTileCols * kTileCols; }
 
@@ -48,9 +47,7 @@ inline int64_t padded_columns(int64_t n) { return (n + kTileCols - 1) / kTileCol
 // O(max_n * (d + kBlockRows)) floats, never max_n^2.
 struct ReceivedScratch {
   ReceivedScratch(int64_t max_n, int64_t d)
-      : keys_t(d * padded_columns(max_n)),
-        logits(kBlockRows * padded_columns(max_n)),
-        queries(kBlockRows * d) {}
+      : keys_t(d * padded_columns(max_n)), logits(kBlockRows * padded_columns(max_n)), queries(kBlockRows * d) {}
   std::vector<float> keys_t, logits, queries;
 };
 
@@ -62,10 +59,9 @@ struct ReceivedScratch {
 // add_softmax_rows masks to -inf, and query rows past a short last block give logits that it does
 // not read.
 template <typename scalar_t>
-void received_one_head(const scalar_t* q_rows, int64_t q_row_stride, const scalar_t* k_rows,
-                       int64_t k_row_stride, int64_t n, int64_t d, float scale,
-                       ReceivedScratch& scratch, float* received, int64_t query_begin = 0,
-                       int64_t query_end = -1) {
+void received_one_head(const scalar_t* q_rows, int64_t q_row_stride, const scalar_t* k_rows, int64_t k_row_stride,
+                       int64_t n, int64_t d, float scale, ReceivedScratch& scratch, float* received,
+                       int64_t query_begin = 0, int64_t query_end = -1) {
   if (query_end < 0) query_end = n;
   std::fill(received, received + n, 0.f);
   if (n == 0 || query_begin >= query_end) return;

@@ -64,8 +64,8 @@ void mean_over_heads(const at::Tensor& per_head, at::Tensor& out, float divisor)
 
 // The metric row of one token, on its own.
 template <typename scalar_t>
-void head_mean_row(const scalar_t* k_row, int64_t H, int64_t d, int64_t head_stride,
-                   metric_acc_t<scalar_t>* acc, scalar_t* metric_row) {
+void head_mean_row(const scalar_t* k_row, int64_t H, int64_t d, int64_t head_stride, metric_acc_t<scalar_t>* acc,
+                   scalar_t* metric_row) {
   using acc_t = metric_acc_t<scalar_t>;
   std::fill(acc, acc + d, acc_t(0));
   for (int64_t h = 0; h < H; ++h) {
@@ -78,9 +78,8 @@ void head_mean_row(const scalar_t* k_row, int64_t H, int64_t d, int64_t head_str
 // One token: its CLS logit for every head (dot_lanes' lane order, so the same bits) and the head sum
 // of its key rows in head order into acc (zeroed by the caller), each key row read once.
 template <typename scalar_t>
-void token_logits_and_key_sum(const float* __restrict queries, const scalar_t* __restrict k_row,
-                              int64_t H, int64_t d, int64_t head_stride, float scale,
-                              float* __restrict logits, int64_t logits_head_stride,
+void token_logits_and_key_sum(const float* __restrict queries, const scalar_t* __restrict k_row, int64_t H, int64_t d,
+                              int64_t head_stride, float scale, float* __restrict logits, int64_t logits_head_stride,
                               metric_acc_t<scalar_t>* __restrict acc) {
   using acc_t = metric_acc_t<scalar_t>;
   for (int64_t h = 0; h < H; ++h) {
@@ -98,8 +97,7 @@ void token_logits_and_key_sum(const float* __restrict queries, const scalar_t* _
       lanes[j] += q[c] * static_cast<float>(k_head[c]);
       acc[c] += static_cast<acc_t>(k_head[c]);
     }
-    const float dot =
-        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    const float dot = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     logits[h * logits_head_stride] = dot * scale;
   }
 }
@@ -108,8 +106,8 @@ void token_logits_and_key_sum(const float* __restrict queries, const scalar_t* _
 // logits[b, h, j] = scale * q_cls[b, h] . k[b, j, h], and, when metric is given, the head-mean key.
 // Tasks are (image, token chunk); every output element is written by one task.
 template <typename scalar_t>
-void cls_logits_and_metric(const scalar_t* q_ptr, int64_t qs0, int64_t qs1, const at::Tensor& k,
-                           float scale, float* logits, scalar_t* metric) {
+void cls_logits_and_metric(const scalar_t* q_ptr, int64_t qs0, int64_t qs1, const at::Tensor& k, float scale,
+                           float* logits, scalar_t* metric) {
   const int64_t B = k.size(0), N = k.size(1), H = k.size(2), d = k.size(3);
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
@@ -136,8 +134,7 @@ void cls_logits_and_metric(const scalar_t* q_ptr, int64_t qs0, int64_t qs1, cons
           continue;
         }
         std::fill(acc.begin(), acc.end(), metric_acc_t<scalar_t>(0));
-        token_logits_and_key_sum(queries.data(), k_row, H, d, ks2, scale, logits + b * H * N + j, N,
-                                 acc.data());
+        token_logits_and_key_sum(queries.data(), k_row, H, d, ks2, scale, logits + b * H * N + j, N, acc.data());
         write_head_mean(acc.data(), H, d, metric + (b * N + j) * d);
       }
     }
@@ -166,8 +163,7 @@ void head_mean(const at::Tensor& k, scalar_t* metric) {
 }
 
 template <typename scalar_t>
-void attention_received_kernel(const at::Tensor& q, const at::Tensor& k, float scale,
-                               at::Tensor& per_head) {
+void attention_received_kernel(const at::Tensor& q, const at::Tensor& k, float scale, at::Tensor& per_head) {
   const int64_t B = k.size(0), N = k.size(1), H = k.size(2), d = k.size(3);
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
   const scalar_t* k_ptr = k.data_ptr<scalar_t>();
@@ -179,23 +175,21 @@ void attention_received_kernel(const at::Tensor& q, const at::Tensor& k, float s
     ReceivedScratch scratch(N, d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      received_one_head(q_ptr + b * qs0 + h * qs2, qs1, k_ptr + b * ks0 + h * ks2, ks1, N, d, scale,
-                        scratch, column_sums + bh * N);
+      received_one_head(q_ptr + b * qs0 + h * qs2, qs1, k_ptr + b * ks0 + h * ks2, ks1, N, d, scale, scratch,
+                        column_sums + bh * N);
     }
   });
 }
 
 // CLS scores [B, N] from q_cls [B, H, d] (any row strides), and the metric when wanted.
-at::Tensor cls_scores(const at::Tensor& q_cls, const at::Tensor& k, double scale,
-                      at::Tensor* metric) {
+at::Tensor cls_scores(const at::Tensor& q_cls, const at::Tensor& k, double scale, at::Tensor* metric) {
   const int64_t B = k.size(0), N = k.size(1), H = k.size(2);
   at::Tensor out = at::empty({B, N}, k.options().dtype(at::kFloat));
   if (B == 0) return out;
   at::Tensor per_head = at::empty({B, H, N}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "cls_attention", [&] {
-    cls_logits_and_metric<scalar_t>(q_cls.const_data_ptr<scalar_t>(), q_cls.stride(0),
-                                    q_cls.stride(1), k, static_cast<float>(scale),
-                                    per_head.data_ptr<float>(),
+    cls_logits_and_metric<scalar_t>(q_cls.const_data_ptr<scalar_t>(), q_cls.stride(0), q_cls.stride(1), k,
+                                    static_cast<float>(scale), per_head.data_ptr<float>(),
                                     metric ? metric->data_ptr<scalar_t>() : nullptr);
   });
   softmax_rows(per_head.data_ptr<float>(), B * H, N);
@@ -213,11 +207,9 @@ at::Tensor received_scores(const at::Tensor& q, const at::Tensor& k, double scal
   at::Tensor out = at::empty({B, N}, k.options().dtype(at::kFloat));
   if (B == 0) return out;
   at::Tensor per_head = at::empty({B, H, N}, out.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "attention_received",
-                                  [&] {
-                                    attention_received_kernel<scalar_t>(
-                                        q, k, static_cast<float>(scale), per_head);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "attention_received", [&] {
+    attention_received_kernel<scalar_t>(q, k, static_cast<float>(scale), per_head);
+  });
   mean_over_heads(per_head, out, static_cast<float>(H) * static_cast<float>(N));
   return out;
 }
@@ -227,8 +219,7 @@ at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in
   return received_scores(with_unit_last_stride(q_in), with_unit_last_stride(k_in), scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> scores_and_metric_cpu(const at::Tensor& q_in,
-                                                         const at::Tensor& k_in, double scale,
+std::tuple<at::Tensor, at::Tensor> scores_and_metric_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double scale,
                                                          bool keep_cls) {
   check_scores_and_metric_args(q_in, k_in, keep_cls);
   const at::Tensor q = with_unit_last_stride(q_in);

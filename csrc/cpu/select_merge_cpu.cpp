@@ -37,8 +37,7 @@ int64_t column_chunk(int64_t batch, int64_t channels) {
 // ---------------------------------------------------------------------------------------------
 // dominant_topk
 
-at::Tensor dominant_topk_impl(const char* op, const at::Tensor& scores, int64_t dominant,
-                              bool keep_cls) {
+at::Tensor dominant_topk_impl(const char* op, const at::Tensor& scores, int64_t dominant, bool keep_cls) {
   const at::Tensor s = scores.to(at::kFloat).contiguous();
   check_finite_scores(op, scores, s);
   const int64_t B = s.size(0), N = s.size(1);
@@ -83,8 +82,8 @@ typedef float TargetTile __attribute__((vector_size(kTargetTile * sizeof(float))
 // over c in ascending order as add_product does (a rounded product, then a rounded sum), as the CUDA
 // kernels do; the lanes are the targets.
 VZ_SIMD_CLONES
-void group_similarities(const float* __restrict m, const float* __restrict targets_t, int64_t d,
-                        int64_t k_pad, float* __restrict sims) {
+void group_similarities(const float* __restrict m, const float* __restrict targets_t, int64_t d, int64_t k_pad,
+                        float* __restrict sims) {
   for (int64_t i0 = 0; i0 < k_pad; i0 += kTargetTile) {
     TargetTile acc[kMemberGroup] = {};
     for (int64_t c = 0; c < d; ++c) {
@@ -155,20 +154,19 @@ template <typename scalar_t>
   for (int64_t c = 0; c < width; ++c) dst[c] = narrow<scalar_t>(widen(src[c]) / divisor);
 }
 
-#define VZ_ROW_LOOPS(attribute, scalar_t)                                                               \
-  attribute uint32_t load_metric_row(const scalar_t* src, int64_t d, float* out) {                     \
-    return load_metric_row_body(src, d, out);                                                         \
-  }                                                                                                   \
-  attribute void add_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, int64_t width) {          \
-    add_row_body(acc, src, width);                                                                    \
-  }                                                                                                   \
-  attribute void merged_row(scalar_t* dst, const scalar_t* target, const at::opmath_type<scalar_t>* acc, \
-                            at::opmath_type<scalar_t> divisor, int64_t width) {                       \
-    merged_row_body(dst, target, acc, divisor, width);                                                \
-  }                                                                                                   \
-  attribute void divided_row(scalar_t* dst, const scalar_t* src, at::opmath_type<scalar_t> divisor,    \
-                             int64_t width) {                                                         \
-    divided_row_body(dst, src, divisor, width);                                                       \
+#define VZ_ROW_LOOPS(attribute, scalar_t)                                                                            \
+  attribute uint32_t load_metric_row(const scalar_t* src, int64_t d, float* out) {                                   \
+    return load_metric_row_body(src, d, out);                                                                        \
+  }                                                                                                                  \
+  attribute void add_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, int64_t width) {                       \
+    add_row_body(acc, src, width);                                                                                   \
+  }                                                                                                                  \
+  attribute void merged_row(scalar_t* dst, const scalar_t* target, const at::opmath_type<scalar_t>* acc,             \
+                            at::opmath_type<scalar_t> divisor, int64_t width) {                                      \
+    merged_row_body(dst, target, acc, divisor, width);                                                               \
+  }                                                                                                                  \
+  attribute void divided_row(scalar_t* dst, const scalar_t* src, at::opmath_type<scalar_t> divisor, int64_t width) { \
+    divided_row_body(dst, src, divisor, width);                                                                      \
   }
 VZ_ROW_LOOPS(VZ_SIMD_CLONES, float)
 VZ_ROW_LOOPS(VZ_SIMD_CLONES, c10::BFloat16)
@@ -214,12 +212,12 @@ class PlanBuilder {
  public:
   PlanBuilder(const at::Tensor& metric, const at::Tensor& keep, int64_t contextual, MergePlan& plan)
       : B_(metric.size(0)), N_(metric.size(1)), d_(metric.size(2)), D_(keep.size(1)), K_(contextual),
-        k_pad_((contextual + kTargetTile - 1) / kTargetTile * kTargetTile),
-        step_(target_step(N_ - D_, contextual)), ms0_(metric.stride(0)), ms1_(metric.stride(1)),
-        m_ptr_(metric.data_ptr<mscalar_t>()), keep_ptr_(keep.data_ptr<int64_t>()),
-        role_ptr_(plan.role.data_ptr<int8_t>()), row_ptr_(plan.row.data_ptr<int32_t>()),
-        target_ptr_(plan.targets.data_ptr<int64_t>()), count_ptr_(plan.counts.data_ptr<int32_t>()),
-        targets_t_(B_ * d_ * k_pad_), members_(contextual > 0 ? B_ * N_ : 0) {}
+        k_pad_((contextual + kTargetTile - 1) / kTargetTile * kTargetTile), step_(target_step(N_ - D_, contextual)),
+        ms0_(metric.stride(0)), ms1_(metric.stride(1)), m_ptr_(metric.data_ptr<mscalar_t>()),
+        keep_ptr_(keep.data_ptr<int64_t>()), role_ptr_(plan.role.data_ptr<int8_t>()),
+        row_ptr_(plan.row.data_ptr<int32_t>()), target_ptr_(plan.targets.data_ptr<int64_t>()),
+        count_ptr_(plan.counts.data_ptr<int32_t>()), targets_t_(B_ * d_ * k_pad_),
+        members_(contextual > 0 ? B_ * N_ : 0) {}
 
   void build() {
     const int64_t threads = at::get_num_threads();
@@ -359,9 +357,8 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
   const auto opts = metric.options();
   MergePlan plan{at::empty({B, N}, opts.dtype(at::kChar)), at::empty({B, N}, opts.dtype(at::kInt)),
                  at::empty({B, K}, opts.dtype(at::kLong)), at::zeros({B, K}, opts.dtype(at::kInt))};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "merge_plan", [&] {
-    PlanBuilder<scalar_t>(metric, keep, contextual, plan).build();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "merge_plan",
+                                  [&] { PlanBuilder<scalar_t>(metric, keep, contextual, plan).build(); });
   return plan;
 }
 
@@ -369,8 +366,7 @@ MergePlan build_plan(const at::Tensor& metric_in, const at::Tensor& keep_in, int
 // Forward: one pass over hidden per (image, column chunk), tokens in ascending order.
 
 template <typename scalar_t>
-void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64_t D, int64_t K,
-                          at::Tensor& tokens) {
+void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64_t D, int64_t K, at::Tensor& tokens) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = hidden.size(0), N = hidden.size(1), C = hidden.size(2);
   const int64_t hs0 = hidden.stride(0), hs1 = hidden.stride(1);
@@ -412,18 +408,15 @@ void merge_forward_kernel(const at::Tensor& hidden, const MergePlan& plan, int64
   });
 }
 
-at::Tensor merge_forward(const at::Tensor& hidden_in, const at::Tensor& metric,
-                         const at::Tensor& keep, int64_t contextual) {
+at::Tensor merge_forward(const at::Tensor& hidden_in, const at::Tensor& metric, const at::Tensor& keep,
+                         int64_t contextual) {
   const at::Tensor hidden = with_unit_last_stride(hidden_in);
   const int64_t B = hidden.size(0), C = hidden.size(2), D = keep.size(1);
   at::Tensor tokens = at::empty({B, D + contextual, C}, hidden.options());
   if (B == 0) return tokens;
   const MergePlan plan = build_plan(metric, keep, contextual);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
-                                  "contextual_merge", [&] {
-                                    merge_forward_kernel<scalar_t>(hidden, plan, D, contextual,
-                                                                   tokens);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "contextual_merge",
+                                  [&] { merge_forward_kernel<scalar_t>(hidden, plan, D, contextual, tokens); });
   return tokens;
 }
 
@@ -470,8 +463,8 @@ at::Tensor dominant_topk_cpu(const at::Tensor& scores, int64_t dominant, bool ke
   return dominant_topk_impl("dominant_topk", scores, dominant, keep_cls);
 }
 
-at::Tensor contextual_merge_cpu(const at::Tensor& hidden, const at::Tensor& metric,
-                                const at::Tensor& keep, int64_t contextual) {
+at::Tensor contextual_merge_cpu(const at::Tensor& hidden, const at::Tensor& metric, const at::Tensor& keep,
+                                int64_t contextual) {
   check_contextual_merge_args(hidden, metric, keep, contextual);
   check_keep_values("contextual_merge", keep, hidden.size(1));
   return merge_forward(hidden, metric, keep, contextual);
@@ -484,10 +477,9 @@ at::Tensor contextual_merge_backward_cpu(const at::Tensor& grad_tokens, const at
   return contextual_merge_backward_unchecked(grad_tokens, metric, keep, num_tokens);
 }
 
-std::tuple<at::Tensor, at::Tensor> select_merge_cpu(const at::Tensor& hidden,
-                                                    const at::Tensor& scores,
-                                                    const at::Tensor& metric, int64_t dominant,
-                                                    int64_t contextual, bool keep_cls) {
+std::tuple<at::Tensor, at::Tensor> select_merge_cpu(const at::Tensor& hidden, const at::Tensor& scores,
+                                                    const at::Tensor& metric, int64_t dominant, int64_t contextual,
+                                                    bool keep_cls) {
   check_select_merge_args(hidden, scores, metric, dominant, contextual, keep_cls);
   at::Tensor keep = dominant_topk_impl("select_merge", scores, dominant, keep_cls);
   return {merge_forward(hidden, metric, keep, contextual), keep};
@@ -501,8 +493,8 @@ at::Tensor dominant_topk_unchecked(const char* op, const at::Tensor& scores, int
   return dominant_topk_impl(op, scores, dominant, /*keep_cls=*/false);
 }
 
-at::Tensor contextual_merge_unchecked(const at::Tensor& hidden, const at::Tensor& metric,
-                                      const at::Tensor& keep, int64_t contextual) {
+at::Tensor contextual_merge_unchecked(const at::Tensor& hidden, const at::Tensor& metric, const at::Tensor& keep,
+                                      int64_t contextual) {
   return merge_forward(hidden, metric, keep, contextual);
 }
 
@@ -514,11 +506,8 @@ at::Tensor contextual_merge_backward_unchecked(const at::Tensor& grad_tokens, co
   at::Tensor grad_hidden = at::empty({B, num_tokens, C}, grad.options());
   if (B == 0) return grad_hidden;
   const MergePlan plan = build_plan(metric, keep, contextual);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "contextual_merge_backward", [&] {
-                                    merge_backward_kernel<scalar_t>(grad, plan, D, contextual,
-                                                                    grad_hidden);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "contextual_merge_backward",
+                                  [&] { merge_backward_kernel<scalar_t>(grad, plan, D, contextual, grad_hidden); });
   return grad_hidden;
 }
 

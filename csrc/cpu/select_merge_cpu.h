@@ -11,8 +11,8 @@ namespace visionzip::cpu {
 at::Tensor dominant_topk_unchecked(const char* op, const at::Tensor& scores, int64_t dominant);
 // hidden [B, N, C], metric [B, N, d], keep [B, D] -> [B, D + K, C]: dominant rows in keep's order,
 // then the contextual rows in target order (docs/SPEC.md "Merging").
-at::Tensor contextual_merge_unchecked(const at::Tensor& hidden, const at::Tensor& metric,
-                                      const at::Tensor& keep, int64_t contextual);
+at::Tensor contextual_merge_unchecked(const at::Tensor& hidden, const at::Tensor& metric, const at::Tensor& keep,
+                                      int64_t contextual);
 // grad_tokens [B, D + K, C] -> grad of hidden [B, N, C], N = num_tokens.
 at::Tensor contextual_merge_backward_unchecked(const at::Tensor& grad_tokens, const at::Tensor& metric,
                                                const at::Tensor& keep, int64_t num_tokens);

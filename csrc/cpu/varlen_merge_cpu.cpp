@@ -23,8 +23,7 @@ namespace {
 // The kept positions of one image in ascending order, and for each the row of the dense output that
 // holds its token: dominant i -> row i, target i -> row D + i. The targets are the non-dominant tokens
 // at positions 0, step, ..., (K-1)*step of the ascending rest (merge_math.h, as the dense plan).
-void kept_positions(const int64_t* keep, int64_t D, int64_t N, int64_t K, int64_t* positions,
-                    int64_t* dense_rows) {
+void kept_positions(const int64_t* keep, int64_t D, int64_t N, int64_t K, int64_t* positions, int64_t* dense_rows) {
   const int64_t step = target_step(N - D, K);
   int64_t next_dominant = 0, rest_pos = 0, j = 0;
   for (int64_t n = 0; n < N && j < D + K; ++n) {
@@ -61,8 +60,8 @@ std::vector<int64_t> output_offsets(c10::IntArrayRef dominant, c10::IntArrayRef 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cpu(
-    const at::Tensor& hidden, const at::Tensor& scores, const at::Tensor& metric,
-    const at::Tensor& cu_seqlens, c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+    const at::Tensor& hidden, const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
+    c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
   constexpr const char* op = "varlen_select_merge";
   check_varlen_select_merge_args(hidden, scores, metric, cu_seqlens, dominant, contextual);
   const std::vector<int64_t> cu =
@@ -73,8 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cpu(
   at::Tensor tokens = at::empty({total, C}, hidden.options());
   at::Tensor keep = at::empty({total}, hidden.options().dtype(at::kLong));
   at::Tensor cu_out =
-      at::tensor(c10::ArrayRef<int64_t>(offsets), cu_seqlens.options().dtype(at::kLong))
-          .to(cu_seqlens.scalar_type());
+      at::tensor(c10::ArrayRef<int64_t>(offsets), cu_seqlens.options().dtype(at::kLong)).to(cu_seqlens.scalar_type());
   const size_t row_bytes = static_cast<size_t>(C) * hidden.element_size();
   char* tokens_ptr = static_cast<char*>(tokens.data_ptr());
   int64_t* keep_ptr = keep.data_ptr<int64_t>();
@@ -82,17 +80,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cpu(
   for_each_image(static_cast<int64_t>(dominant.size()), [&](int64_t i) {
     const int64_t start = cu[i], N = cu[i + 1] - cu[i], D = dominant[i], K = contextual[i];
     if (D + K == 0) return;
-    const at::Tensor local_keep =
-        dominant_topk_unchecked(op, scores.narrow(0, start, N).unsqueeze(0), D);
-    const at::Tensor dense = contextual_merge_unchecked(hidden.narrow(0, start, N).unsqueeze(0),
-                                                        metric.narrow(0, start, N).unsqueeze(0),
-                                                        local_keep, K);  // [1, D+K, C] contiguous
+    const at::Tensor local_keep = dominant_topk_unchecked(op, scores.narrow(0, start, N).unsqueeze(0), D);
+    const at::Tensor dense =
+        contextual_merge_unchecked(hidden.narrow(0, start, N).unsqueeze(0), metric.narrow(0, start, N).unsqueeze(0),
+                                   local_keep, K);  // [1, D+K, C] contiguous
     std::vector<int64_t> positions(D + K), dense_rows(D + K);
     kept_positions(local_keep.const_data_ptr<int64_t>(), D, N, K, positions.data(), dense_rows.data());
     const char* dense_ptr = static_cast<const char*>(dense.const_data_ptr());
     for (int64_t j = 0; j < D + K; ++j) {
-      std::memcpy(tokens_ptr + (offsets[i] + j) * row_bytes, dense_ptr + dense_rows[j] * row_bytes,
-                  row_bytes);
+      std::memcpy(tokens_ptr + (offsets[i] + j) * row_bytes, dense_ptr + dense_rows[j] * row_bytes, row_bytes);
       keep_ptr[offsets[i] + j] = start + positions[j];
     }
   });
@@ -105,8 +101,7 @@ at::Tensor varlen_select_merge_backward_cpu(const at::Tensor& grad_tokens, const
                                             const at::Tensor& metric, const at::Tensor& cu_seqlens,
                                             c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
   constexpr const char* op = "varlen_select_merge_backward";
-  check_varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant,
-                                          contextual);
+  check_varlen_select_merge_backward_args(grad_tokens, scores, metric, cu_seqlens, dominant, contextual);
   const std::vector<int64_t> cu =
       read_cu_seqlens_and_check_budgets(op, cu_seqlens, scores.size(0), dominant, contextual);
   check_finite_scores(op, scores);
@@ -125,15 +120,13 @@ at::Tensor varlen_select_merge_backward_cpu(const at::Tensor& grad_tokens, const
       grad_hidden.narrow(0, start, N).zero_();
       return;
     }
-    const at::Tensor local_keep =
-        dominant_topk_unchecked(op, scores.narrow(0, start, N).unsqueeze(0), D);
+    const at::Tensor local_keep = dominant_topk_unchecked(op, scores.narrow(0, start, N).unsqueeze(0), D);
     std::vector<int64_t> positions(D + K), dense_rows(D + K);
     kept_positions(local_keep.const_data_ptr<int64_t>(), D, N, K, positions.data(), dense_rows.data());
     at::Tensor dense_grad = at::empty({1, D + K, C}, grad.options());
     char* dense_ptr = static_cast<char*>(dense_grad.data_ptr());
     for (int64_t j = 0; j < D + K; ++j) {
-      std::memcpy(dense_ptr + dense_rows[j] * row_bytes, grad_ptr + (offsets[i] + j) * row_bytes,
-                  row_bytes);
+      std::memcpy(dense_ptr + dense_rows[j] * row_bytes, grad_ptr + (offsets[i] + j) * row_bytes, row_bytes);
     }
     const at::Tensor image_grad = contextual_merge_backward_unchecked(
         dense_grad, metric.narrow(0, start, N).unsqueeze(0), local_keep, N);  // [1, N, C]

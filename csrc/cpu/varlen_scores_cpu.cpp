@@ -2,8 +2,8 @@
 // with cu_seqlens, attention within each image, pooled over merge units of 1 or 4 tokens.
 //
 // Memory: O(T * H) (the column sums per head and query chunk, at most 4 chunks) plus, per thread,
-// one image's keys in fp32 and a [32, L] logits block (attention_tiles.h), never an L x L map. Deterministic: every output element
-// is written by one task, each sum in a fixed order, so the bits do not depend on the thread count.
+// one image's keys in fp32 and a [32, L] logits block (attention_tiles.h), never an L x L map. Deterministic: every
+// output element is written by one task, each sum in a fixed order, so the bits do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -44,8 +44,8 @@ std::pair<int64_t, int64_t> query_chunk(int64_t length, int64_t split) {
 // (chunks an image does not have are zero). Tasks are (head, image, chunk), head major, so that a
 // thread's contiguous share of tasks mixes long and short images.
 template <typename scalar_t>
-void received_per_chunk(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& cu,
-                        float scale, float* partial) {
+void received_per_chunk(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& cu, float scale,
+                        float* partial) {
   const int64_t T = k.size(0), H = k.size(1), d = k.size(2);
   const int64_t images = static_cast<int64_t>(cu.size()) - 1;
   int64_t max_length = 0;
@@ -62,8 +62,8 @@ void received_per_chunk(const at::Tensor& q, const at::Tensor& k, const std::vec
       const int64_t start = cu[i], length = cu[i + 1] - cu[i];
       const auto [query_begin, query_end] = query_chunk(length, split);
       // A chunk the image does not have writes zeros (received_one_head clears its output first).
-      received_one_head(q_ptr + start * qs0 + h * qs1, qs0, k_ptr + start * ks0 + h * ks1, ks0, length, d,
-                        scale, scratch, partial + (split * H + h) * T + start, query_begin, query_end);
+      received_one_head(q_ptr + start * qs0 + h * qs1, qs0, k_ptr + start * ks0 + h * ks1, ks0, length, d, scale,
+                        scratch, partial + (split * H + h) * T + start, query_begin, query_end);
     }
   });
 }
@@ -121,8 +121,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_scores_and_metric_cpu(const at::Tensor
   at::Tensor metric = at::empty({T / unit, d}, k.options());
   if (T == 0) return {scores, metric};
   const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();
-  const std::vector<int64_t> cu(offsets.const_data_ptr<int64_t>(),
-                                offsets.const_data_ptr<int64_t>() + offsets.numel());
+  const std::vector<int64_t> cu(offsets.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>() + offsets.numel());
   at::Tensor partial = at::empty({kMaxQuerySplits, H, T}, scores.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), op, [&] {
     received_per_chunk<scalar_t>(q, k, cu, static_cast<float>(scale), partial.data_ptr<float>());

@@ -69,7 +69,7 @@ struct SelectShared {
 // counts the keys with a larger digit, and the one thread whose digit holds the picked-th key
 // publishes it. Four barriers a pass, scores re-read from L1/L2 (independent loads).
 inline __device__ uint32_t kth_largest_key(const float* scores, int64_t first, int64_t N, int64_t picked,
-                                            SelectShared& s) {
+                                           SelectShared& s) {
   const int tid = static_cast<int>(threadIdx.x);
   uint32_t prefix = 0, prefix_mask = 0;
   int64_t remaining = picked;  // rank of the wanted key among the keys that match the prefix
@@ -103,7 +103,7 @@ inline __device__ uint32_t kth_largest_key(const float* scores, int64_t first, i
 // among tokens first..N-1, ties to the lower index. The radix select finds the (D - first)-th key;
 // the tied tokens are then taken in index order through a scan over contiguous per-thread chunks.
 inline __device__ void select_dominant(const float* scores, int64_t N, int64_t D, bool keep_cls, int64_t* keep,
-                                SelectShared& s) {
+                                       SelectShared& s) {
   const int64_t first = keep_cls ? 1 : 0;
   const int64_t picked = D - first;
   // picked == 0 (D == 1 with keep_cls): a threshold no key exceeds, and no tie is needed.

@@ -13,7 +13,7 @@
 #if defined(__CUDACC__)
 #define VZ_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
   kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
-#define VZ_DYNAMIC_SHARED(type, name)                                   \
+#define VZ_DYNAMIC_SHARED(type, name)                                    \
   extern __shared__ __align__(16) unsigned char vz_dynamic_shared_raw[]; \
   type* name = reinterpret_cast<type*>(vz_dynamic_shared_raw)
 #else
@@ -37,13 +37,13 @@ constexpr int kAssignThreads = 128;  // plan_assign_kernel: 4 warps of 32 tokens
 constexpr int kAssignWarps = kAssignThreads / kWarp;
 constexpr int kListThreads = 256;  // plan_lists_kernel: one warp per (image, target)
 constexpr int kListWarps = kListThreads / kWarp;
-constexpr int kListWindow = 16;     // 32-token chunks of rows loaded per round (loads in flight)
-constexpr int kTargetTile = 16;     // targets scored per pass over a member's metric (registers)
-constexpr int kMergeThreads = 256;  // threads per merge block: channel lanes x rows
-constexpr int kMemberUnroll = 8;    // member rows loaded per round (independent loads in flight)
-constexpr int64_t kMaxRowBlocks = int64_t{1} << 20;  // grid.x cap; the kernels stride over rows
+constexpr int kListWindow = 16;                       // 32-token chunks of rows loaded per round (loads in flight)
+constexpr int kTargetTile = 16;                       // targets scored per pass over a member's metric (registers)
+constexpr int kMergeThreads = 256;                    // threads per merge block: channel lanes x rows
+constexpr int kMemberUnroll = 8;                      // member rows loaded per round (independent loads in flight)
+constexpr int64_t kMaxRowBlocks = int64_t{1} << 20;   // grid.x cap; the kernels stride over rows
 constexpr int64_t kMaxPlanBlocks = int64_t{1} << 20;  // grid.x cap of 1b and 1c; they stride too
-constexpr int64_t kMaxChannelBlocks = 65535;         // grid.y limit
+constexpr int64_t kMaxChannelBlocks = 65535;          // grid.y limit
 // Dynamic shared memory for the unit targets in plan_assign_kernel, on top of its ~17 KB of static
 // shared memory: within the 48 KB a block gets without opting in. Larger K * d are read from the
 // global scratch (L2) instead.

@@ -63,8 +63,8 @@ struct PackedImage {
 };
 
 struct PackedImages {
-  const PackedImage* table;  // [n], where the kernels run
-  int64_t n, d;              // images, metric channels
+  const PackedImage* table;                             // [n], where the kernels run
+  int64_t n, d;                                         // images, metric channels
   int64_t tokens, targets, dominant, chunks, max_unit;  // totals (host values)
   int64_t* keep_out;  // [rows] the kept tokens' packed indices, ascending per image (null: not wanted)
   static constexpr bool kTokenOrder = true;  // output rows in original token order (plan.place)
@@ -80,7 +80,7 @@ struct PackedImages {
   }
   // The last image whose base is <= j holds job j: a later image starts past j, and an empty image
   // before it shares its successor's base.
-  template <int64_t PackedImage::*base>
+  template <int64_t PackedImage::* base>
   VZ_HOST_DEVICE int64_t image_of(int64_t j) const {
     int64_t lo = 0, hi = n - 1;
     while (lo < hi) {
@@ -125,8 +125,7 @@ inline PackedBatch describe_packed(const int64_t* cu, int64_t n, const int64_t* 
   batch.table.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const int64_t N = cu[i + 1] - cu[i], D = dominant[i], K = contextual[i], unit = d * padded_targets(K);
-    batch.table.push_back(
-        {N, D, K, cu[i], batch.dominant, batch.targets, batch.unit_floats, batch.rows, batch.chunks});
+    batch.table.push_back({N, D, K, cu[i], batch.dominant, batch.targets, batch.unit_floats, batch.rows, batch.chunks});
     batch.dominant += D;
     batch.targets += K;
     batch.unit_floats += unit;
@@ -140,8 +139,11 @@ inline PackedBatch describe_packed(const int64_t* cu, int64_t n, const int64_t* 
 
 // The kernels' view of a packed batch whose table has been copied to `table`.
 inline PackedImages packed_images(const PackedBatch& batch, const PackedImage* table, int64_t* keep_out) {
-  return {table,         static_cast<int64_t>(batch.table.size()), batch.d, batch.tokens, batch.targets,
-          batch.dominant, batch.chunks, batch.max_unit, keep_out};
+  return {table,         static_cast<int64_t>(batch.table.size()),
+          batch.d,       batch.tokens,
+          batch.targets, batch.dominant,
+          batch.chunks,  batch.max_unit,
+          keep_out};
 }
 
 }  // namespace visionzip::cuda

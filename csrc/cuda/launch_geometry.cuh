@@ -17,8 +17,8 @@ constexpr int kPackWidth = static_cast<int>(16 / sizeof(scalar_t));
 template <typename scalar_t>
 int pack_width(const void* base, int64_t channels, int64_t stride_b, int64_t stride_n) {
   constexpr int64_t wide = kPackWidth<scalar_t>;
-  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0 && channels % wide == 0 &&
-                       stride_b % wide == 0 && stride_n % wide == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0 && channels % wide == 0 && stride_b % wide == 0 &&
+                       stride_n % wide == 0;
   return aligned ? static_cast<int>(wide) : 1;
 }
 

@@ -58,8 +58,7 @@ namespace visionzip::cuda {
 // member lists, the backward only the rows and counts.
 template <typename metric_t, typename Images>
 void launch_plan(const metric_t* metric, int64_t metric_sb, int64_t metric_sn, const float* scores, int64_t* keep,
-                 PlanPointers plan, const Images& images, bool keep_cls, bool build_lists,
-                 cudaStream_t stream) {
+                 PlanPointers plan, const Images& images, bool keep_cls, bool build_lists, cudaStream_t stream) {
   const PlanLaunch geometry = plan_launch(images);
   auto* select = &plan_select_kernel<metric_t, Images>;
   VZ_LAUNCH(select, dim3(geometry.select_blocks), dim3(kPlanThreads), 0, stream, metric, metric_sb, metric_sn, scores,

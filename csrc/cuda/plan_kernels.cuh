@@ -145,12 +145,12 @@ __device__ __forceinline__ void place_in_token_order(PlanPointers plan, const Im
 // token order also the placement of the kept rows.
 template <typename metric_t, typename Images>
 __global__ void __launch_bounds__(kPlanThreads)
-plan_select_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
-                   const float* __restrict__ scores, int64_t* keep, PlanPointers plan, Images images,
-                   bool keep_cls) {
+    plan_select_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn,
+                       const float* __restrict__ scores, int64_t* keep, PlanPointers plan, Images images,
+                       bool keep_cls) {
   __shared__ SelectShared select_shared;
   for (int64_t b = blockIdx.x; b < images.count(); b += gridDim.x) {  // block-uniform
-    __syncthreads();  // the previous image's shared state has been read
+    __syncthreads();                                                  // the previous image's shared state has been read
     plan_image(metric, metric_sb, metric_sn, scores, keep, plan, images, b, keep_cls, select_shared);
     if constexpr (Images::kTokenOrder) {
       __syncthreads();
@@ -188,14 +188,14 @@ struct alignas(16) Float4 {
 // dynamic shared memory first (plan_launch decides from K_pad * d).
 template <typename metric_t, typename Images>
 __global__ void __launch_bounds__(kAssignThreads)
-plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn, PlanPointers plan,
-                   Images images, bool unit_in_shared) {
+    plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64_t metric_sn, PlanPointers plan,
+                       Images images, bool unit_in_shared) {
   const int64_t d = images.d;
   __shared__ float tiles[kAssignWarps][kWarp][kWarp + 1];  // per warp: [channel][token], padded
   VZ_DYNAMIC_SHARED(float, shared_unit);
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarp, warp = tid / kWarp;
-  float(*tile)[kWarp + 1] = tiles[warp];
+  float (*tile)[kWarp + 1] = tiles[warp];
   for (int64_t job = blockIdx.x; job < images.total_chunks(); job += gridDim.x) {  // block-uniform
     const int64_t b = images.image_of_chunk(job);
     const ImageSpan span = images.span(b);
@@ -203,7 +203,7 @@ plan_assign_kernel(const metric_t* __restrict__ metric, int64_t metric_sb, int64
     if (K == 0) continue;  // block-uniform: no members
     const float* unit = plan.unit + span.unit_base;
     if (unit_in_shared) {
-      __syncthreads();  // the previous job's unit targets have been read
+      __syncthreads();                                             // the previous job's unit targets have been read
       const Float4* from = reinterpret_cast<const Float4*>(unit);  // K_pad is a multiple of 4
       Float4* to = reinterpret_cast<Float4*>(shared_unit);
       for (int64_t j = tid; j < d * k_pad / 4; j += kAssignThreads) to[j] = from[j];

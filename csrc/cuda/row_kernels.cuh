@@ -36,9 +36,9 @@ __device__ __forceinline__ Pack<scalar_t, VEC> zero_pack() {
 // packed [T, C]).
 template <typename scalar_t, typename acc_t, int VEC, typename Images>
 __global__ void __launch_bounds__(kMergeThreads)
-merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int64_t hidden_sn,
-                     const int64_t* __restrict__ keep, PlanPointers plan, scalar_t* __restrict__ tokens,
-                     Images images, int64_t C) {
+    merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int64_t hidden_sn,
+                         const int64_t* __restrict__ keep, PlanPointers plan, scalar_t* __restrict__ tokens,
+                         Images images, int64_t C) {
   using pack_t = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;  // no barriers in this kernel
@@ -50,8 +50,7 @@ merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int
     const bool is_contextual = g < contextual_rows;
     // The row's entry in the per-target arrays (contextual) or in keep (dominant).
     const int64_t entry = is_contextual ? g : g - contextual_rows;
-    const ImageSpan span =
-        images.span(is_contextual ? images.image_of_target(entry) : images.image_of_dominant(entry));
+    const ImageSpan span = images.span(is_contextual ? images.image_of_target(entry) : images.image_of_dominant(entry));
     const int64_t D = span.D;
     const int64_t r = is_contextual ? D + (entry - span.target_base) : entry - span.keep_base;
     const scalar_t* h = hidden + span.batch * hidden_sb + span.first_row * hidden_sn + c;
@@ -98,8 +97,8 @@ merge_forward_kernel(const scalar_t* __restrict__ hidden, int64_t hidden_sb, int
 // [B, D+K, C] with strides (grad_sb, grad_sr), packed [rows, C] with row stride grad_sr).
 template <typename scalar_t, typename acc_t, int VEC, typename Images>
 __global__ void __launch_bounds__(kMergeThreads)
-merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_t grad_sr, PlanPointers plan,
-                      scalar_t* __restrict__ grad_hidden, Images images, int64_t C) {
+    merge_backward_kernel(const scalar_t* __restrict__ grad, int64_t grad_sb, int64_t grad_sr, PlanPointers plan,
+                          scalar_t* __restrict__ grad_hidden, Images images, int64_t C) {
   using pack_t = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;  // no barriers in this kernel

@@ -48,10 +48,9 @@ at::Tensor merge(const char* op, const at::Tensor& hidden_in, const at::Tensor& 
     run_plan(metric, nullptr, keep.data_ptr<int64_t>(), scratch, images, false, true, stream);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "visionzip_merge_cuda", [&] {
-    launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(hidden.data_ptr<scalar_t>(), hidden.stride(0),
-                                                              hidden.stride(1), keep.data_ptr<int64_t>(),
-                                                              scratch.pointers(), tokens.data_ptr<scalar_t>(), images,
-                                                              C, stream);
+    launch_merge_forward<scalar_t, at::opmath_type<scalar_t>>(
+        hidden.data_ptr<scalar_t>(), hidden.stride(0), hidden.stride(1), keep.data_ptr<int64_t>(), scratch.pointers(),
+        tokens.data_ptr<scalar_t>(), images, C, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return tokens;

@@ -58,10 +58,9 @@ at::Tensor output_offsets(const PackedBatch& batch, const at::Tensor& cu_seqlens
 
 // The host description of a call, after the rules that need cu_seqlens' values (read here, once)
 // and every image's size limits.
-PackedBatch checked_batch(const char* op, const at::Tensor& cu_seqlens, int64_t num_tokens,
-                          c10::IntArrayRef dominant, c10::IntArrayRef contextual, int64_t d, int64_t C) {
-  const std::vector<int64_t> cu =
-      read_cu_seqlens_and_check_budgets(op, cu_seqlens, num_tokens, dominant, contextual);
+PackedBatch checked_batch(const char* op, const at::Tensor& cu_seqlens, int64_t num_tokens, c10::IntArrayRef dominant,
+                          c10::IntArrayRef contextual, int64_t d, int64_t C) {
+  const std::vector<int64_t> cu = read_cu_seqlens_and_check_budgets(op, cu_seqlens, num_tokens, dominant, contextual);
   PackedBatch batch =
       describe_packed(cu.data(), static_cast<int64_t>(dominant.size()), dominant.data(), contextual.data(), d);
   for (const PackedImage& image : batch.table) check_cuda_sizes(op, image.N, C, "every image's token count");
@@ -75,8 +74,7 @@ struct PackedPlan {
              int64_t* keep_out, bool build_lists, cudaStream_t stream)
       : table(upload_table(batch, like.device())),
         images(packed_images(batch, reinterpret_cast<const PackedImage*>(table.data_ptr()), keep_out)),
-        scratch(like, packed_plan_layout(batch)),
-        keep(at::empty({batch.dominant}, like.options().dtype(at::kLong))) {
+        scratch(like, packed_plan_layout(batch)), keep(at::empty({batch.dominant}, like.options().dtype(at::kLong))) {
     const at::Tensor scores_f32 = scores.to(at::kFloat).contiguous();
     run_plan(metric, scores_f32.data_ptr<float>(), keep.data_ptr<int64_t>(), scratch, images, /*keep_cls=*/false,
              build_lists, stream);
@@ -88,8 +86,8 @@ struct PackedPlan {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_select_merge_cuda(
-    const at::Tensor& hidden_in, const at::Tensor& scores, const at::Tensor& metric,
-    const at::Tensor& cu_seqlens, c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
+    const at::Tensor& hidden_in, const at::Tensor& scores, const at::Tensor& metric, const at::Tensor& cu_seqlens,
+    c10::IntArrayRef dominant, c10::IntArrayRef contextual) {
   constexpr const char* op = "varlen_select_merge";
   check_varlen_select_merge_args(hidden_in, scores, metric, cu_seqlens, dominant, contextual);
   const c10::cuda::CUDAGuard guard(hidden_in.device());
@@ -126,10 +124,10 @@ at::Tensor varlen_select_merge_backward_cuda(const at::Tensor& grad_in, const at
   const PackedPlan plan(batch, grad, scores, metric, /*keep_out=*/nullptr, /*build_lists=*/false, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "visionzip_varlen_merge_backward_cuda",
                                   [&] {
-    launch_merge_backward<scalar_t, at::opmath_type<scalar_t>>(grad.data_ptr<scalar_t>(), 0, grad.stride(0),
-                                                               plan.scratch.pointers(), grad_hidden.data_ptr<scalar_t>(),
-                                                               plan.images, C, stream);
-  });
+                                    launch_merge_backward<scalar_t, at::opmath_type<scalar_t>>(
+                                        grad.data_ptr<scalar_t>(), 0, grad.stride(0), plan.scratch.pointers(),
+                                        grad_hidden.data_ptr<scalar_t>(), plan.images, C, stream);
+                                  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_hidden;
 }
