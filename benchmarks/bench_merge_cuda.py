@@ -21,9 +21,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import merge_inputs
 from visionzip_kernels import reference, select_merge
 from visionzip_kernels.upstream import upstream_select_merge
+
+from helpers import merge_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -115,7 +115,9 @@ def llava(request):
         return
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         reporter.write_line("")
-        reporter.write_line(f"LLM prefill, {TEXT} text tokens, speed-up over the stock {STOCK} visual tokens (same run):")
+        reporter.write_line(
+            f"LLM prefill, {TEXT} text tokens, speed-up over the stock {STOCK} visual tokens (same run):"
+        )
         for visual, median in sorted(_RESULTS.items(), reverse=True):
             reporter.write_line(f"    {visual:>4} + {TEXT} tokens  {median * 1e3:9.1f} ms   "
                                 f"{_RESULTS[STOCK] / median:5.2f}x")

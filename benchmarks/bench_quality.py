@@ -115,7 +115,9 @@ def evaluate(hidden, scores, metric, budgets=(64, 128, 192), seed: int = 0, draw
 
     def measures(rep, keep):
         cos = F.cosine_similarity(hidden[:, 1:].float(), rep, dim=-1)  # [B, P]
-        mass = None if keep is None else (patch_scores.gather(1, keep[:, 1:] - 1).sum(dim=1) / patch_total).mean().item()
+        mass = (
+            None if keep is None else (patch_scores.gather(1, keep[:, 1:] - 1).sum(dim=1) / patch_total).mean().item()
+        )
         return mass, cos.mean().item(), (cos * weights).sum(dim=1).mean().item()
 
     for budget in budgets:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_case
 from visionzip_kernels import cls_attention, dominant_topk, reference
 from visionzip_kernels.upstream import full_attention
+
+from helpers import make_case
 
 N, H, HEAD_DIM, DOMINANT = 577, 16, 64, 54
 ON_CUDA = torch.cuda.is_available()

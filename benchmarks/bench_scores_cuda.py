@@ -35,10 +35,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import Case, make_case
-from visionzip_kernels import cls_attention, dominant_topk, reference
 from examples.profiling import format_bytes, median_seconds, peak_memory_bytes
+from visionzip_kernels import cls_attention, dominant_topk, reference
 from visionzip_kernels.upstream import full_attention
+
+from helpers import Case, make_case
 
 ON_CPU = os.environ.get("VZ_BENCH_SCORES_CPU") == "1"
 if not ON_CPU and not torch.cuda.is_available():

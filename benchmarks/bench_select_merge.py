@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from examples.profiling import interleaved_times
-from helpers import make_case
-from visionzip_kernels import reference, select_merge, cls_attention
+from visionzip_kernels import cls_attention, reference, select_merge
 from visionzip_kernels.upstream import full_attention, upstream_select_merge
+
+from helpers import make_case
 
 N, C, H, HEAD_DIM = 577, 1024, 16, 64
 DOMINANT, CONTEXTUAL = 54, 10

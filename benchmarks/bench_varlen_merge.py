@@ -19,8 +19,8 @@ import os
 
 import pytest
 import torch
-
 from test_varlen_merge import upstream_style_varlen
+
 from visionzip_kernels import reference, select_merge, varlen_select_merge
 
 C, METRIC_DIM = 2048, 80

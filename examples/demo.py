@@ -42,6 +42,7 @@ import torch
 from visionzip_kernels import reference
 from visionzip_kernels.api import BUDGETS, compress
 from visionzip_kernels.upstream import full_attention, upstream_select_merge
+
 from .models.towers import CLIP_L_336
 from .profiling import format_bytes, interleaved_times, peak_memory_bytes
 

@@ -112,7 +112,7 @@ def _heat_colors(values: np.ndarray) -> np.ndarray:
     return stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac
 
 
-def render_tiles(panel: Panel, height: int = 336) -> tuple["Image.Image", "Image.Image"]:  # noqa: F821
+def render_tiles(panel: Panel, height: int = 336) -> tuple[Image.Image, Image.Image]:  # noqa: F821
     """(heat-map tile, selection tile) for one panel, ``height`` pixels high."""
     from PIL import Image, ImageDraw
 
@@ -164,7 +164,9 @@ def _legend_text(panels: list[Panel]) -> str:
             "(dot = that group's target)")
 
 
-def save_png(path: str | Path, panels: list[Panel], suptitle: str = "", backend: str = "auto", height: int = 336) -> str:
+def save_png(
+    path: str | Path, panels: list[Panel], suptitle: str = "", backend: str = "auto", height: int = 336
+) -> str:
     """Write the figure; returns the backend used ("matplotlib" or "pil")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ Benchmarks import this module too (Liger-Kernel style), so the shapes measured a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,9 @@ FP32_ATOL = 1e-6
 # Comparisons
 
 
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "") -> None:
+def assert_close_verbose(
+    actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = ""
+) -> None:
     """allclose that, on failure, names the first bad index, both values and the worst error."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
@@ -45,7 +46,9 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_within_torch_error(actual: torch.Tensor, exact: torch.Tensor, torch_native: torch.Tensor, name: str = "") -> None:
+def assert_within_torch_error(
+    actual: torch.Tensor, exact: torch.Tensor, torch_native: torch.Tensor, name: str = ""
+) -> None:
     """Low-precision bound (docs/SPEC.md): the error of ``actual`` against the exact (float64) result is at
     most 2x the error PyTorch makes doing the same computation in the low-precision dtype, plus one
     rounding step of the output dtype for elements PyTorch happens to round exactly."""
@@ -143,11 +146,15 @@ def make_case(
 def separated_scores(B: int, N: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Scores with no near-ties: a random permutation of well-spaced, dtype-exact values."""
     g = torch.Generator().manual_seed(seed)
-    ranks = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) if B else torch.empty(0, N, dtype=torch.long)
+    ranks = (
+        torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) if B else torch.empty(0, N, dtype=torch.long)
+    )
     return (ranks.to(torch.float32) / 4).to(dtype)  # multiples of 1/4 are exact in bf16 up to 256
 
 
-def separate_assignment(metric: torch.Tensor, keep: torch.Tensor, contextual: int, margin: float = 1e-3) -> torch.Tensor:
+def separate_assignment(
+    metric: torch.Tensor, keep: torch.Tensor, contextual: int, margin: float = 1e-3
+) -> torch.Tensor:
     """Nudges metric rows until every member's best target beats the second best by ``margin`` in
     cosine similarity, so that backends summing in different orders must agree on the assignment."""
     if contextual < 2:
@@ -270,7 +277,12 @@ def merge_inputs(
 
 
 def assert_tokens_match_reference(
-    tokens: torch.Tensor, hidden: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor, contextual: int, name: str = ""
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    metric: torch.Tensor,
+    keep: torch.Tensor,
+    contextual: int,
+    name: str = "",
 ) -> None:
     """docs/SPEC.md tolerances for kernel tokens against the reference merge of (hidden, metric, keep).
     fp32/fp64: rtol 1e-5. fp16/bf16: at most one output rounding step from the fp32 reference, and

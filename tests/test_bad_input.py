@@ -551,7 +551,9 @@ def test_compress_names_the_layout_it_expects():
 
     f = Factory("cpu")
     hidden, q, k = f(B, N, C), f(B, N, H, d), f(B, N, H, d)
-    with pytest.raises(ValueError, match=r"k must be \[B, N, H, d\] with N = hidden.size\(1\) \(17\).*transpose\(1, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"k must be \[B, N, H, d\] with N = hidden.size\(1\) \(17\).*transpose\(1, 2\)"
+    ):
         compress(hidden, dominant=D, contextual=K, q=q, k=k.transpose(1, 2))
     with pytest.raises(ValueError, match=r"q must be \[B, N, H, d\]"):
         compress(hidden, dominant=D, contextual=K, q=q.transpose(1, 2), k=k, keep_cls=False)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close_verbose, assert_equal_verbose, make_case, separated_scores
 from visionzip_kernels import reference
+
+from helpers import assert_close_verbose, assert_equal_verbose, make_case, separated_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from visionzip_kernels import reference
+
 from helpers import (
-    assert_metric_is_head_mean,
     DTYPES,
     FP32_ATOL,
     FP32_RTOL,
     assert_close_verbose,
     assert_equal_verbose,
+    assert_metric_is_head_mean,
     assert_tokens_match_reference,
     budget_fits,
     cases_id,
@@ -27,7 +29,6 @@ from helpers import (
     separate_assignment,
     separated_scores,
 )
-from visionzip_kernels import reference
 
 ops = torch.ops.visionzip
 
@@ -140,8 +141,13 @@ def test_assignment_ties_go_to_the_first_target(dtype):
         assert_close_verbose(tokens, expected, atol=1e-6, rtol=torch.finfo(dtype).eps, name="tied assignment")
     # The backward rebuilds the same assignment: its member counts must agree too.
     grad = ops.contextual_merge_backward(torch.ones(B, D + K, C, dtype=dtype), metric, keep, N)
-    assert_close_verbose(grad, reference.contextual_merge_backward(torch.ones(B, D + K, C, dtype=dtype), metric, keep, N),
-                         atol=0, rtol=0, name="tied assignment gradient")
+    assert_close_verbose(
+        grad,
+        reference.contextual_merge_backward(torch.ones(B, D + K, C, dtype=dtype), metric, keep, N),
+        atol=0,
+        rtol=0,
+        name="tied assignment gradient",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +396,15 @@ def test_autograd_with_an_expanded_gradient():
 # ---------------------------------------------------------------------------------------------
 # Determinism: the same bits whatever the thread count (and the reference's answer).
 
-DETERMINISM = ["select_merge_B1", "select_merge_B1_fp16", "select_merge_B3", "backward", "cls_attention", "attention_received",
-               "scores_and_metric"]
+DETERMINISM = [
+    "select_merge_B1",
+    "select_merge_B1_fp16",
+    "select_merge_B3",
+    "backward",
+    "cls_attention",
+    "attention_received",
+    "scores_and_metric",
+]
 
 
 def _run_for_determinism(name: str):

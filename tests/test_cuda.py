@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from visionzip_kernels import reference
+
 from helpers import (
     assert_close_verbose,
     assert_equal_verbose,
@@ -31,7 +33,6 @@ from helpers import (
     merge_inputs,
     strided_view,
 )
-from visionzip_kernels import reference
 
 ops = torch.ops.visionzip
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -238,7 +239,9 @@ def test_cuda_compute_sanitizer(tool, tmp_path):
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "run_ops.py"
     script.write_text(SANITIZER_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     result = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=97", sys.executable, str(script)],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -45,7 +45,13 @@ def photos():
 def test_geometry_read_from_the_graph(model_and_messages):
     model, messages, again, cache = model_and_messages
     c = model.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size, c.image_size) == (384, 12, 6, 14, 518)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size, c.image_size) == (
+        384,
+        12,
+        6,
+        14,
+        518,
+    )
     assert c.mlp_ratio == 4
     assert abs(c.layer_norm_eps - 1e-6) < 1e-9
     assert model.embeddings.position_embeddings.shape == (1, 1 + 37 * 37, 384)

@@ -107,8 +107,16 @@ def tiny_llava(seed=0, image_token_id=99, vision_layers=3, text_layers=2):
         patch_size=14, hidden_act="quick_gelu",
     )
     text = transformers.LlamaConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config = transformers.LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id, vision_feature_layer=-2,
@@ -173,7 +181,9 @@ def oracle(out, metrics, layer, dominant, contextual, keep_cls):
     hidden = out.hidden_states[layer]
     metric = metrics[layer]
     scores = attn[:, :, 0].mean(dim=1) if keep_cls else attn.mean(dim=2).mean(dim=1)
-    assert topk_is_separated(scores, dominant, keep_cls, rel_gap=TOPK_REL_GAP), "precondition: near-tie at the top-k boundary"
+    assert topk_is_separated(scores, dominant, keep_cls, rel_gap=TOPK_REL_GAP), (
+        "precondition: near-tie at the top-k boundary"
+    )
     tokens, keep = upstream_select_merge(attn, hidden, metric, dominant, contextual, keep_cls)
     margin = assignment_margin(metric, keep, contextual)
     assert margin > ASSIGN_MARGIN, f"precondition: near-tie in the contextual assignment ({margin:.2g})"
@@ -408,7 +418,10 @@ def test_llava_generate_end_to_end(llava_case):
         width = inputs["input_ids"].shape[1]
         assert width == ids.shape[1] - 2 * (64 - 12)  # the longest row had two images
         # Row 0 (one image) keeps its padding; rows now differ by 12 image tokens, padded on the left.
-        assert inputs["attention_mask"][0, : width - 16].eq(0).all() and inputs["attention_mask"][0, width - 16:].eq(1).all()
+        assert (
+            inputs["attention_mask"][0, : width - 16].eq(0).all()
+            and inputs["attention_mask"][0, width - 16 :].eq(1).all()
+        )
         assert inputs["attention_mask"].sum(dim=1).tolist() == [4 + 12, 2 + 24]
         with torch.no_grad():
             cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -419,7 +432,11 @@ def test_llava_generate_end_to_end(llava_case):
         assert torch.equal(cached, full)
         assert torch.equal(cached[:, width], logits[:, -1].argmax(dim=-1))
 
-        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == 99, -100).masked_fill(inputs["attention_mask"] == 0, -100)
+        labels = (
+            inputs["input_ids"]
+            .masked_fill(inputs["input_ids"] == 99, -100)
+            .masked_fill(inputs["attention_mask"] == 0, -100)
+        )
         stock_labels = ids.masked_fill(ids == 99, -100).masked_fill(mask == 0, -100)
         shrunk = vzt.shrink_inputs(model, {"input_ids": ids, "attention_mask": mask, "labels": stock_labels})
         assert torch.equal(shrunk["labels"], labels)

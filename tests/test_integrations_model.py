@@ -23,10 +23,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_integrations import _build, _peak_qk_, clip_tower, pixels, stock_input_ids, tiny_llava  # noqa: E402
+
 import visionzip_kernels as vz  # noqa: E402
 from visionzip_kernels.integrations import transformers as vzt  # noqa: E402
-
-from test_integrations import _build, _peak_qk_, clip_tower, pixels, stock_input_ids, tiny_llava  # noqa: E402
 
 COMPILE_BACKEND = os.environ.get("VISIONZIP_TEST_COMPILE_BACKEND", "inductor")
 COMPILED_ATOL = 1e-5  # inductor fuses and reorders fp32 arithmetic; keep must still be identical

@@ -19,11 +19,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_integrations import TOKEN_ATOL, TOKEN_RTOL, _build, _peak_qk_, oracle, stock_input_ids, upstream_way  # noqa: E402
+
 import visionzip_kernels as vz  # noqa: E402
 from visionzip_kernels.integrations import transformers as vzt  # noqa: E402
-
-from test_integrations import (  # noqa: E402
-    TOKEN_ATOL, TOKEN_RTOL, _build, _peak_qk_, oracle, stock_input_ids, upstream_way)
 
 IMAGE_TOKEN = 99
 CROP_PX, PATCH = 56, 14

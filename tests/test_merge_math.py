@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
+from visionzip_kernels import reference
+
 from helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -31,7 +33,6 @@ from helpers import (
     merge_inputs,
     packed_inputs,
 )
-from visionzip_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "tests/cuda_emulation/harness.cpp", ROOT / "tests/cuda_emulation/cuda_emulation.h",
@@ -92,7 +93,8 @@ def emu_backward(lib, grad, metric, keep, N):
 # (B, N, C, d, D, K): the foundation shape (CLIP-L/336, 54 + 10) at B = 1 and 2; SigLIP's 729 tokens
 # with K = 0 (no assignment, no lists); N, C, d off the warp and pack multiples; K over one target
 # tile (16); the unit targets at the shared-memory budget of the assignment (K_pad * d * 4 = 24 KB)
-# and past it (read from global scratch); d over the 128 channels a target's norm stages per round; N over 256 tokens per thread chunk and over several
+# and past it (read from global scratch); d over the 128 channels a target's norm stages per round;
+# N over 256 tokens per thread chunk and over several
 # 128-token assignment blocks, one of them partial; K over 256 (more list warps than a block has);
 # D = 1 (no top-k beyond CLS); D + K = N (no members at all, or a target per remaining token); tiny N.
 SHAPES = [

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_equal_verbose, assert_metric_is_head_mean
 from visionzip_kernels import reference
+
+from helpers import assert_equal_verbose, assert_metric_is_head_mean
 
 ops = torch.ops.visionzip
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from visionzip_kernels import op_table, reference
+
 from helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -23,7 +25,6 @@ from helpers import (
     packed_inputs,
     separated_scores,
 )
-from visionzip_kernels import op_table, reference
 
 ops = torch.ops.visionzip
 
@@ -84,8 +85,11 @@ OPCHECK_CASES = (
 
 
 @pytest.mark.parametrize(
-    "op,dtype,strided,requires_grad", OPCHECK_CASES,
-    ids=[f"{o}-{str(d)[6:]}-{'strided' if s else 'contig'}-{'grad' if r else 'nograd'}" for o, d, s, r in OPCHECK_CASES],
+    "op,dtype,strided,requires_grad",
+    OPCHECK_CASES,
+    ids=[
+        f"{o}-{str(d)[6:]}-{'strided' if s else 'contig'}-{'grad' if r else 'nograd'}" for o, d, s, r in OPCHECK_CASES
+    ],
 )
 def test_opcheck(op, dtype, strided, requires_grad):
     args, kwargs = _samples(op, dtype, strided, requires_grad)

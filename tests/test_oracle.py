@@ -23,6 +23,8 @@ import functools
 import pytest
 import torch
 
+from visionzip_kernels import reference
+
 from helpers import (
     DTYPES,
     FP32_ATOL,
@@ -38,7 +40,6 @@ from helpers import (
     topk_is_separated,
     upstream_select_merge,
 )
-from visionzip_kernels import reference
 
 ops = torch.ops.visionzip
 
@@ -71,7 +72,7 @@ def _map_scores(attn: torch.Tensor, keep_cls: bool) -> torch.Tensor:
     return attn[:, :, 0].sum(dim=1) if keep_cls else attn.mean(dim=2).sum(dim=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle_run(dtype: torch.dtype, shape: tuple) -> OracleRun:
     B, N, C, H, d, D, K, keep_cls, seed = shape
     case = make_case(B, N, C, H, d, dtype=dtype, seed=seed)

@@ -14,6 +14,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, note  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from visionzip_kernels import reference  # noqa: E402
+
 from helpers import (  # noqa: E402
     DTYPES,
     FP32_RTOL,
@@ -23,7 +25,6 @@ from helpers import (  # noqa: E402
     separate_assignment,
     separated_scores,
 )
-from visionzip_kernels import reference  # noqa: E402
 
 ops = torch.ops.visionzip
 

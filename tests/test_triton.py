@@ -22,6 +22,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import triton_ops  # noqa: E402
+from visionzip_kernels import backends, reference  # noqa: E402
+
 from helpers import (  # noqa: E402
     assert_close_verbose,
     assert_equal_verbose,
@@ -31,7 +33,6 @@ from helpers import (  # noqa: E402
     make_case,
     topk_is_separated,
 )
-from visionzip_kernels import backends, reference  # noqa: E402
 
 ops = torch.ops.visionzip
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

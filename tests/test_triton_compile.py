@@ -122,7 +122,9 @@ def main() -> int:
                 cubin.flush()
                 usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True,
                                        text=True, check=True).stdout
-            regs, stack, local = (int(re.search(rf"{field}:(\d+)", usage).group(1)) for field in ("REG", "STACK", "LOCAL"))
+            regs, stack, local = (
+                int(re.search(rf"{field}:(\d+)", usage).group(1)) for field in ("REG", "STACK", "LOCAL")
+            )
             spills = stack > 0 or local > 0
             spilled += spills
             print(f"sm_{arch} {name}: {regs} registers, stack {stack} B{'  SPILLS' if spills else ''}")

@@ -14,6 +14,9 @@ import re
 import pytest
 import torch
 
+from visionzip_kernels import reference
+from visionzip_kernels import varlen_select_merge as wrapper
+
 from helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -22,8 +25,6 @@ from helpers import (
     cases_id,
     packed_inputs,
 )
-from visionzip_kernels import reference
-from visionzip_kernels import varlen_select_merge as wrapper
 
 ops = torch.ops.visionzip
 
@@ -203,7 +204,9 @@ def test_wrapper_rejects_wrong_python_types(budget, error):
 # Gradients
 
 
-@pytest.mark.parametrize("sizes,dominant,contextual", BUDGET_CASES[1:4], ids=[cases_id(*c[0]) for c in BUDGET_CASES[1:4]])
+@pytest.mark.parametrize(
+    "sizes,dominant,contextual", BUDGET_CASES[1:4], ids=[cases_id(*c[0]) for c in BUDGET_CASES[1:4]]
+)
 def test_gradcheck(sizes, dominant, contextual, num_threads):
     num_threads(1)
     hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, C=3, d=4, dtype=torch.float64)
@@ -270,12 +273,30 @@ SHAPE_RULES = [
     ("empty C", {"hidden": lambda f, t: f(T, 0)}, ValueError, r"hidden must not be empty"),
     ("empty d", {"metric": lambda f, t: f(T, 0)}, ValueError, r"metric must not be empty"),
     ("empty cu", {"cu_seqlens": lambda f, t: t[:0]}, ValueError, r"cu_seqlens must hold at least one offset"),
-    ("dominant length", {"dominant": lambda f, t: [4]}, ValueError,
-     r"dominant must hold one count per image \(2 images: cu_seqlens.size\(0\) - 1\), got 1"),
-    ("contextual length", {"contextual": lambda f, t: [2, 3, 1]}, ValueError, r"contextual must hold one count per image"),
-    ("dominant negative", {"dominant": lambda f, t: [4, -1]}, ValueError, r"dominant\[1\] \(image 1\) must be >= 0, got -1"),
-    ("contextual negative", {"contextual": lambda f, t: [-2, 3]}, ValueError,
-     r"contextual\[0\] \(image 0\) must be >= 0, got -2"),
+    (
+        "dominant length",
+        {"dominant": lambda f, t: [4]},
+        ValueError,
+        r"dominant must hold one count per image \(2 images: cu_seqlens.size\(0\) - 1\), got 1",
+    ),
+    (
+        "contextual length",
+        {"contextual": lambda f, t: [2, 3, 1]},
+        ValueError,
+        r"contextual must hold one count per image",
+    ),
+    (
+        "dominant negative",
+        {"dominant": lambda f, t: [4, -1]},
+        ValueError,
+        r"dominant\[1\] \(image 1\) must be >= 0, got -1",
+    ),
+    (
+        "contextual negative",
+        {"contextual": lambda f, t: [-2, 3]},
+        ValueError,
+        r"contextual\[0\] \(image 0\) must be >= 0, got -2",
+    ),
 ]
 
 
@@ -325,7 +346,9 @@ def test_value_rules(rule, changes, message, path):
 def test_backward_rules():
     grad = torch.randn(14, C_)
     args = _args()
-    with pytest.raises(ValueError, match=re.escape("grad_tokens.size(0) must equal the sum of dominant + contextual (15)")):
+    with pytest.raises(
+        ValueError, match=re.escape("grad_tokens.size(0) must equal the sum of dominant + contextual (15)")
+    ):
         ops.varlen_select_merge_backward(grad, args["scores"], args["metric"], args["cu_seqlens"], [4, 6], [2, 3])
     with pytest.raises(ValueError, match=r"varlen_select_merge_backward: contextual\[1\] must be <= N_1"):
         ops.varlen_select_merge_backward(torch.randn(25, C_), args["scores"], args["metric"], args["cu_seqlens"],

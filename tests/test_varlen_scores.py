@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import visionzip_kernels
-from helpers import FP32_ATOL, FP32_RTOL, assert_close_verbose, assert_equal_verbose, assert_within_torch_error
 from visionzip_kernels import reference, upstream
+
+from helpers import FP32_ATOL, FP32_RTOL, assert_close_verbose, assert_equal_verbose, assert_within_torch_error
 
 ops = torch.ops.visionzip
 OP = "varlen_scores_and_metric"
@@ -403,7 +404,6 @@ def test_triton_vs_reference_and_cpp(dtype, unit, lengths, H, d, device):
 def test_triton_checks_and_empty(device):
     pytest.importorskip("triton")
     import triton_ops
-
     from visionzip_kernels import backends
 
     # The kernel registered for the op validates before the launcher (which takes valid arguments).

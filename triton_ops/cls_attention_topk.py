@@ -195,7 +195,9 @@ def cls_attention_topk(q_cls: torch.Tensor, k: torch.Tensor, scale: float, domin
                    fuse_topk=True)
 
 
-def cls_scores_and_metric(q_cls: torch.Tensor | None, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cls_scores_and_metric(
+    q_cls: torch.Tensor | None, k: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS scores [B,N] fp32 (empty [B,0] when q_cls is None) and metric [B,N,d] in k.dtype, from one
     read of k. Arguments are validated by the caller and have unit-stride last dims."""
     metric = torch.empty(k.shape[0], k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)

@@ -36,7 +36,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_kernel(op: str) -> Callable:
     """The kernel registered for a Triton op (an op of the table with ``cuda="triton"``): it checks
     the arguments (the op's ``launch_checks``), imports triton_ops at the first call and runs the

@@ -18,7 +18,12 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
 
 
 def upstream_select_merge(
-    attn: torch.Tensor, hidden: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int, keep_cls: bool = True
+    attn: torch.Tensor,
+    hidden: torch.Tensor,
+    metric: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    keep_cls: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Upstream's sequence: head-sum of the CLS row (or, without CLS, of the column means), topk,
     scatter a mask, masked_select, L2-normalise, strided targets, isin, bmm similarity, argmax,
@@ -27,7 +32,9 @@ def upstream_select_merge(
     if keep_cls:
         cls_attention_sum = attn[:, :, 0, 1:].sum(dim=1)
         topk_indices = cls_attention_sum.topk(dominant - 1, dim=1).indices + 1
-        all_indices = torch.cat([torch.zeros(B, 1, dtype=topk_indices.dtype, device=hidden.device), topk_indices], dim=1)
+        all_indices = torch.cat(
+            [torch.zeros(B, 1, dtype=topk_indices.dtype, device=hidden.device), topk_indices], dim=1
+        )
     else:
         received = attn.mean(dim=2).sum(dim=1)
         all_indices = received.topk(dominant, dim=1).indices

@@ -124,7 +124,7 @@ def _hf_name(onnx_name: str, target_keys: set[str]) -> str:
     raise KeyError(f"no Dinov2Model parameter for ONNX tensor {onnx_name!r}")
 
 
-def convert_onnx(onnx_path: str | os.PathLike) -> tuple["Dinov2Config", dict[str, torch.Tensor]]:  # noqa: F821
+def convert_onnx(onnx_path: str | os.PathLike) -> tuple[Dinov2Config, dict[str, torch.Tensor]]:  # noqa: F821
     """Read the ONNX graph and return (``Dinov2Config``, state dict for ``Dinov2Model``)."""
     from transformers import Dinov2Config, Dinov2Model
 
@@ -285,7 +285,7 @@ def load_dinov2(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
-) -> "Dinov2Model":  # noqa: F821
+) -> Dinov2Model:  # noqa: F821
     """The pretrained DINOv2-S/14 as a transformers ``Dinov2Model`` in eval mode (converting and
     caching it on first use). ``attn_implementation``: ``"sdpa"`` (default) or ``"eager"``."""
     from safetensors.torch import load_file
@@ -365,7 +365,10 @@ def onnx_backbone_hidden_states(
     output of encoder layer i, for each i in ``layers``) and ``"last_hidden_state"`` (after the final
     layer norm). ``engine``: ``"onnxruntime"``, ``"reference"`` (onnx.reference, slow) or ``"auto"``."""
     path = Path(onnx_path) if onnx_path is not None else find_onnx()
-    names = {"embeddings": "/backbone/embeddings/Add_output_0", "last_hidden_state": "/backbone/layernorm/Add_1_output_0"}
+    names = {
+        "embeddings": "/backbone/embeddings/Add_output_0",
+        "last_hidden_state": "/backbone/layernorm/Add_1_output_0",
+    }
     for i in layers:
         names[f"layer.{i}"] = f"/backbone/encoder/layer.{i}/Add_1_output_0"
     model = _onnx_with_outputs(path, list(names.values()))

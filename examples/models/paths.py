@@ -17,6 +17,7 @@ benchmarks time the same two callables.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from visionzip_kernels.api import compress
-from ..profiling import interleaved_times, peak_memory_bytes
 from visionzip_kernels.upstream import upstream_select_merge
+
+from ..profiling import interleaved_times, peak_memory_bytes
 from .towers import encoder_layers, has_cls, query_key
 
 
@@ -210,12 +212,14 @@ def compare_paths(model, pixel_values: torch.Tensor, dominant: int, contextual: 
             ours_inputs = dict(inputs)
 
         say(f"  timing the VisionZip step alone, interleaved: {step_rounds} rounds ...")
-        steps = interleaved_times({
-            "ours": lambda: compress(ours_inputs["hidden"], q=ours_inputs["q"], k=ours_inputs["k"],
-                                     dominant=dominant, contextual=contextual, keep_cls=cls),
-            "upstream": lambda: upstream_select_merge(*upstream_inputs, dominant, contextual, keep_cls=cls),
-        }, step_rounds)
-        del upstream_inputs, ours_inputs
+        # partial binds the captured tensors (not the names), so deleting the names and the paths frees them.
+        step_paths = {
+            "ours": functools.partial(compress, ours_inputs["hidden"], q=ours_inputs["q"], k=ours_inputs["k"],
+                                      dominant=dominant, contextual=contextual, keep_cls=cls),
+            "upstream": functools.partial(upstream_select_merge, *upstream_inputs, dominant, contextual, keep_cls=cls),
+        }
+        steps = interleaved_times(step_paths, step_rounds)
+        del step_paths, upstream_inputs, ours_inputs
 
         say(f"  timing the whole paths, interleaved: {rounds} round(s) of ours then upstream ...")
         whole = interleaved_times({"ours": ours, "upstream": upstream}, rounds, warmup=0,

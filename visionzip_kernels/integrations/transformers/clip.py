@@ -28,7 +28,9 @@ def _query_key(layer: torch.nn.Module) -> QueryKey:
     return separate_projections(layer.self_attn)
 
 
-def _embed(model: torch.nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
+def _embed(
+    model: torch.nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False
+) -> torch.Tensor:
     return model.pre_layrnorm(model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding))
 
 

@@ -7,8 +7,9 @@ A CLS encoder like CLIP (``cls_attention``, ``keep_cls=True``). Layout in transf
 layer scales and residuals, and no norm is pending, so the captured output is exactly
 ``hidden_states[i + 1]``. The projections are ``layer.attention.q_proj`` / ``k_proj`` (``nn.Linear``)
 with ``scaling`` = d^-0.5 on transformers 5.2x; 5.17 has them one level down, as
-``layer.attention.attention.query`` / ``key`` with ``attention_head_size``: both are recognised. Position embeddings are interpolated, so N follows the
-input size (1 + (size / 14)^2); the budget is checked against the actual N at run time.
+``layer.attention.attention.query`` / ``key`` with ``attention_head_size``: both are recognised.
+Position embeddings are interpolated, so N follows the input size (1 + (size / 14)^2); the budget
+is checked against the actual N at run time.
 ``Dinov2WithRegisters`` (model_type ``dinov2_with_registers``) is not supported. The patched
 forward runs ``embeddings`` (``hidden_states[0]``; ``bool_masked_pos`` is passed on), then
 ``layer(hidden)`` for layers 0..L (no attention mask: the 5.2x ``attention_mask`` input of
@@ -36,7 +37,9 @@ def _query_key(layer: torch.nn.Module) -> QueryKey:
     return QueryKey(inner.query, inner.key, head_dim, float(getattr(inner, "scaling", head_dim**-0.5)))
 
 
-def _embed(model: torch.nn.Module, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+def _embed(
+    model: torch.nn.Module, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+) -> torch.Tensor:
     return model.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
 
 

@@ -44,9 +44,16 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ...budget import Budget, split_budget, tokens_for_ratio
-from .common import (CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput, replace_instance_attribute,
-                     restore_instance_attribute)
-from .prompt import IGNORE_INDEX, PADDING_SIDES, RowPacker, pad_token_id as default_pad_token_id, same_mapping
+from .common import (
+    CompositeFamily,
+    EncoderFamily,
+    EncoderPatch,
+    VisionZipOutput,
+    replace_instance_attribute,
+    restore_instance_attribute,
+)
+from .prompt import IGNORE_INDEX, PADDING_SIDES, RowPacker, same_mapping
+from .prompt import pad_token_id as default_pad_token_id
 
 
 def llava_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -125,7 +132,8 @@ class LlavaPatch:
         return self.tower_patch.settings
 
     def __repr__(self) -> str:
-        return f"LlavaPatch(tower={self.tower_patch!r}, {self.placeholders_per_image} -> {self.tokens_per_image} tokens per image)"
+        counts = f"{self.placeholders_per_image} -> {self.tokens_per_image} tokens per image"
+        return f"LlavaPatch(tower={self.tower_patch!r}, {counts})"
 
     # -- the replacement of LlavaModel.get_image_features (same parameters, for generate()'s inspection)
     def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer=None,
@@ -249,7 +257,9 @@ def shrink_image_tokens(
     tensors = {k: v for k, v in tensors.items() if v is not None}
     for name, t in tensors.items():
         if t.shape != input_ids.shape:
-            raise ValueError(f"shrink_image_tokens: {name} has shape {list(t.shape)}, input_ids {list(input_ids.shape)}")
+            raise ValueError(
+                f"shrink_image_tokens: {name} has shape {list(t.shape)}, input_ids {list(input_ids.shape)}"
+            )
     is_image = input_ids == image_token_id
     if isinstance(tokens_per_image, int) and isinstance(placeholders_per_image, int):
         counts = is_image.sum(dim=1)

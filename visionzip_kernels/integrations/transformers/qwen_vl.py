@@ -64,9 +64,15 @@ import torch
 
 from ... import ops
 from ...budget import Budget, check_count_or_ratio, check_int
-from .common import (MIN_TRANSFORMERS, CompositeFamily, VisionZipOutput, replace_instance_attribute,
-                     restore_instance_attribute)
-from .prompt import IGNORE_INDEX, PADDING_SIDES, RowPacker, pad_token_id as default_pad_token_id, same_mapping
+from .common import (
+    MIN_TRANSFORMERS,
+    CompositeFamily,
+    VisionZipOutput,
+    replace_instance_attribute,
+    restore_instance_attribute,
+)
+from .prompt import IGNORE_INDEX, PADDING_SIDES, RowPacker, same_mapping
+from .prompt import pad_token_id as default_pad_token_id
 
 
 @dataclass
@@ -310,8 +316,12 @@ class QwenVLPatch:
             (cos, sin) [T, d], cu_seqlens [n+1] of the images, window_index [T/4] or ``None``).
         """
         # transformers' own geometry of the packed tower (imported here: apply() names an older transformers).
-        from transformers.vision_utils import (get_max_seqlen, get_vision_attention_seqlens, get_vision_position_ids,
-                                               get_vision_window_index)
+        from transformers.vision_utils import (
+            get_max_seqlen,
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
 
         visual = self.visual
         position_ids = get_vision_position_ids(image_grid_thw, visual.spatial_merge_size, kwargs=kwargs)
