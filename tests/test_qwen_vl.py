@@ -400,3 +400,25 @@ def test_bad_input():
     with pytest.raises(ValueError, match="full-attention block"):
         vz.apply(deeper, layer=-2)
     assert vzt.get_patch(deeper) is None
+
+
+def test_qwen3_vl_on_a_transformers_without_mm_encoder_outputs_is_refused():
+    """Qwen3-VL's prompt hands the DeepStack features to forward as mm_encoder_outputs (tests/test_qwen3_vl.py);
+    a transformers whose Qwen3VLModel.forward lacks it (5.17) gets a clear error from apply()."""
+    import inspect
+
+    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL")
+    if "mm_encoder_outputs" in inspect.signature(transformers.Qwen3VLModel.forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__} supports it (tests/test_qwen3_vl.py)")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                  spatial_merge_size=MERGE, out_hidden_size=48, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    text = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                intermediate_size=64, vocab_size=128,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+    model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(vision_config=vision,
+                                                                                     text_config=text))
+    with pytest.raises(NotImplementedError, match="takes mm_encoder_outputs"):
+        vz.apply(model)
+    assert vzt.get_patch(model) is None

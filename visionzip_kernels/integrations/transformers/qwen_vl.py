@@ -64,6 +64,7 @@ merged with the main features' plan (:func:`visionzip_kernels.varlen_select_merg
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -279,6 +280,13 @@ class QwenVLPatch:
             raise _missing("`spatial_merge_size`", self.visual)
         self.spatial_merge_size = merge
         self.unit = merge * merge
+        if tower.deepstack and "mm_encoder_outputs" not in inspect.signature(type(self.qwen).forward).parameters:
+            # shrink_inputs hands the encoded features (DeepStack included) to forward as mm_encoder_outputs.
+            import transformers
+
+            raise NotImplementedError(f"visionzip.apply: VisionZip for {tower.name.split()[0]} needs a transformers "
+                                      f"whose {type(self.qwen).__name__}.forward takes mm_encoder_outputs (5.23 does); "
+                                      f"the installed {transformers.__version__} does not")
         self.query_key = fused_query_key(vision_blocks[self.layer_index])
         config = self.qwen.config
         self.image_token_id = config.image_token_id
