@@ -179,7 +179,7 @@ def test_to_dtype_and_device_after_apply(family):
         torch.testing.assert_close(out.last_hidden_state.cpu(), expected.last_hidden_state, atol=2e-2, rtol=2e-2)
 
 
-THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 THREADS, ROUNDS = 8, 10
 
 
@@ -219,6 +219,11 @@ def _thread_case(family: str):
         return model, inputs, call
     from test_qwen_vl import images, tiny_qwen
 
+    if family == "qwen3_5":
+        from test_qwen_vl import QWEN3_5_SUPPORTED
+
+        if not QWEN3_5_SUPPORTED:
+            pytest.skip(f"transformers {transformers.__version__}: VisionZip for Qwen3.5 needs 5.23's forward")
     if family == "qwen3_vl":
         from test_qwen3_vl import tiny_qwen3_vl
 

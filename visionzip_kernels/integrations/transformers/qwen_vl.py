@@ -53,6 +53,9 @@ count does not match the patched model (the stock prompt, with ``pixel_values`` 
 the features ``generate()`` encoded first), naming :func:`shrink_inputs`. Videos
 (``pixel_values_videos``) are left alone. ``remove()`` restores the model bit for bit.
 
+Qwen3.5 (``Qwen3_5ForConditionalGeneration``, :data:`QWEN3_5`) runs the same tower as Qwen3-VL
+without DeepStack, and takes the Qwen2-VL prompt (``inputs_embeds``).
+
 Qwen3-VL (``Qwen3VLForConditionalGeneration``, :data:`QWEN3_VL`; docs/SPEC.md "Qwen3-VL"): the same
 patch, with no windows, the learned position table resampled and added as the stock tower does
 (transformers' ``get_vision_interpolation_indices_and_weights``), any block as the scoring layer, and
@@ -197,12 +200,20 @@ def _qwen3_vl_tower_class():
     return Qwen3VLVisionModel
 
 
+def _qwen3_5_tower_class():
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+
+    return Qwen3_5VisionModel
+
+
 QWEN2_VL_TOWER = QwenTower(name="Qwen2-VL vision", model_types=("qwen2_vl_vision",),
                            model_class=_qwen2_vl_tower_class, windowed=False)
 QWEN2_5_VL_TOWER = QwenTower(name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_vision",),
                              model_class=_qwen2_5_vl_tower_class, windowed=True)
 QWEN3_VL_TOWER = QwenTower(name="Qwen3-VL vision", model_types=("qwen3_vl_vision",), model_class=_qwen3_vl_tower_class,
                            windowed=False, interpolated_positions=True, deepstack=True)
+QWEN3_5_TOWER = QwenTower(name="Qwen3.5 vision", model_types=("qwen3_5_vision",), model_class=_qwen3_5_tower_class,
+                          windowed=False, interpolated_positions=True)
 
 
 def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -280,8 +291,11 @@ class QwenVLPatch:
             raise _missing("`spatial_merge_size`", self.visual)
         self.spatial_merge_size = merge
         self.unit = merge * merge
-        if tower.deepstack and "mm_encoder_outputs" not in inspect.signature(type(self.qwen).forward).parameters:
-            # shrink_inputs hands the encoded features (DeepStack included) to forward as mm_encoder_outputs.
+        forward_parameters = inspect.signature(type(self.qwen).forward).parameters
+        if tower.interpolated_positions and "mm_encoder_outputs" not in forward_parameters:
+            # The Qwen3 generation's prompts need 5.23's forward: Qwen3-VL's shrink_inputs hands the features
+            # (DeepStack included) over as mm_encoder_outputs; Qwen3.5's older forward refuses input_ids beside
+            # inputs_embeds. Both come with mm_encoder_outputs, which marks that forward.
             import transformers
 
             raise NotImplementedError(f"visionzip.apply: VisionZip for {tower.name.split()[0]} needs a transformers "
@@ -627,6 +641,11 @@ def make_qwen3_vl_patch(model: torch.nn.Module, budget: Budget, layer: int) -> Q
     return QwenVLPatch(model, QWEN3_VL_TOWER, budget.dominant, budget.contextual, layer)
 
 
+def make_qwen3_5_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen3.5 model."""
+    return QwenVLPatch(model, QWEN3_5_TOWER, budget.dominant, budget.contextual, layer)
+
+
 QWEN2_VL = CompositeFamily(
     name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     summary="attention received in the last vision block (fused qkv, after rotary), per image, packed",
@@ -641,4 +660,9 @@ QWEN3_VL = CompositeFamily(
     name="Qwen3-VL", model_types=("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
     summary="the same (no windows); the DeepStack features merged with the main features' plan",
     make_patch=make_qwen3_vl_patch, per_image_budget=True, tower_model_types=QWEN3_VL_TOWER.model_types,
+)
+QWEN3_5 = CompositeFamily(
+    name="Qwen3.5", model_types=("qwen3_5",), classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
+    summary="as Qwen3-VL, without DeepStack (the LLM is hybrid linear / full attention)",
+    make_patch=make_qwen3_5_patch, per_image_budget=True, tower_model_types=QWEN3_5_TOWER.model_types,
 )
