@@ -1,4 +1,5 @@
-"""VisionZip on Qwen3-VL (visionzip_kernels.integrations.transformers.qwen_vl, the QWEN3_VL family).
+"""VisionZip on Qwen3-VL and Qwen3-VL-MoE (visionzip_kernels.integrations.transformers.qwen_vl, the QWEN3_VL
+and QWEN3_VL_MOE families: the same vision side).
 
 Tiny random models built from config (offline). Qwen3-VL's vision blocks are all full attention (no
 windows), a learned position table is resampled to each image's grid, and the outputs of the blocks
@@ -51,9 +52,10 @@ from qwen_oracle import budget, upstream_way_deepstack  # noqa: E402
 DEEPSTACK = [0, 1]  # the DeepStack layers of the tiny 3-block tower
 
 
-def tiny_qwen3_vl(seed: int = 0, depth: int = 3, attn: str = "sdpa"):
+def tiny_qwen3_vl(seed: int = 0, depth: int = 3, attn: str = "sdpa", moe: bool = False):
     """A random Qwen3-VL: vision width 32, 2 heads, ``depth`` blocks, a 4x4 learned position table,
-    DeepStack from blocks 0 and 1; LLM width 48, 4 heads (head_dim 12), 3 layers."""
+    DeepStack from blocks 0 and 1; LLM width 48, 4 heads (head_dim 12), 3 layers (``moe``: Qwen3-VL-MoE,
+    4 experts of width 32, 2 per token)."""
     text = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                 intermediate_size=64, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2],
@@ -61,13 +63,16 @@ def tiny_qwen3_vl(seed: int = 0, depth: int = 3, attn: str = "sdpa"):
     vision = dict(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3, out_hidden_size=48,
                   num_position_embeddings=16, deepstack_visual_indexes=DEEPSTACK)
-    config = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
-                                        video_token_id=VIDEO, vision_start_token_id=VSTART,
-                                        vision_end_token_id=VEND, pad_token_id=PAD)
+    config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        config_cls, model_cls = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
+                        vision_start_token_id=VSTART, vision_end_token_id=VEND, pad_token_id=PAD)
     config._attn_implementation = attn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+        model = model_cls(config).eval()
         _peak_qk_(model, seed)
     return model
 
@@ -166,9 +171,10 @@ def assert_llm_inputs_equal_oracle(model, inputs, expected):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_one_image_llm_inputs_equal_upstream_oracle(attn):
-    model = tiny_qwen3_vl(attn=attn)
+@pytest.mark.parametrize("attn, moe", [("sdpa", False), ("eager", False), ("sdpa", True)],
+                         ids=["sdpa", "eager", "moe"])
+def test_one_image_llm_inputs_equal_upstream_oracle(attn, moe):
+    model = tiny_qwen3_vl(attn=attn, moe=moe)
     grids = [(8, 12)]
     inputs = batch_inputs([prompt(merged_tokens(grids))], grids)
     expected = oracle(model, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -181,8 +187,9 @@ def test_one_image_llm_inputs_equal_upstream_oracle(attn):
         assert_llm_inputs_equal_oracle(model, inputs, expected)
 
 
-def test_two_images_and_a_batch_equal_per_image_oracles():
-    model = tiny_qwen3_vl()
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_two_images_and_a_batch_equal_per_image_oracles(moe):
+    model = tiny_qwen3_vl(moe=moe)
     grids_a, grids_b = [(8, 12), (6, 10)], [(6, 6)]
     rows = [prompt(merged_tokens(grids_a), seed=1), prompt(merged_tokens(grids_b), seed=2)]
     both = batch_inputs(rows, grids_a + grids_b)
@@ -203,8 +210,9 @@ def test_scoring_layer_option():
         vz.apply(model, layer=3)
 
 
-def test_generate_two_images_and_a_batch():
-    model = tiny_qwen3_vl()
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_generate_two_images_and_a_batch(moe):
+    model = tiny_qwen3_vl(moe=moe)
     vz.apply(model)
     grids = [(8, 12), (6, 10)]
     inputs = batch_inputs([prompt(merged_tokens(grids))], grids)
@@ -240,8 +248,9 @@ def test_generate_two_images_and_a_batch():
     assert out.shape == (2, shrunk["input_ids"].shape[1] + 3)
 
 
-def test_remove_restores_bit_for_bit():
-    model = tiny_qwen3_vl()
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_remove_restores_bit_for_bit(moe):
+    model = tiny_qwen3_vl(moe=moe)
     stock = copy.deepcopy(model)
     grids = [(8, 12)]
     inputs = batch_inputs([prompt(merged_tokens(grids))], grids)

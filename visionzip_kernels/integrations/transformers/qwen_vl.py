@@ -200,6 +200,12 @@ def _qwen3_vl_tower_class():
     return Qwen3VLVisionModel
 
 
+def _qwen3_vl_moe_tower_class():
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+    return Qwen3VLMoeVisionModel
+
+
 def _qwen3_5_tower_class():
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
 
@@ -212,6 +218,9 @@ QWEN2_5_VL_TOWER = QwenTower(name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_
                              model_class=_qwen2_5_vl_tower_class, windowed=True)
 QWEN3_VL_TOWER = QwenTower(name="Qwen3-VL vision", model_types=("qwen3_vl_vision",), model_class=_qwen3_vl_tower_class,
                            windowed=False, interpolated_positions=True, deepstack=True)
+QWEN3_VL_MOE_TOWER = QwenTower(name="Qwen3-VL-MoE vision", model_types=("qwen3_vl_moe_vision",),
+                               model_class=_qwen3_vl_moe_tower_class, windowed=False, interpolated_positions=True,
+                               deepstack=True)
 QWEN3_5_TOWER = QwenTower(name="Qwen3.5 vision", model_types=("qwen3_5_vision",), model_class=_qwen3_5_tower_class,
                           windowed=False, interpolated_positions=True)
 
@@ -641,6 +650,11 @@ def make_qwen3_vl_patch(model: torch.nn.Module, budget: Budget, layer: int) -> Q
     return QwenVLPatch(model, QWEN3_VL_TOWER, budget.dominant, budget.contextual, layer)
 
 
+def make_qwen3_vl_moe_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen3-VL-MoE model (Qwen3-VL's vision side, an MoE LLM)."""
+    return QwenVLPatch(model, QWEN3_VL_MOE_TOWER, budget.dominant, budget.contextual, layer)
+
+
 def make_qwen3_5_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
     """:class:`QwenVLPatch` on a Qwen3.5 model."""
     return QwenVLPatch(model, QWEN3_5_TOWER, budget.dominant, budget.contextual, layer)
@@ -660,6 +674,12 @@ QWEN3_VL = CompositeFamily(
     name="Qwen3-VL", model_types=("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
     summary="the same (no windows); the DeepStack features merged with the main features' plan",
     make_patch=make_qwen3_vl_patch, per_image_budget=True, tower_model_types=QWEN3_VL_TOWER.model_types,
+)
+QWEN3_VL_MOE = CompositeFamily(
+    name="Qwen3-VL-MoE", model_types=("qwen3_vl_moe",),
+    classes=("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+    summary="as Qwen3-VL (the same vision side, DeepStack included; an MoE LLM)",
+    make_patch=make_qwen3_vl_moe_patch, per_image_budget=True, tower_model_types=QWEN3_VL_MOE_TOWER.model_types,
 )
 QWEN3_5 = CompositeFamily(
     name="Qwen3.5", model_types=("qwen3_5",), classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
