@@ -261,7 +261,7 @@ def image_budgets(dominant: int | float, contextual: int | float, tokens: list[i
 
 
 class QwenVLPatch:
-    """VisionZip on a Qwen2-VL / Qwen2.5-VL model instance (see the module docstring).
+    """VisionZip on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5 model instance (see the module docstring).
 
     ``settings`` = what was given to ``apply`` (``dominant``, ``contextual``: int counts or float
     ratios per image; ``layer``); ``layer_index`` = the scoring block, 0..depth-1; ``tower`` = the
