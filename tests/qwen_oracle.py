@@ -110,3 +110,49 @@ def upstream_way(model, pixels: torch.Tensor, grid: torch.Tensor, dominant: floa
         kept.append(tok)
         start += n
     return positions, kept, scores
+
+
+def stock_features_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
+    """The unpatched Qwen3-VL's image features: (merged tokens [T/4, C_llm], the DeepStack features
+    [[T/4, C_llm] per DeepStack layer], the last block's input [T, C], its rotary (cos, sin))."""
+    block = model.model.visual.blocks[-1]
+    seen = {}
+
+    def take_block_inputs(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["cos_sin"] = kwargs["position_embeddings"]
+
+    handle = block.register_forward_pre_hook(take_block_inputs, with_kwargs=True)
+    try:
+        out = model.model.get_image_features(pixels, grid)
+    finally:
+        handle.remove()
+    deepstack = [torch.cat(list(per_image)) for per_image in out.deepstack_features]
+    return torch.cat(list(out.pooler_output)), deepstack, seen["x"], seen["cos_sin"]
+
+
+def upstream_way_deepstack(model, pixels: torch.Tensor, grid: torch.Tensor, dominant: float = 0.65,
+                           contextual: float = 0.05):
+    """Upstream's way extended to Qwen3-VL's DeepStack: the one selection of the main features (scores,
+    topk, masks, one-hot assignment) applied to every DeepStack tensor with the same masks and the same
+    one-hot matrix. Returns (per-image kept positions, per-image kept main tokens, per-image list of kept
+    DeepStack tokens per layer, scores [T/4])."""
+    tokens, deepstack, x, cos_sin = stock_features_with_last_block(model, pixels, grid)
+    scores, metric = upstream_scores_and_metric(model, x, cos_sin, grid)
+    merge = model.model.visual.spatial_merge_size ** 2
+    positions, kept, kept_deepstack, start = [], [], [], 0
+    for t, h, w in grid.tolist():
+        n = t * h * w // merge
+        d, k = budget(n, dominant, contextual)
+        image = slice(start, start + n)
+        p, tok = upstream_select_merge(tokens[image], scores[image], metric[image], d, k)
+        layers = []
+        for feature in deepstack:
+            p_layer, tok_layer = upstream_select_merge(feature[image], scores[image], metric[image], d, k)
+            assert torch.equal(p_layer, p)  # the plan depends on scores and metric only
+            layers.append(tok_layer)
+        positions.append(p)
+        kept.append(tok)
+        kept_deepstack.append(layers)
+        start += n
+    return positions, kept, kept_deepstack, scores

@@ -179,7 +179,7 @@ def test_to_dtype_and_device_after_apply(family):
         torch.testing.assert_close(out.last_hidden_state.cpu(), expected.last_hidden_state, atol=2e-2, rtol=2e-2)
 
 
-THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 THREADS, ROUNDS = 8, 10
 
 
@@ -219,14 +219,25 @@ def _thread_case(family: str):
         return model, inputs, call
     from test_qwen_vl import images, tiny_qwen
 
-    model = vz.apply(tiny_qwen(family))
+    if family == "qwen3_5":
+        from test_qwen_vl import QWEN3_5_SUPPORTED
+
+        if not QWEN3_5_SUPPORTED:
+            pytest.skip(f"transformers {transformers.__version__}: VisionZip for Qwen3.5 needs 5.23's forward")
+    if family == "qwen3_vl":
+        from test_qwen3_vl import tiny_qwen3_vl
+
+        model = vz.apply(tiny_qwen3_vl())
+    else:
+        model = vz.apply(tiny_qwen(family))
     grids = [[(8, 12)], [(6, 6)], [(4, 8), (8, 4)], [(8, 8)], [(6, 10), (4, 4)], [(12, 4)], [(4, 4)], [(10, 6)]]
     inputs = [images(grid, seed=20 + i) for i, grid in enumerate(grids)]
 
     def call(m, x):
         with torch.no_grad():
             out = m.model.get_image_features(*x)
-        return (out.keep, out.cu_seqlens, *out.pooler_output)
+        deepstack = [t for layer in out.deepstack_features or [] for t in layer]
+        return (out.keep, out.cu_seqlens, *out.pooler_output, *deepstack)
     return model, inputs, call
 
 

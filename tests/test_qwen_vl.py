@@ -1,4 +1,4 @@
-"""VisionZip on Qwen2-VL / Qwen2.5-VL (visionzip_kernels.integrations.transformers.qwen_vl).
+"""VisionZip on Qwen2-VL / Qwen2.5-VL / Qwen3.5 (visionzip_kernels.integrations.transformers.qwen_vl).
 
 Tiny random models built from config (offline, ~1 s each). The oracle (tests/qwen_oracle.py) is
 written the way upstream's Qwen2.5-VL port computes it: the unpatched model runs, a hook takes the
@@ -15,6 +15,7 @@ comparison first asserts that the oracle's top-k boundary has no near-tie.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -34,7 +35,11 @@ PIXEL_DIM = 3 * 2 * PATCH * PATCH  # channels * temporal_patch_size * patch * pa
 IMAGE, VIDEO, VSTART, VEND, PAD = 100, 101, 102, 103, 0
 TOKEN_ATOL = 1e-5
 TOKEN_RTOL = 1e-5
-KINDS = ("qwen2_vl", "qwen2_5_vl")
+# Qwen3.5 needs a forward that takes mm_encoder_outputs (5.23; 5.17's refuses input_ids beside inputs_embeds):
+# apply() refuses older ones (test_qwen3_generation_on_an_older_transformers_is_refused).
+QWEN3_5_SUPPORTED = hasattr(transformers, "Qwen3_5Model") and "mm_encoder_outputs" in inspect.signature(
+    transformers.Qwen3_5Model.forward).parameters
+KINDS = ("qwen2_vl", "qwen2_5_vl", *(("qwen3_5",) if QWEN3_5_SUPPORTED else ()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,14 +47,21 @@ KINDS = ("qwen2_vl", "qwen2_5_vl")
 
 
 def tiny_qwen(kind: str, seed: int = 0, depth: int = 2, attn: str = "sdpa"):
-    """A random Qwen2-VL / Qwen2.5-VL (vision width 32, 2 heads, ``depth`` blocks; LLM width 48, 2
-    layers). Qwen2.5-VL: window of 2x2 merge units, the last block full-attention."""
+    """A random Qwen2-VL / Qwen2.5-VL / Qwen3.5 (vision width 32, 2 heads, ``depth`` blocks; LLM width 48,
+    2 layers). Qwen2.5-VL: window of 2x2 merge units, the last block full-attention. Qwen3.5: a learned
+    4x4 position table resampled per image; one linear-attention and one full-attention LLM layer."""
     text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=64, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
     vision = dict(depth=depth, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
                   in_channels=3)
-    if kind == "qwen2_5_vl":
+    if kind == "qwen3_5":  # no windows, a learned 4x4 position table; a hybrid LLM (linear + full attention)
+        text.update(head_dim=12, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                    linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"])
+        text["rope_parameters"].update(mrope_section=[1, 1, 1], mrope_interleaved=True, partial_rotary_factor=0.5)
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=48, num_position_embeddings=16)
+        model_cls, config_cls = transformers.Qwen3_5ForConditionalGeneration, transformers.Qwen3_5Config
+    elif kind == "qwen2_5_vl":
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=48, window_size=2 * MERGE * PATCH,
                       fullatt_block_indexes=[depth - 1])
         model_cls, config_cls = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig
@@ -400,3 +412,34 @@ def test_bad_input():
     with pytest.raises(ValueError, match="full-attention block"):
         vz.apply(deeper, layer=-2)
     assert vzt.get_patch(deeper) is None
+
+
+def test_qwen3_generation_on_an_older_transformers_is_refused():
+    """Qwen3-VL's prompt hands the DeepStack features to forward as mm_encoder_outputs (tests/test_qwen3_vl.py),
+    and Qwen3.5's older forward refuses input_ids beside inputs_embeds: on a transformers whose forwards lack
+    mm_encoder_outputs (5.17) apply() gives a clear error."""
+    if hasattr(transformers, "Qwen3_5Model") and not QWEN3_5_SUPPORTED:
+        stale = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                               out_hidden_size=48, num_position_embeddings=16),
+            text_config=dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=12, intermediate_size=64, vocab_size=128, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                             layer_types=["full_attention"])))
+        with pytest.raises(NotImplementedError, match="Qwen3.5 needs a transformers whose .* mm_encoder_outputs"):
+            vz.apply(stale)
+    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL")
+    if "mm_encoder_outputs" in inspect.signature(transformers.Qwen3VLModel.forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__} supports it (tests/test_qwen3_vl.py)")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                  spatial_merge_size=MERGE, out_hidden_size=48, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    text = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                intermediate_size=64, vocab_size=128,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+    model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(vision_config=vision,
+                                                                                     text_config=text))
+    with pytest.raises(NotImplementedError, match="takes mm_encoder_outputs"):
+        vz.apply(model)
+    assert vzt.get_patch(model) is None

@@ -488,3 +488,77 @@ def test_cuda_opcheck_and_gradcheck():
     torch.library.opcheck(ops.varlen_select_merge.default, (h, s, m, cu, dominant, contextual))
     fn = lambda x: ops.varlen_select_merge(x, s, m, cu, dominant, contextual)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h,))
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen_select_merge_many: one plan applied to several tensors (Qwen3-VL's main + DeepStack features)
+
+
+@pytest.mark.parametrize("sizes,dominant,contextual", BUDGET_CASES, ids=[cases_id(*c[0]) for c in BUDGET_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_many_equals_separate_calls_and_reference(sizes, dominant, contextual, dtype):
+    from visionzip_kernels import varlen_select_merge_many
+
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    others = [torch.randn(hidden.shape[0], width, generator=g).to(dtype) for width in (5, 1)]
+    hiddens = [hidden, *others]
+    tokens, keep, cu_out = varlen_select_merge_many(hiddens, scores, metric, cu, dominant, contextual)
+    assert len(tokens) == 3
+    for j, h in enumerate(hiddens):
+        alone = wrapper(h, scores, metric, cu, dominant, contextual)
+        assert_equal_verbose(tokens[j], alone[0], f"tensor {j} vs its own call")
+        assert_equal_verbose(keep, alone[1], f"keep vs tensor {j}'s own call")
+        assert_equal_verbose(cu_out, alone[2], "cu_seqlens_out")
+        assert_matches_reference((tokens[j], keep, cu_out), h, scores, metric, cu, dominant, contextual, f"tensor {j}")
+
+
+def test_many_gradients_reach_every_tensor():
+    from visionzip_kernels import varlen_select_merge_many
+
+    sizes, dominant, contextual = [40, 17, 1, 0, 29], [0, 17, 1, 0, 4], [6, 0, 0, 0, 25]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    hiddens = [hidden.clone().requires_grad_(), torch.randn(hidden.shape[0], 4, generator=g,
+                                                            dtype=torch.float64).requires_grad_()]
+    tokens, _, _ = varlen_select_merge_many(hiddens, scores, metric, cu, dominant, contextual)
+    grad_outs = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in tokens]
+    grads = torch.autograd.grad(tokens, hiddens, grad_outs)
+    for j, (h, grad_out, grad) in enumerate(zip(hiddens, grad_outs, grads)):
+        ref_tokens = reference.varlen_select_merge(h, scores, metric, cu, dominant, contextual)[0]
+        (ref_grad,) = torch.autograd.grad(ref_tokens, h, grad_out)
+        assert_close_verbose(grad, ref_grad, atol=FP32_ATOL, rtol=FP32_RTOL, name=f"grad of hiddens[{j}]")
+    fn = lambda a, b: torch.cat(varlen_select_merge_many([a, b], scores, metric, cu, dominant, contextual)[0], 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(hiddens))
+
+
+def test_many_compiles_fullgraph():
+    from visionzip_kernels import varlen_select_merge_many
+
+    sizes, dominant, contextual = [40, 17, 29], [5, 17, 4], [6, 0, 5]
+    hidden, scores, metric, cu = packed_inputs(sizes, dominant, contextual)
+    other = torch.randn(hidden.shape[0], 3)
+
+    def step(a, b):
+        return varlen_select_merge_many([a, b], scores, metric, cu, dominant, contextual)[0]
+
+    got = torch.compile(step, fullgraph=True)(hidden, other)
+    for j, h in enumerate((hidden, other)):
+        expected = reference.varlen_select_merge(h, scores, metric, cu, dominant, contextual)[0]
+        assert_close_verbose(got[j], expected, atol=1e-5, rtol=FP32_RTOL, name=f"compiled tensor {j}")
+
+
+def test_many_bad_input():
+    from visionzip_kernels import varlen_select_merge_many
+
+    hidden, scores, metric, cu = packed_inputs([10], [3], [2])
+    with pytest.raises(TypeError, match="hiddens must be a sequence"):
+        varlen_select_merge_many(hidden, scores, metric, cu, 3, 2)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        varlen_select_merge_many([], scores, metric, cu, 3, 2)
+    with pytest.raises(ValueError, match=r"hiddens\[1\] is \[9, 4\]"):
+        varlen_select_merge_many([hidden, torch.randn(9, 4)], scores, metric, cu, 3, 2)
+    with pytest.raises(ValueError, match=r"hiddens\[1\] is .*float64"):
+        varlen_select_merge_many([hidden, torch.randn(10, 4, dtype=torch.float64)], scores, metric, cu, 3, 2)
+    with pytest.raises(ValueError, match=r"hiddens\[0\] must be a \[T, C\] tensor"):
+        varlen_select_merge_many([hidden[0]], scores, metric, cu, 3, 2)

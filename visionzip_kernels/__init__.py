@@ -13,10 +13,11 @@ from . import _build_check  # noqa: F401
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 # isort: on
 from . import backends, op_table, ops, reference
-from .api import BUDGETS, compress, split_budget
+from .api import BUDGETS, compress, split_budget, varlen_select_merge_many
 from .ops import *  # noqa: F403  (the typed wrappers: ops.__all__, which is the op table's public ops)
 
-__all__ = ["BUDGETS", "backends", "compress", "op_table", "ops", "reference", "split_budget", *op_table.PUBLIC]
+__all__ = ["BUDGETS", "backends", "compress", "op_table", "ops", "reference", "split_budget",
+           "varlen_select_merge_many", *op_table.PUBLIC]
 __version__ = "0.1.0"  # the one version: pyproject.toml reads it from here (setuptools, without importing)
 
 op_table.register()

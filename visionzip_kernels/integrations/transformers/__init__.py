@@ -105,7 +105,8 @@ __all__ = [
 # error messages and the table in this module's docstring all follow it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
 COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL,
-                                                  qwen_vl.QWEN2_5_VL)
+                                                  qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL,
+                                                  qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN3_5)
 FAMILIES: tuple[EncoderFamily | CompositeFamily, ...] = (*ENCODER_FAMILIES, *COMPOSITE_FAMILIES)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
@@ -270,7 +271,8 @@ def patch_for_prompt(model: torch.nn.Module, patch_class: type | tuple[type, ...
         raise TypeError(f"shrink_inputs: this {name} ({what}) is not patched by VisionZip; call "
                         "visionzip_kernels.apply(model) first, then shrink_inputs(model, inputs)")
     raise TypeError(f"shrink_inputs: this {name} is patched as {type(patch).__name__}, which has no prompt to "
-                    "rewrite; shrink_inputs is for a patched LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL model")
+                    "rewrite; shrink_inputs is for a patched LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL or "
+                    "Qwen3.5 model")
 
 
 def family_of_or_none(model: torch.nn.Module) -> EncoderFamily | CompositeFamily | None:
@@ -283,10 +285,11 @@ def family_of_or_none(model: torch.nn.Module) -> EncoderFamily | CompositeFamily
 
 def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
     """The stock processor's output made consistent with the VisionZip-patched ``model``: for LLaVA,
-    :func:`.llava.shrink_inputs` (D+K placeholders per image); for Qwen2-VL / Qwen2.5-VL,
+    :func:`.llava.shrink_inputs` (D+K placeholders per image); for Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5,
     :func:`.qwen_vl.shrink_inputs` (the images encoded once, the kept tokens at their original
-    3-D positions, ``inputs_embeds`` ready). Keyword arguments go to that function. ``TypeError``
-    when ``model`` is not patched (call :func:`apply` first)."""
+    3-D positions, ``inputs_embeds`` ready; on Qwen3-VL ``mm_encoder_outputs`` with the DeepStack
+    features instead). Keyword arguments go to that function. ``TypeError`` when ``model`` is not
+    patched (call :func:`apply` first)."""
     patch = patch_for_prompt(model, (LlavaPatch, QwenVLPatch))
     if isinstance(patch, QwenVLPatch):
         return qwen_vl.shrink_inputs(model, inputs, **kwargs)

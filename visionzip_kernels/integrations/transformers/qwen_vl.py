@@ -52,10 +52,22 @@ A forward pre-hook on the inner model (an input check, no state) rejects inputs 
 count does not match the patched model (the stock prompt, with ``pixel_values`` on ``forward`` or with
 the features ``generate()`` encoded first), naming :func:`shrink_inputs`. Videos
 (``pixel_values_videos``) are left alone. ``remove()`` restores the model bit for bit.
+
+Qwen3.5 (``Qwen3_5ForConditionalGeneration``, :data:`QWEN3_5`) runs the same tower as Qwen3-VL
+without DeepStack, and takes the Qwen2-VL prompt (``inputs_embeds``).
+
+Qwen3-VL (``Qwen3VLForConditionalGeneration``, :data:`QWEN3_VL`; docs/SPEC.md "Qwen3-VL"): the same
+patch, with no windows, the learned position table resampled and added as the stock tower does
+(transformers' ``get_vision_interpolation_indices_and_weights``), any block as the scoring layer, and
+the DeepStack features (the blocks ``deepstack_visual_indexes`` through their own mergers) selected and
+merged with the main features' plan (:func:`visionzip_kernels.varlen_select_merge_many`), returned as
+``deepstack_features``. Its :func:`shrink_inputs` returns ``mm_encoder_outputs`` instead of
+``inputs_embeds``: the model's forward scatters the features and adds the DeepStack ones itself.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import ops
+from ...api import varlen_select_merge_many
 from ...budget import Budget, check_count_or_ratio, check_int
 from .common import (
     MIN_TRANSFORMERS,
@@ -86,9 +99,13 @@ class QwenVisionZipOutput(VisionZipOutput):
         cu_seqlens: [n+1] int64 on the CPU: cumulative D_i+K_i (image i's rows in ``keep``).
         last_hidden_state: the tower's last hidden state [T, C_vision] (window order on Qwen2.5-VL),
             as the stock ``get_image_features`` returns it.
+        deepstack_features: Qwen3-VL only (else ``None``): per DeepStack layer, a tuple of
+            [D_i+K_i, C_llm] per image, selected and merged with the same plan as ``pooler_output``
+            (the same kept units, the same contextual assignment), as the stock model's LLM adds them.
     """
 
     cu_seqlens: torch.Tensor | None = None
+    deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,6 +138,11 @@ class QwenTower:
     model_types: tuple[str, ...]  # its config.model_type (apply() given the bare tower names the whole model)
     model_class: Callable[[], type]  # the tower's class, imported lazily; the patch checks the model's tower is one
     windowed: bool  # Qwen2.5-VL: window attention in all blocks but fullatt_block_indexes, units in window order
+    # Qwen3-VL / Qwen3.5: a learned position table (pos_embed) resampled to each image's grid is added to the patches
+    interpolated_positions: bool = False
+    # Qwen3-VL: the outputs of the blocks deepstack_visual_indexes, each through its deepstack_merger_list merger,
+    # are added to the first LLM layers at the image tokens
+    deepstack: bool = False
 
 
 def _qwen2_vl_tower_class():
@@ -172,10 +194,35 @@ def fused_query_key(block: torch.nn.Module) -> FusedQueryKey:
     return FusedQueryKey(norm, qkv, num_heads, head_dim, scale, rotary)
 
 
+def _qwen3_vl_tower_class():
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    return Qwen3VLVisionModel
+
+
+def _qwen3_vl_moe_tower_class():
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+    return Qwen3VLMoeVisionModel
+
+
+def _qwen3_5_tower_class():
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+
+    return Qwen3_5VisionModel
+
+
 QWEN2_VL_TOWER = QwenTower(name="Qwen2-VL vision", model_types=("qwen2_vl_vision",),
                            model_class=_qwen2_vl_tower_class, windowed=False)
 QWEN2_5_VL_TOWER = QwenTower(name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_vision",),
                              model_class=_qwen2_5_vl_tower_class, windowed=True)
+QWEN3_VL_TOWER = QwenTower(name="Qwen3-VL vision", model_types=("qwen3_vl_vision",), model_class=_qwen3_vl_tower_class,
+                           windowed=False, interpolated_positions=True, deepstack=True)
+QWEN3_VL_MOE_TOWER = QwenTower(name="Qwen3-VL-MoE vision", model_types=("qwen3_vl_moe_vision",),
+                               model_class=_qwen3_vl_moe_tower_class, windowed=False, interpolated_positions=True,
+                               deepstack=True)
+QWEN3_5_TOWER = QwenTower(name="Qwen3.5 vision", model_types=("qwen3_5_vision",), model_class=_qwen3_5_tower_class,
+                          windowed=False, interpolated_positions=True)
 
 
 def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -214,7 +261,7 @@ def image_budgets(dominant: int | float, contextual: int | float, tokens: list[i
 
 
 class QwenVLPatch:
-    """VisionZip on a Qwen2-VL / Qwen2.5-VL model instance (see the module docstring).
+    """VisionZip on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5 model instance (see the module docstring).
 
     ``settings`` = what was given to ``apply`` (``dominant``, ``contextual``: int counts or float
     ratios per image; ``layer``); ``layer_index`` = the scoring block, 0..depth-1; ``tower`` = the
@@ -253,6 +300,16 @@ class QwenVLPatch:
             raise _missing("`spatial_merge_size`", self.visual)
         self.spatial_merge_size = merge
         self.unit = merge * merge
+        forward_parameters = inspect.signature(type(self.qwen).forward).parameters
+        if tower.interpolated_positions and "mm_encoder_outputs" not in forward_parameters:
+            # The Qwen3 generation's prompts need 5.23's forward: Qwen3-VL's shrink_inputs hands the features
+            # (DeepStack included) over as mm_encoder_outputs; Qwen3.5's older forward refuses input_ids beside
+            # inputs_embeds. Both come with mm_encoder_outputs, which marks that forward.
+            import transformers
+
+            raise NotImplementedError(f"visionzip.apply: VisionZip for {tower.name.split()[0]} needs a transformers "
+                                      f"whose {type(self.qwen).__name__}.forward takes mm_encoder_outputs (5.23 does); "
+                                      f"the installed {transformers.__version__} does not")
         self.query_key = fused_query_key(vision_blocks[self.layer_index])
         config = self.qwen.config
         self.image_token_id = config.image_token_id
@@ -310,10 +367,16 @@ class QwenVLPatch:
         computed by the block's own ``norm1`` and ``attn.qkv`` on the block's input: the same modules on
         the same tensor the block uses, so bit for bit the qkv inside the block (in eager).
 
+        Qwen3-VL / Qwen3.5: the learned position table, resampled by transformers'
+        ``get_vision_interpolation_indices_and_weights``, is added to the patch embeddings as the stock
+        tower adds it; Qwen3-VL: after each block of ``deepstack_visual_indexes`` its DeepStack merger
+        runs on the block's output.
+
         Returns:
             (last_hidden_state [T, C_vision] (window order on Qwen2.5-VL), merged [T/4, C_llm] in
             original order, qkv [T, 3*H*d] of the scoring block (window order, no autograd), rotary
-            (cos, sin) [T, d], cu_seqlens [n+1] of the images, window_index [T/4] or ``None``).
+            (cos, sin) [T, d], cu_seqlens [n+1] of the images, window_index [T/4] or ``None``,
+            deepstack: list of [T/4, C_llm] per DeepStack layer, empty but on Qwen3-VL).
         """
         # transformers' own geometry of the packed tower (imported here: apply() names an older transformers).
         from transformers.vision_utils import (
@@ -327,6 +390,17 @@ class QwenVLPatch:
         position_ids = get_vision_position_ids(image_grid_thw, visual.spatial_merge_size, kwargs=kwargs)
         cu_seqlens, max_seqlen = get_vision_attention_seqlens(image_grid_thw, visual.config, kwargs=kwargs)
         hidden = visual.patch_embed(pixel_values)
+        if self.tower.interpolated_positions:
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+            indices, weights = get_vision_interpolation_indices_and_weights(
+                image_grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size,
+                kwargs=kwargs)
+            # The table rows at each patch's neighbours, blended by their weights (the stock tower's sum).
+            hidden = hidden + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(hidden.dtype)
+        deepstack_layers = list(getattr(visual, "deepstack_visual_indexes", None) or []) if self.tower.deepstack else []
+        deepstack = []
         window_index = None
         if self.windowed:
             window_index, cu_window_seqlens = get_vision_window_index(
@@ -352,10 +426,12 @@ class QwenVLPatch:
                 with torch.no_grad():
                     qkv = query_key.qkv_proj(query_key.attention_input(hidden))
             hidden = block(hidden, cu_seqlens=block_seqlens, max_seqlen=block_max, position_embeddings=rotary, **kwargs)
+            if index in deepstack_layers:
+                deepstack.append(visual.deepstack_merger_list[deepstack_layers.index(index)](hidden))
         merged = visual.merger(hidden)
         if window_index is not None:
             merged = merged[torch.argsort(window_index)]
-        return hidden, merged, qkv, rotary, cu_seqlens, window_index
+        return hidden, merged, qkv, rotary, cu_seqlens, window_index, deepstack
 
     # -- the replacement of <Qwen model>.get_image_features ---------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
@@ -377,20 +453,23 @@ class QwenVLPatch:
         tokens = [t * h * w // self.unit for t, h, w in grids]
         dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
         pixel_values = pixel_values.type(self.visual.dtype)  # as the stock get_image_features
-        last_hidden_state, merged, qkv, rotary, cu_seqlens, window_index = self.run_tower(
+        last_hidden_state, merged, qkv, rotary, cu_seqlens, window_index, deepstack = self.run_tower(
             pixel_values, image_grid_thw, **kwargs)
-        tokens_out, keep, cu_out = self.compress(merged, qkv, rotary, cu_seqlens, window_index, tokens, dominants,
-                                                 contextuals)
+        outputs, keep, cu_out = self.compress([merged, *deepstack], qkv, rotary, cu_seqlens, window_index, tokens,
+                                              dominants, contextuals)
         counts = [d + k for d, k in zip(dominants, contextuals)]
-        result = QwenVisionZipOutput(last_hidden_state=last_hidden_state, pooler_output=tokens_out.split(counts),
-                                     keep=keep, cu_seqlens=cu_out)
+        deepstack_features = [out.split(counts) for out in outputs[1:]] if self.tower.deepstack else None
+        result = QwenVisionZipOutput(last_hidden_state=last_hidden_state, pooler_output=outputs[0].split(counts),
+                                     keep=keep, cu_seqlens=cu_out, deepstack_features=deepstack_features)
         return result if return_dict else result.to_tuple()
 
-    def compress(self, merged: torch.Tensor, qkv: torch.Tensor, rotary: tuple, cu_seqlens: torch.Tensor,
+    def compress(self, merged: list[torch.Tensor], qkv: torch.Tensor, rotary: tuple, cu_seqlens: torch.Tensor,
                  window_index: torch.Tensor | None, tokens: list[int], dominants: list[int], contextuals: list[int]):
         """Scores and metric from the scoring block's fused qkv [T, 3*H*d] (window order) and its rotary
-        (cos, sin), put in original order with ``argsort(window_index)``, then ``varlen_select_merge``
-        on ``merged`` [T/4, C_llm] (original order; ``tokens`` = N_i, its images' merge units)."""
+        (cos, sin), put in original order with ``argsort(window_index)``, then ONE plan applied to every
+        tensor of ``merged`` (each [T/4, C_llm] in original order: the merger's output, then the DeepStack
+        mergers'; ``tokens`` = N_i, its images' merge units) by ``varlen_select_merge_many``.
+        Returns (list of [sum(D_i+K_i), C_llm], keep, cu_seqlens_out)."""
         query_key = self.query_key
         qkv = qkv.detach()
         T = qkv.shape[0]
@@ -404,7 +483,7 @@ class QwenVLPatch:
         # The images' bounds from the host grid, so that the op need not read the tower's device cu_seqlens
         # back (its one sync); cu_seqlens_out is then on the CPU too.
         cu_units = torch.tensor([0, *tokens], dtype=torch.int64).cumsum(0)
-        return ops.varlen_select_merge(merged, scores, metric, cu_units, dominants, contextuals)
+        return varlen_select_merge_many(merged, scores, metric, cu_units, dominants, contextuals)
 
     # -- input check (a forward pre-hook on the inner model) ---------------------------------------
     # Reads counts out of tensors (a graph break under torch.compile): runs eagerly, outside the graph.
@@ -468,6 +547,9 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
       tensor: [B, S'] with the removed image tokens (and the old padding) gone, rows re-padded;
     - ``position_ids`` [3, B, S']: the original positions at the kept tokens (0 on padding);
     - ``inputs_embeds`` [B, S', C]: the token embeddings with the VisionZip image tokens in place;
+      on Qwen3-VL instead ``mm_encoder_outputs = {"image": <the patched get_image_features' output>}``:
+      its forward scatters the features and adds the DeepStack features (``deepstack_features``, the
+      same kept tokens) at the image tokens itself, and it takes ``input_ids`` or ``inputs_embeds``, not both;
     - ``pixel_values`` removed (already encoded); ``image_grid_thw`` and everything else passed on.
 
     Args:
@@ -506,6 +588,9 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
         if patch.video_token_id is not None:
             mm_token_type_ids = mm_token_type_ids + 2 * (input_ids == patch.video_token_id).int()
 
+    if patch.tower.deepstack and inputs.get("pixel_values_videos") is not None:
+        raise NotImplementedError("shrink_inputs: VisionZip for Qwen3-VL handles images; this prompt also holds "
+                                  "pixel_values_videos, which its forward cannot take beside the encoded images")
     features = patch.get_image_features(inputs["pixel_values"], grid)
     rope_kwargs = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if inputs.get(k) is not None}
     position_ids, _ = qwen.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=grid,
@@ -538,6 +623,11 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
             continue
         if isinstance(value, torch.Tensor) and value.shape == input_ids.shape:
             data[key] = pack(value, 0)
+    if patch.tower.deepstack:
+        # The model scatters pooler_output and adds deepstack_features at the image tokens (in the prompt's
+        # row-major order, as features.keep was taken); generate() passes them to the prefill only.
+        data["mm_encoder_outputs"] = {"image": features}
+        return same_mapping(inputs, data)
     embeds = qwen.get_input_embeddings()(new_ids)
     image_rows = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
     image_mask = (new_ids == patch.image_token_id) & new_mask.bool()
@@ -555,6 +645,21 @@ def make_qwen2_5_vl_patch(model: torch.nn.Module, budget: Budget, layer: int) ->
     return QwenVLPatch(model, QWEN2_5_VL_TOWER, budget.dominant, budget.contextual, layer)
 
 
+def make_qwen3_vl_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen3-VL model."""
+    return QwenVLPatch(model, QWEN3_VL_TOWER, budget.dominant, budget.contextual, layer)
+
+
+def make_qwen3_vl_moe_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen3-VL-MoE model (Qwen3-VL's vision side, an MoE LLM)."""
+    return QwenVLPatch(model, QWEN3_VL_MOE_TOWER, budget.dominant, budget.contextual, layer)
+
+
+def make_qwen3_5_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen3.5 model."""
+    return QwenVLPatch(model, QWEN3_5_TOWER, budget.dominant, budget.contextual, layer)
+
+
 QWEN2_VL = CompositeFamily(
     name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     summary="attention received in the last vision block (fused qkv, after rotary), per image, packed",
@@ -564,4 +669,20 @@ QWEN2_5_VL = CompositeFamily(
     name="Qwen2.5-VL", model_types=("qwen2_5_vl",), classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
     summary="the same, window order undone (see :mod:`.qwen_vl`)",
     make_patch=make_qwen2_5_vl_patch, per_image_budget=True, tower_model_types=QWEN2_5_VL_TOWER.model_types,
+)
+QWEN3_VL = CompositeFamily(
+    name="Qwen3-VL", model_types=("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
+    summary="the same (no windows); the DeepStack features merged with the main features' plan",
+    make_patch=make_qwen3_vl_patch, per_image_budget=True, tower_model_types=QWEN3_VL_TOWER.model_types,
+)
+QWEN3_VL_MOE = CompositeFamily(
+    name="Qwen3-VL-MoE", model_types=("qwen3_vl_moe",),
+    classes=("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+    summary="as Qwen3-VL (the same vision side, DeepStack included; an MoE LLM)",
+    make_patch=make_qwen3_vl_moe_patch, per_image_budget=True, tower_model_types=QWEN3_VL_MOE_TOWER.model_types,
+)
+QWEN3_5 = CompositeFamily(
+    name="Qwen3.5", model_types=("qwen3_5",), classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
+    summary="as Qwen3-VL, without DeepStack (the LLM is hybrid linear / full attention)",
+    make_patch=make_qwen3_5_patch, per_image_budget=True, tower_model_types=QWEN3_5_TOWER.model_types,
 )
