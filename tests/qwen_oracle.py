@@ -20,9 +20,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def stock_tower_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
-    """The unpatched model's image features: (merged tokens [T/4, C_llm] in original order,
-    the last block's input [T, C], its rotary (cos, sin))."""
+def stock_image_features_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
+    """The unpatched model's ``get_image_features`` output, the last block's input [T, C] and its
+    rotary (cos, sin), read by a pre-hook on that block during the stock call."""
     block = model.model.visual.blocks[-1]
     seen = {}
 
@@ -32,10 +32,17 @@ def stock_tower_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor)
 
     handle = block.register_forward_pre_hook(take_block_inputs, with_kwargs=True)
     try:
-        tokens = torch.cat(list(model.model.get_image_features(pixels, grid).pooler_output))
+        out = model.model.get_image_features(pixels, grid)
     finally:
         handle.remove()
-    return tokens, seen["x"], seen["cos_sin"]
+    return out, seen["x"], seen["cos_sin"]
+
+
+def stock_tower_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
+    """The unpatched model's image features: (merged tokens [T/4, C_llm] in original order,
+    the last block's input [T, C], its rotary (cos, sin))."""
+    out, x, cos_sin = stock_image_features_with_last_block(model, pixels, grid)
+    return torch.cat(list(out.pooler_output)), x, cos_sin
 
 
 def upstream_scores_and_metric(model, x: torch.Tensor, cos_sin, grid: torch.Tensor):
@@ -115,20 +122,9 @@ def upstream_way(model, pixels: torch.Tensor, grid: torch.Tensor, dominant: floa
 def stock_features_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
     """The unpatched Qwen3-VL's image features: (merged tokens [T/4, C_llm], the DeepStack features
     [[T/4, C_llm] per DeepStack layer], the last block's input [T, C], its rotary (cos, sin))."""
-    block = model.model.visual.blocks[-1]
-    seen = {}
-
-    def take_block_inputs(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["cos_sin"] = kwargs["position_embeddings"]
-
-    handle = block.register_forward_pre_hook(take_block_inputs, with_kwargs=True)
-    try:
-        out = model.model.get_image_features(pixels, grid)
-    finally:
-        handle.remove()
+    out, x, cos_sin = stock_image_features_with_last_block(model, pixels, grid)
     deepstack = [torch.cat(list(per_image)) for per_image in out.deepstack_features]
-    return torch.cat(list(out.pooler_output)), deepstack, seen["x"], seen["cos_sin"]
+    return torch.cat(list(out.pooler_output)), deepstack, x, cos_sin
 
 
 def upstream_way_deepstack(model, pixels: torch.Tensor, grid: torch.Tensor, dominant: float = 0.65,

@@ -34,12 +34,9 @@ from test_qwen_vl import (  # noqa: E402
     PATCH,
     TOKEN_ATOL,
     TOKEN_RTOL,
-    VEND,
-    VIDEO,
-    VSTART,
-    _peak_qk_,
     assert_separated,
     batch_inputs,
+    build_tiny_qwen,
     merged_tokens,
     prompt,
 )
@@ -67,14 +64,7 @@ def tiny_qwen3_vl(seed: int = 0, depth: int = 3, attn: str = "sdpa", moe: bool =
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
         config_cls, model_cls = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
-    config = config_cls(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
-                        vision_start_token_id=VSTART, vision_end_token_id=VEND, pad_token_id=PAD)
-    config._attn_implementation = attn
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).eval()
-        _peak_qk_(model, seed)
-    return model
+    return build_tiny_qwen(config_cls, model_cls, vision, text, seed, attn)
 
 
 def oracle(model, pixels, grid):

@@ -68,6 +68,12 @@ def tiny_qwen(kind: str, seed: int = 0, depth: int = 2, attn: str = "sdpa"):
     else:
         vision.update(embed_dim=32, mlp_ratio=2, hidden_size=48)
         model_cls, config_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig
+    return build_tiny_qwen(config_cls, model_cls, vision, text, seed, attn)
+
+
+def build_tiny_qwen(config_cls, model_cls, vision: dict, text: dict, seed: int, attn: str):
+    """A random model of ``model_cls`` from the vision / text config dicts, with this file's special
+    token ids, the given attention implementation and peaked q/k (so top-k choices are well separated)."""
     config = config_cls(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
                         vision_start_token_id=VSTART, vision_end_token_id=VEND, pad_token_id=PAD)
     config._attn_implementation = attn
