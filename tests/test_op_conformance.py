@@ -154,6 +154,33 @@ def test_op_table_matches_the_schema_block():
     assert autograd == DIFFERENTIABLE, f"autograd.cpp: {sorted(autograd)}, table: {sorted(DIFFERENTIABLE)}"
 
 
+def _schema_arguments(name: str) -> list[tuple[str, str | None]]:
+    """(argument name, default text or None) of ``name``'s schema in csrc/ops.cpp."""
+    text = re.sub(r'"\s*"', "", (ROOT / "csrc/ops.cpp").read_text())  # join C++'s adjacent string literals
+    arguments = re.search(rf'm\.def\(\s*"{name}\((.*?)\)\s*->', text, re.S).group(1)
+    parsed = []
+    for argument in arguments.split(", "):
+        declaration, _, default = argument.partition("=")
+        parsed.append((declaration.split()[-1], default or None))
+    return parsed
+
+
+@pytest.mark.parametrize("name", [op.name for op in op_table.OPS if op.launch_checks is not None])
+def test_launch_checks_take_the_schema_arguments(name):
+    """The Triton kernel binds the dispatcher's arguments to the op's launch checks, whose defaults fill
+    in what a caller left out: names, order and defaults must be the schema's."""
+    import inspect
+
+    def value(default: str | None):  # the schema's default text as Python's value (bool or int here)
+        if default is None:
+            return None
+        return {"True": True, "False": False}[default] if default in ("True", "False") else int(default)
+
+    parameters = inspect.signature(op_table.BY_NAME[name].launch_checks).parameters.values()
+    got = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in parameters]
+    assert got == [(arg, value(default)) for arg, default in _schema_arguments(name)]
+
+
 def test_public_wrappers_come_from_the_table():
     import visionzip_kernels
 

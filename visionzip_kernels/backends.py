@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -45,15 +46,15 @@ def triton_kernel(op: str) -> Callable:
     if spec.cuda != "triton":
         raise ValueError(f"visionzip::{op} has no Triton kernel (its CUDA backend is {spec.cuda!r})")
     # The dispatcher leaves out trailing arguments the caller left at their schema default
-    # (ops.dominant_topk(scores, 7) arrives without keep_cls): fill them in from the schema.
-    schema = getattr(torch.ops.visionzip, op).default._schema
-    names = tuple(argument.name for argument in schema.arguments)
-    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    # (ops.dominant_topk(scores, 7) arrives without keep_cls): the launch checks carry the schema's
+    # names and defaults, so binding to their signature fills them in.
+    signature = inspect.signature(spec.launch_checks)
 
     def kernel(*args, **kwargs):
-        named = {**defaults, **dict(zip(names, args)), **kwargs}
-        spec.launch_checks(**named)
-        return getattr(importlib.import_module("triton_ops"), op)(**named)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        spec.launch_checks(**bound.arguments)
+        return getattr(importlib.import_module("triton_ops"), op)(**bound.arguments)
 
     kernel.__name__ = kernel.__qualname__ = f"triton_{op}"
     return kernel

@@ -114,7 +114,8 @@ def varlen_select_merge_backward_fake(
 
 # --------------------------------------------------------------------------------------------
 # Checks before a Triton launch (visionzip_kernels/backends.py): the launchers in triton_ops/ take
-# validated arguments. Each takes its op's arguments by the schema's names, applies the C++ rules and,
+# validated arguments. Each takes its op's arguments by the schema's names and defaults (the conformance
+# tests compare them with the schema), applies the C++ rules and,
 # on tensors whose data the host reads without a device sync (CPU tensors, i.e. the interpreter),
 # the data rules of the C++ kernels. On CUDA the Triton top-k orders NaN above +inf and the packed
 # kernels clamp cu_seqlens' offsets: wrong numbers for bad data, never an out-of-bounds access.
@@ -128,18 +129,18 @@ def attention_received_launch_checks(q: torch.Tensor, k: torch.Tensor, scale: fl
     check.attention_received_args(q, k)
 
 
-def scores_and_metric_launch_checks(q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool) -> None:
+def scores_and_metric_launch_checks(q: torch.Tensor, k: torch.Tensor, scale: float, keep_cls: bool = True) -> None:
     check.scores_and_metric_args(q, k, keep_cls)
 
 
-def dominant_topk_launch_checks(scores: torch.Tensor, dominant: int, keep_cls: bool) -> None:
+def dominant_topk_launch_checks(scores: torch.Tensor, dominant: int, keep_cls: bool = True) -> None:
     check.dominant_topk_args(scores, dominant, keep_cls)
     if not scores.is_cuda and scores.numel() > 0:
         check.finite_scores("dominant_topk", scores)
 
 
 def varlen_scores_and_metric_launch_checks(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
-                                            unit: int) -> None:
+                                            unit: int = 1) -> None:
     check.varlen_scores_and_metric_args(q, k, cu_seqlens, unit)
     if cu_seqlens.device.type == "cpu":
         check.cu_seqlens_offsets("varlen_scores_and_metric", cu_seqlens, k.shape[0], unit)
