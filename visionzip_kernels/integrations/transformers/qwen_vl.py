@@ -350,9 +350,10 @@ class QwenVLPatch:
                              f"(sum of t*h*w over {len(grids)} image(s)): mismatched grids")
         return grids
 
-    def budgets(self, image_grid_thw: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
-        """(N_i, D_i, K_i) per image of ``image_grid_thw``."""
-        grids = self._grids(image_grid_thw, None)
+    def budgets(self, image_grid_thw: torch.Tensor, patches: int | None = None
+                ) -> tuple[list[int], list[int], list[int]]:
+        """(N_i, D_i, K_i) per image of ``image_grid_thw`` (checked against ``patches`` pixel rows when given)."""
+        grids = self._grids(image_grid_thw, patches)
         tokens = [t * h * w // self.unit for t, h, w in grids]
         dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
         return tokens, dominants, contextuals
@@ -449,9 +450,8 @@ class QwenVLPatch:
         return_dict = kwargs.pop("return_dict", True)
         for key in ("output_hidden_states", "output_attentions"):
             kwargs.pop(key, None)
-        grids = self._grids(image_grid_thw, pixel_values.shape[0] if pixel_values.dim() >= 1 else None)
-        tokens = [t * h * w // self.unit for t, h, w in grids]
-        dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
+        tokens, dominants, contextuals = self.budgets(
+            image_grid_thw, pixel_values.shape[0] if pixel_values.dim() >= 1 else None)
         pixel_values = pixel_values.type(self.visual.dtype)  # as the stock get_image_features
         last_hidden_state, merged, qkv, rotary, cu_seqlens, window_index, deepstack = self.run_tower(
             pixel_values, image_grid_thw, **kwargs)
