@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace visionzip {
 namespace {
@@ -242,6 +244,24 @@ void check_finite_scores(const char* op, const at::Tensor& scores, const at::Ten
     TORCH_CHECK_VALUE(!std::isfinite(original), "visionzip.", op, ": scores[", index, "] = ", original,
                       " is outside float32's range (scores are ranked in float32)");
     TORCH_CHECK_VALUE(false, "visionzip.", op, ": scores must be finite, got scores[", index, "] = ", s[i]);
+  }
+}
+
+void check_keep_values(const char* op, const at::Tensor& keep, int64_t num_tokens) {
+  const int64_t B = keep.size(0), D = keep.size(1);
+  const at::Tensor k = keep.to(at::kCPU).contiguous();
+  const int64_t* ptr = k.data_ptr<int64_t>();
+  std::vector<char> seen(num_tokens);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = 0; i < D; ++i) {
+      const int64_t t = ptr[b * D + i];
+      TORCH_CHECK_VALUE(t >= 0 && t < num_tokens, "visionzip.", op, ": keep[", b, ", ", i, "] = ", t,
+                        " is out of range for N = ", num_tokens);
+      TORCH_CHECK_VALUE(!seen[t], "visionzip.", op, ": keep[", b, "] must hold distinct token indices, ", t,
+                        " appears twice");
+      seen[t] = 1;
+    }
   }
 }
 

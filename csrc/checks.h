@@ -25,6 +25,10 @@ void check_budget(const char* op, const c10::SymInt& num_tokens, const c10::SymI
 // scores_f32: the scores as contiguous fp32 on CPU, when the caller has them already.
 void check_finite_scores(const char* op, const at::Tensor& scores, const at::Tensor& scores_f32);
 void check_finite_scores(const char* op, const at::Tensor& scores);
+// keep [B, D] int64 (its shape and dtype checked already): every entry in [0, num_tokens), distinct
+// within a row; the first offence in row-major order is named. Data-dependent: it reads the values
+// (copied to the host when elsewhere), so the CUDA kernels do not call it.
+void check_keep_values(const char* op, const at::Tensor& keep, int64_t num_tokens);
 void check_dominant_topk_args(const at::Tensor& scores, int64_t dominant, bool keep_cls);
 void check_contextual_merge_args(const at::Tensor& hidden, const at::Tensor& metric, const at::Tensor& keep,
                                  int64_t contextual);

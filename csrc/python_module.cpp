@@ -66,6 +66,12 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& op, const Tensor& scores) { visionzip::check_finite_scores(op.c_str(), scores); },
       py::arg("op"), py::arg("scores"));
   m.def(
+      "keep_values",
+      [](const std::string& op, const Tensor& keep, int64_t num_tokens) {
+        visionzip::check_keep_values(op.c_str(), keep, num_tokens);
+      },
+      py::arg("op"), py::arg("keep"), py::arg("num_tokens"));
+  m.def(
       "budget",
       [](const std::string& op, int64_t num_tokens, int64_t dominant, int64_t contextual, bool keep_cls) {
         visionzip::check_budget(op.c_str(), num_tokens, dominant, contextual, keep_cls);

@@ -7,8 +7,9 @@ The rules are written once, in C++ (csrc/checks.cpp), and reached here through `
 before any kernel runs. Sizes are read symbolically, so the checks also run under torch.compile.
 
 Each function takes the op's arguments and returns None or raises; ``budget(op, N, D, K, keep_cls)``
-checks 1 <= D <= N and 0 <= K <= N - D; ``finite_scores(op, scores)``, the one data-dependent rule,
-reads the scores (a device sync on CUDA). Packed (varlen) ops: ``varlen_scores_and_metric_args``
+checks 1 <= D <= N and 0 <= K <= N - D; ``finite_scores(op, scores)`` and
+``keep_values(op, keep, N)`` (keep's entries in [0, N), distinct per row), the data-dependent rules,
+read the values (a device sync on CUDA). Packed (varlen) ops: ``varlen_scores_and_metric_args``
 checks shapes, dtypes and devices (cu_seqlens included) without reading values;
 ``cu_seqlens_offsets(op, cu_seqlens, T, unit)`` reads a CPU cu_seqlens (0 first, non-decreasing, T
 last, lengths divisible by unit) and is never called on a fake or CUDA one.
@@ -29,6 +30,7 @@ from ._C import (  # noqa: F401  (re-exported)
     cu_seqlens_offsets,
     dominant_topk_args,
     finite_scores,
+    keep_values,
     read_cu_seqlens_and_check_budgets,
     scores_and_metric_args,
     select_merge_args,

@@ -82,20 +82,6 @@ def dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool = True) ->
     return _dominant_topk(scores, dominant, keep_cls)
 
 
-def _check_keep_values(op: str, keep: torch.Tensor, num_tokens: int) -> None:
-    """The CPU kernels' rule on keep's values, with their messages (csrc/cpu/select_merge_cpu.cpp,
-    check_keep_values): entries in [0, N), distinct within a row; the first offence in row-major order
-    is named."""
-    for b, row in enumerate(keep.tolist()):
-        seen = set()
-        for i, token in enumerate(row):
-            if not 0 <= token < num_tokens:
-                raise ValueError(f"visionzip.{op}: keep[{b}, {i}] = {token} is out of range for N = {num_tokens}")
-            if token in seen:
-                raise ValueError(f"visionzip.{op}: keep[{b}] must hold distinct token indices, {token} appears twice")
-            seen.add(token)
-
-
 def _dominant_topk(scores: torch.Tensor, dominant: int, keep_cls: bool) -> torch.Tensor:
     """dominant_topk on checked arguments (dominant may be 0 without keep_cls)."""
     s = scores.float()
@@ -142,7 +128,7 @@ def contextual_merge(
 ) -> torch.Tensor:
     """[B,N,C], [B,N,d], [B,D] -> [B,D+K,C]: dominant rows in keep's order, then K contextual rows."""
     check.contextual_merge_args(hidden, metric, keep, contextual)
-    _check_keep_values("contextual_merge", keep, hidden.shape[1])
+    check.keep_values("contextual_merge", keep, hidden.shape[1])
     return _contextual_merge(hidden, metric, keep, contextual, upcast)
 
 
@@ -177,7 +163,7 @@ def contextual_merge_backward(
 ) -> torch.Tensor:
     """[B,D+K,C] -> [B,N,C]: the vector-Jacobian product of :func:`contextual_merge`, by autograd."""
     check.contextual_merge_backward_args(grad_tokens, metric, keep, num_tokens)
-    _check_keep_values("contextual_merge_backward", keep, num_tokens)
+    check.keep_values("contextual_merge_backward", keep, num_tokens)
     B, _, C = grad_tokens.shape
     contextual = grad_tokens.shape[1] - keep.shape[1]
     hidden = torch.zeros(B, num_tokens, C, dtype=grad_tokens.dtype, device=grad_tokens.device, requires_grad=True)

@@ -184,24 +184,6 @@ struct MergePlan {
   at::Tensor counts;   // [B, K] int32 members per target
 };
 
-void check_keep_values(const char* op, const at::Tensor& keep, int64_t num_tokens) {
-  const int64_t B = keep.size(0), D = keep.size(1);
-  const at::Tensor k = keep.contiguous();
-  const int64_t* ptr = k.data_ptr<int64_t>();
-  std::vector<char> seen(num_tokens);
-  for (int64_t b = 0; b < B; ++b) {
-    std::fill(seen.begin(), seen.end(), 0);
-    for (int64_t i = 0; i < D; ++i) {
-      const int64_t t = ptr[b * D + i];
-      TORCH_CHECK_VALUE(t >= 0 && t < num_tokens, "visionzip.", op, ": keep[", b, ", ", i, "] = ", t,
-                        " is out of range for N = ", num_tokens);
-      TORCH_CHECK_VALUE(!seen[t], "visionzip.", op, ": keep[", b, "] must hold distinct token indices, ", t,
-                        " appears twice");
-      seen[t] = 1;
-    }
-  }
-}
-
 // Builds the plan of each image in three steps: roles and unit targets (setup), each member's most
 // similar target (assign, over slices of the members), and the member counts. With at least as many
 // images as threads, one task does all three for an image; with fewer (B = 1), the members of an
