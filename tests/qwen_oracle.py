@@ -20,9 +20,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def stock_image_features_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor):
-    """The unpatched model's ``get_image_features`` output, the last block's input [T, C] and its
-    rotary (cos, sin), read by a pre-hook on that block during the stock call."""
+def stock_image_features_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor, video: bool = False):
+    """The unpatched model's ``get_image_features`` (``video``: ``get_video_features``) output, the last
+    block's input [T, C] and its rotary (cos, sin), read by a pre-hook on that block during the stock call."""
     block = model.model.visual.blocks[-1]
     seen = {}
 
@@ -32,7 +32,7 @@ def stock_image_features_with_last_block(model, pixels: torch.Tensor, grid: torc
 
     handle = block.register_forward_pre_hook(take_block_inputs, with_kwargs=True)
     try:
-        out = model.model.get_image_features(pixels, grid)
+        out = (model.model.get_video_features if video else model.model.get_image_features)(pixels, grid)
     finally:
         handle.remove()
     return out, seen["x"], seen["cos_sin"]
@@ -45,9 +45,10 @@ def stock_tower_with_last_block(model, pixels: torch.Tensor, grid: torch.Tensor)
     return torch.cat(list(out.pooler_output)), x, cos_sin
 
 
-def upstream_scores_and_metric(model, x: torch.Tensor, cos_sin, grid: torch.Tensor):
+def upstream_scores_and_metric(model, x: torch.Tensor, cos_sin, grid: torch.Tensor, segments: list[int] | None = None):
     """Eager full softmax over all T tokens of ``x`` (images attend to each other when several are
-    packed, as upstream does): (scores [T/4], metric [T/4, d]) in original order."""
+    packed, as upstream does), or over each of ``segments`` (token counts: a video's temporal slices,
+    consecutive in window order too) on its own: (scores [T/4], metric [T/4, d]) in original order."""
     visual = model.model.visual
     block = visual.blocks[-1]
     x = block.norm1(x)
@@ -58,8 +59,12 @@ def upstream_scores_and_metric(model, x: torch.Tensor, cos_sin, grid: torch.Tens
     q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
     k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
     d = q.shape[-1]
-    attn = torch.softmax(torch.matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2)) * d**-0.5, dim=-1)
-    received = attn.mean(dim=0).sum(dim=0)  # [T]: mean over heads, sum over query rows
+    received = []
+    for q_part, k_part in zip(q.split(segments or [T]), k.split(segments or [T])):
+        attn = torch.softmax(torch.matmul(q_part.transpose(0, 1), k_part.transpose(0, 1).transpose(1, 2)) * d**-0.5,
+                             dim=-1)
+        received.append(attn.mean(dim=0).sum(dim=0))  # mean over heads, sum over query rows
+    received = torch.cat(received)  # [T]
     scores = received.view(-1, UNIT).mean(dim=1)  # per merge unit, window order
     metric = k.view(-1, UNIT, heads, d).mean(dim=1)
     if hasattr(visual, "window_size"):  # Qwen2.5-VL: back to the original order
@@ -152,3 +157,30 @@ def upstream_way_deepstack(model, pixels: torch.Tensor, grid: torch.Tensor, domi
         kept_deepstack.append(layers)
         start += n
     return positions, kept, kept_deepstack, scores
+
+
+def upstream_way_per_slice(model, pixels: torch.Tensor, grid: torch.Tensor, video: bool, dominant: float = 0.65,
+                           contextual: float = 0.05):
+    """Upstream's way for ONE image or video (``grid`` [1, 3] = t, h, w), per temporal slice: the stock
+    tower (``get_video_features`` for a video), the eager [H, h*w, h*w] softmax of each slice, and per
+    slice topk, masks and the one-hot merge with the image budget of its h*w/4 units, applied with the
+    same plan to every DeepStack tensor (Qwen3-VL). Returns (kept positions [sum(D_s+K_s)] into the
+    item's units, ascending; kept main tokens; list of kept DeepStack tokens per layer; scores [t*h*w/4])."""
+    out, x, cos_sin = stock_image_features_with_last_block(model, pixels, grid, video)
+    tokens = torch.cat(list(out.pooler_output))
+    deepstack = [torch.cat(list(per_item)) for per_item in (getattr(out, "deepstack_features", None) or [])]
+    (t, h, w), = grid.tolist()
+    scores, metric = upstream_scores_and_metric(model, x, cos_sin, grid, segments=[h * w] * t)
+    n = h * w // model.model.visual.spatial_merge_size ** 2
+    d, k = budget(n, dominant, contextual)
+    positions, kept, kept_deepstack = [], [], [[] for _ in deepstack]
+    for start in range(0, t * n, n):
+        part = slice(start, start + n)
+        p, tok = upstream_select_merge(tokens[part], scores[part], metric[part], d, k)
+        positions.append(p + start)
+        kept.append(tok)
+        for layer, feature in enumerate(deepstack):
+            p_layer, tok_layer = upstream_select_merge(feature[part], scores[part], metric[part], d, k)
+            assert torch.equal(p_layer, p)  # the plan depends on scores and metric only
+            kept_deepstack[layer].append(tok_layer)
+    return torch.cat(positions), torch.cat(kept), [torch.cat(layer) for layer in kept_deepstack], scores

@@ -179,7 +179,7 @@ def test_to_dtype_and_device_after_apply(family):
         torch.testing.assert_close(out.last_hidden_state.cpu(), expected.last_hidden_state, atol=2e-2, rtol=2e-2)
 
 
-THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"]
 THREADS, ROUNDS = 8, 10
 
 
@@ -219,10 +219,10 @@ def _thread_case(family: str):
         return model, inputs, call
     from test_qwen_vl import images, tiny_qwen
 
-    if family == "qwen3_5":
-        from test_qwen_vl import QWEN3_5_SUPPORTED
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        from test_qwen_vl import KINDS
 
-        if not QWEN3_5_SUPPORTED:
+        if family not in KINDS:
             pytest.skip(f"transformers {transformers.__version__}: VisionZip for Qwen3.5 needs 5.23's forward")
     if family == "qwen3_vl":
         from test_qwen3_vl import tiny_qwen3_vl
@@ -231,11 +231,17 @@ def _thread_case(family: str):
     else:
         model = vz.apply(tiny_qwen(family))
     grids = [[(8, 12)], [(6, 6)], [(4, 8), (8, 4)], [(8, 8)], [(6, 10), (4, 4)], [(12, 4)], [(4, 4)], [(10, 6)]]
-    inputs = [images(grid, seed=20 + i) for i, grid in enumerate(grids)]
+    inputs = [(False, *images(grid, seed=20 + i)) for i, grid in enumerate(grids)]
+    # Every other thread encodes a video of 2 or 3 temporal slices of its first grid instead.
+    for i in range(1, THREADS, 2):
+        _, pixel_rows, grid = inputs[i]
+        t = 2 + i % 3 // 2
+        inputs[i] = (True, pixel_rows[:int(grid[0].prod())].repeat(t, 1), grid[:1] * torch.tensor([t, 1, 1]))
 
     def call(m, x):
+        video, pixel_rows, grid = x
         with torch.no_grad():
-            out = m.model.get_image_features(*x)
+            out = (m.model.get_video_features if video else m.model.get_image_features)(pixel_rows, grid)
         deepstack = [t for layer in out.deepstack_features or [] for t in layer]
         return (out.keep, out.cu_seqlens, *out.pooler_output, *deepstack)
     return model, inputs, call
@@ -244,7 +250,8 @@ def _thread_case(family: str):
 @pytest.mark.parametrize("family", THREAD_FAMILIES)
 def test_concurrent_forwards_in_threads(family):
     """A call's state lives in its own locals: 8 threads x 10 rounds running one patched model at
-    once get, every time, bit for bit what a serial call gets (every family, Qwen included)."""
+    once get, every time, bit for bit what a serial call gets (every family, Qwen included, with
+    images and videos encoded at once)."""
     model, inputs, call = _thread_case(family)
     expected = [call(model, x) for x in inputs]
     results = [[None] * ROUNDS for _ in inputs]

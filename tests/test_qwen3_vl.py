@@ -37,6 +37,7 @@ from test_qwen_vl import (  # noqa: E402
     assert_separated,
     batch_inputs,
     build_tiny_qwen,
+    llm_inputs,
     merged_tokens,
     prompt,
 )
@@ -79,24 +80,6 @@ def oracle(model, pixels, grid):
         expected.append((positions[0], kept[0], deepstack[0]))
         start += h * w
     return expected
-
-
-def llm_inputs(model, inputs) -> dict:
-    """What the language model receives from ``model(**inputs)``: inputs_embeds, deepstack_visual_embeds,
-    visual_pos_masks, position_ids (a forward pre-hook on the language model, removed after)."""
-    seen = {}
-
-    def take(module, args, kwargs):
-        seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "deepstack_visual_embeds", "visual_pos_masks",
-                                               "position_ids")})
-
-    handle = model.model.language_model.register_forward_pre_hook(take, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen
 
 
 def original_positions(model, inputs):
@@ -261,7 +244,7 @@ def test_remove_restores_bit_for_bit(moe):
         assert torch.equal(a[0], b[0])
 
 
-def test_stock_prompt_and_videos_are_rejected():
+def test_stock_prompt_is_rejected():
     model = tiny_qwen3_vl()
     vz.apply(model)
     stock = batch_inputs([prompt(merged_tokens([(8, 12)]))], [(8, 12)])
@@ -269,6 +252,3 @@ def test_stock_prompt_and_videos_are_rejected():
         model(**stock)
     with pytest.raises(ValueError, match=r"holds 24 image placeholder tokens.*produces 16 image tokens"):
         model.generate(**stock, max_new_tokens=1)
-    with_video = dict(stock, pixel_values_videos=torch.zeros(1), video_grid_thw=torch.tensor([[2, 4, 4]]))
-    with pytest.raises(NotImplementedError, match="pixel_values_videos"):
-        vzt.shrink_inputs(model, with_video)

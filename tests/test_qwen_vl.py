@@ -39,7 +39,9 @@ TOKEN_RTOL = 1e-5
 # apply() refuses older ones (test_qwen3_generation_on_an_older_transformers_is_refused).
 QWEN3_5_SUPPORTED = hasattr(transformers, "Qwen3_5Model") and "mm_encoder_outputs" in inspect.signature(
     transformers.Qwen3_5Model.forward).parameters
-KINDS = ("qwen2_vl", "qwen2_5_vl", *(("qwen3_5",) if QWEN3_5_SUPPORTED else ()))
+QWEN3_5_MOE_SUPPORTED = QWEN3_5_SUPPORTED and hasattr(transformers, "Qwen3_5MoeForConditionalGeneration")
+KINDS = ("qwen2_vl", "qwen2_5_vl", *(("qwen3_5",) if QWEN3_5_SUPPORTED else ()),
+         *(("qwen3_5_moe",) if QWEN3_5_MOE_SUPPORTED else ()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,20 +49,25 @@ KINDS = ("qwen2_vl", "qwen2_5_vl", *(("qwen3_5",) if QWEN3_5_SUPPORTED else ()))
 
 
 def tiny_qwen(kind: str, seed: int = 0, depth: int = 2, attn: str = "sdpa"):
-    """A random Qwen2-VL / Qwen2.5-VL / Qwen3.5 (vision width 32, 2 heads, ``depth`` blocks; LLM width 48,
-    2 layers). Qwen2.5-VL: window of 2x2 merge units, the last block full-attention. Qwen3.5: a learned
-    4x4 position table resampled per image; one linear-attention and one full-attention LLM layer."""
+    """A random Qwen2-VL / Qwen2.5-VL / Qwen3.5 / Qwen3.5-MoE (vision width 32, 2 heads, ``depth`` blocks; LLM
+    width 48, 2 layers). Qwen2.5-VL: window of 2x2 merge units, the last block full-attention. Qwen3.5: a
+    learned 4x4 position table resampled per image; one linear-attention and one full-attention LLM layer
+    (Qwen3.5-MoE: MoE feed-forwards, 4 experts of width 32, 2 per token, and a shared expert)."""
     text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=64, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
     vision = dict(depth=depth, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
                   in_channels=3)
-    if kind == "qwen3_5":  # no windows, a learned 4x4 position table; a hybrid LLM (linear + full attention)
+    if kind in ("qwen3_5", "qwen3_5_moe"):  # no windows, a learned 4x4 position table; a hybrid LLM
         text.update(head_dim=12, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                     linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"])
         text["rope_parameters"].update(mrope_section=[1, 1, 1], mrope_interleaved=True, partial_rotary_factor=0.5)
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=48, num_position_embeddings=16)
         model_cls, config_cls = transformers.Qwen3_5ForConditionalGeneration, transformers.Qwen3_5Config
+        if kind == "qwen3_5_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32)
+            model_cls, config_cls = transformers.Qwen3_5MoeForConditionalGeneration, transformers.Qwen3_5MoeConfig
     elif kind == "qwen2_5_vl":
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=48, window_size=2 * MERGE * PATCH,
                       fullatt_block_indexes=[depth - 1])
@@ -128,6 +135,24 @@ def batch_inputs(rows: list[list[int]], grids: list[tuple[int, int]], seed: int 
 
 def merged_tokens(grids) -> list[int]:
     return [h * w // (MERGE * MERGE) for h, w in grids]
+
+
+def llm_inputs(model, inputs) -> dict:
+    """What the language model receives from ``model(**inputs)``: inputs_embeds, position_ids (and on Qwen3-VL
+    deepstack_visual_embeds, visual_pos_masks) (a forward pre-hook on the language model, removed after)."""
+    seen = {}
+
+    def take(module, args, kwargs):
+        seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "deepstack_visual_embeds", "visual_pos_masks",
+                                               "position_ids")})
+
+    handle = model.model.language_model.register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen
 
 
 # ------------------------------------------------------------------------------------------------

@@ -106,7 +106,8 @@ __all__ = [
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
 COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL,
                                                   qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL,
-                                                  qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN3_5)
+                                                  qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN3_5,
+                                                  qwen_vl.QWEN3_5_MOE)
 FAMILIES: tuple[EncoderFamily | CompositeFamily, ...] = (*ENCODER_FAMILIES, *COMPOSITE_FAMILIES)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}

@@ -50,11 +50,18 @@ images are not encoded again)::
 
 A forward pre-hook on the inner model (an input check, no state) rejects inputs whose placeholder
 count does not match the patched model (the stock prompt, with ``pixel_values`` on ``forward`` or with
-the features ``generate()`` encoded first), naming :func:`shrink_inputs`. Videos
-(``pixel_values_videos``) are left alone. ``remove()`` restores the model bit for bit.
+the features ``generate()`` encoded first), naming :func:`shrink_inputs`. ``remove()`` restores the
+model bit for bit.
 
-Qwen3.5 (``Qwen3_5ForConditionalGeneration``, :data:`QWEN3_5`) runs the same tower as Qwen3-VL
-without DeepStack, and takes the Qwen2-VL prompt (``inputs_embeds``).
+Videos (``pixel_values_videos``, ``video_grid_thw``; docs/SPEC.md "Qwen videos"): ``get_video_features``
+is replaced the same way. The tower attends within each temporal slice (``cu_seqlens`` repeats h*w per
+t), so scoring, selection and merging are per slice, each slice with the image budget of its h*w/4
+merge units (so every moment of the video keeps tokens); a video's kept tokens are its slices' kept
+tokens in time order. :func:`shrink_inputs` takes images, videos or both; the positions are the
+original prompt's (``get_rope_index``, with ``second_per_grid_ts`` / the per-frame timestamps).
+
+Qwen3.5 (``Qwen3_5ForConditionalGeneration``, :data:`QWEN3_5`; and Qwen3.5-MoE, :data:`QWEN3_5_MOE`) runs
+the same tower as Qwen3-VL without DeepStack, and takes the Qwen2-VL prompt (``inputs_embeds``).
 
 Qwen3-VL (``Qwen3VLForConditionalGeneration``, :data:`QWEN3_VL`; docs/SPEC.md "Qwen3-VL"): the same
 patch, with no windows, the learned position table resampled and added as the stock tower does
@@ -212,6 +219,12 @@ def _qwen3_5_tower_class():
     return Qwen3_5VisionModel
 
 
+def _qwen3_5_moe_tower_class():
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
+
+    return Qwen3_5MoeVisionModel
+
+
 QWEN2_VL_TOWER = QwenTower(name="Qwen2-VL vision", model_types=("qwen2_vl_vision",),
                            model_class=_qwen2_vl_tower_class, windowed=False)
 QWEN2_5_VL_TOWER = QwenTower(name="Qwen2.5-VL vision", model_types=("qwen2_5_vl_vision",),
@@ -223,6 +236,8 @@ QWEN3_VL_MOE_TOWER = QwenTower(name="Qwen3-VL-MoE vision", model_types=("qwen3_v
                                deepstack=True)
 QWEN3_5_TOWER = QwenTower(name="Qwen3.5 vision", model_types=("qwen3_5_vision",), model_class=_qwen3_5_tower_class,
                           windowed=False, interpolated_positions=True)
+QWEN3_5_MOE_TOWER = QwenTower(name="Qwen3.5-MoE vision", model_types=("qwen3_5_moe_vision",),
+                              model_class=_qwen3_5_moe_tower_class, windowed=False, interpolated_positions=True)
 
 
 def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -239,21 +254,69 @@ def qwen_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def image_budgets(dominant: int | float, contextual: int | float, tokens: list[int],
-                  grids: list[list[int]] | None = None) -> tuple[list[int], list[int]]:
-    """Per-image (D_i, K_i) for images of ``tokens`` = [N_i] merged tokens: a ratio r gives
-    D_i = int(r * N_i) and K_i = max(int(r * N_i), 1) (upstream's rounding), a count is used as is.
-    Raises ``ValueError`` naming the image when D_i + K_i > N_i."""
+                  grids: list[list[int]] | None = None, names: list[str] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """Per-segment (D_i, K_i) for segments (images, or a video's temporal slices) of ``tokens`` = [N_i]
+    merged tokens: a ratio r gives D_i = int(r * N_i) and K_i = max(int(r * N_i), 1) (upstream's
+    rounding), a count is used as is. Raises ``ValueError`` naming the segment (``names[i]``, default
+    "image i") when D_i + K_i > N_i."""
     dominants, contextuals = [], []
     for i, n in enumerate(tokens):
         d = int(dominant * n) if isinstance(dominant, float) else dominant
         k = max(int(contextual * n), 1) if isinstance(contextual, float) else contextual
         if d + k > n:
             grid = f" (grid t, h, w = {grids[i]})" if grids is not None else ""
-            raise ValueError(f"visionzip: image {i}{grid} has {n} merged tokens, fewer than dominant {d} + "
+            name = names[i] if names is not None else f"image {i}"
+            raise ValueError(f"visionzip: {name}{grid} has {n} merged tokens, fewer than dominant {d} + "
                              f"contextual {k}; lower the budget or pass it as a ratio")
         dominants.append(d)
         contextuals.append(k)
     return dominants, contextuals
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """The budgets of one call's images or videos, per temporal slice (the unit VisionZip scores and
+    merges in: the tower attends within each slice). An image is one slice (t = 1); a video of t
+    temporal patches is t slices of h*w/4 merge units, each with the image budget of its own units.
+
+    ``tokens``, ``dominants``, ``contextuals``: per slice, in input order; ``slices``: per item (image or
+    video), how many consecutive slices it has."""
+
+    tokens: list[int]
+    dominants: list[int]
+    contextuals: list[int]
+    slices: list[int]
+
+    def per_item(self, values: list[int]) -> list[int]:
+        """``values`` (one per slice) summed per item."""
+        out, start = [], 0
+        for n in self.slices:
+            out.append(sum(values[start:start + n]))
+            start += n
+        return out
+
+    @property
+    def kept(self) -> list[int]:
+        """D + K per item: the tokens the LLM sees for each image or video."""
+        return self.per_item([d + k for d, k in zip(self.dominants, self.contextuals)])
+
+
+@dataclass(frozen=True)
+class Modality:
+    """The names one modality goes by in a Qwen prompt and model."""
+
+    name: str  # "image" / "video": also the key of mm_encoder_outputs
+    pixels: str  # the processor's key of its pixel rows
+    grid: str  # the processor's key of its [n, 3] (t, h, w) grid
+    features: str  # the inner model's method that encodes it
+    token_id: str  # the config's attribute with its placeholder token id
+    token_type: int  # its value in mm_token_type_ids
+
+
+IMAGE = Modality("image", "pixel_values", "image_grid_thw", "get_image_features", "image_token_id", 1)
+VIDEO = Modality("video", "pixel_values_videos", "video_grid_thw", "get_video_features", "video_token_id", 2)
+MODALITIES = (IMAGE, VIDEO)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,9 +377,10 @@ class QwenVLPatch:
         config = self.qwen.config
         self.image_token_id = config.image_token_id
         self.video_token_id = getattr(config, "video_token_id", None)
-        # A bound method: pickled as (patch, "get_image_features"); a deep copy gets its own patch.
-        self._saved_get_image_features = replace_instance_attribute(self.qwen, "get_image_features",
-                                                                    self.get_image_features)
+        # Bound methods: pickled as (patch, name); a deep copy gets its own patch. Both are replaced (the stock
+        # get_video_features runs the stock tower, or calls get_image_features with video grids).
+        self._saved_features = {m.features: replace_instance_attribute(self.qwen, m.features, getattr(self, m.features))
+                                for m in MODALITIES}
         self._pre_hook = self.qwen.register_forward_pre_hook(self._check_inputs, with_kwargs=True)
         self.removed = False
 
@@ -329,34 +393,43 @@ class QwenVLPatch:
                 f"layer={self.layer} -> block {self.layer_index} of {self.num_layers})")
 
     # -- grids and budgets -----------------------------------------------------------------------
-    def _grids(self, image_grid_thw, patches: int | None) -> list[list[int]]:
-        if image_grid_thw is None:
-            raise ValueError("visionzip: image_grid_thw is required with pixel_values (one [t, h, w] row per image)")
-        if not isinstance(image_grid_thw, torch.Tensor) or image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
-            raise ValueError("visionzip: image_grid_thw must be an [n_images, 3] tensor of (t, h, w), got "
-                             f"{getattr(image_grid_thw, 'shape', type(image_grid_thw).__name__)}")
-        grids = image_grid_thw.tolist()
+    def _grids(self, grid_thw, patches: int | None, modality: Modality = IMAGE) -> list[list[int]]:
+        if grid_thw is None:
+            raise ValueError(f"visionzip: {modality.grid} is required with {modality.pixels} (one [t, h, w] row per "
+                             f"{modality.name})")
+        if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(f"visionzip: {modality.grid} must be an [n_{modality.name}s, 3] tensor of (t, h, w), got "
+                             f"{getattr(grid_thw, 'shape', type(grid_thw).__name__)}")
+        grids = grid_thw.tolist()
         m = self.spatial_merge_size
         for i, (t, h, w) in enumerate(grids):
-            if t != 1:
-                raise NotImplementedError(f"visionzip: image {i} has t = {t} temporal patches; VisionZip for Qwen "
-                                          "handles still images (t = 1) only, videos go through get_video_features")
-            if h <= 0 or w <= 0 or h % m or w % m:
-                raise ValueError(f"visionzip: image_grid_thw row {i} = {[t, h, w]}: h and w must be positive "
-                                 f"multiples of spatial_merge_size = {m}")
+            if t <= 0 or h <= 0 or w <= 0 or h % m or w % m:
+                raise ValueError(f"visionzip: {modality.grid} row {i} = {[t, h, w]}: t must be positive, h and w "
+                                 f"positive multiples of spatial_merge_size = {m}")
         total = sum(t * h * w for t, h, w in grids)
         if patches is not None and patches != total:
-            raise ValueError(f"visionzip: pixel_values has {patches} patch rows but image_grid_thw describes {total} "
-                             f"(sum of t*h*w over {len(grids)} image(s)): mismatched grids")
+            raise ValueError(f"visionzip: {modality.pixels} has {patches} patch rows but {modality.grid} describes "
+                             f"{total} (sum of t*h*w over {len(grids)} {modality.name}(s)): mismatched grids")
         return grids
 
-    def budgets(self, image_grid_thw: torch.Tensor, patches: int | None = None
+    def plan(self, grid_thw: torch.Tensor, patches: int | None = None, modality: Modality = IMAGE) -> SlicePlan:
+        """The per-slice budgets of the images or videos of ``grid_thw`` (checked against ``patches`` pixel
+        rows when given): each temporal slice of h*w/4 merge units keeps what an image of that size keeps."""
+        grids = self._grids(grid_thw, patches, modality)
+        slice_tokens, names, slice_grids = [], [], []
+        for i, (t, h, w) in enumerate(grids):
+            for j in range(t):
+                slice_tokens.append(h * w // self.unit)
+                names.append(f"{modality.name} {i}" + (f" (temporal slice {j})" if t > 1 else ""))
+                slice_grids.append([t, h, w])
+        dominants, contextuals = image_budgets(self.dominant, self.contextual, slice_tokens, slice_grids, names)
+        return SlicePlan(slice_tokens, dominants, contextuals, [t for t, _, _ in grids])
+
+    def budgets(self, grid_thw: torch.Tensor, patches: int | None = None, modality: Modality = IMAGE
                 ) -> tuple[list[int], list[int], list[int]]:
-        """(N_i, D_i, K_i) per image of ``image_grid_thw`` (checked against ``patches`` pixel rows when given)."""
-        grids = self._grids(image_grid_thw, patches)
-        tokens = [t * h * w // self.unit for t, h, w in grids]
-        dominants, contextuals = image_budgets(self.dominant, self.contextual, tokens, grids)
-        return tokens, dominants, contextuals
+        """(N_i, D_i, K_i) per image or video of ``grid_thw``, summed over its temporal slices."""
+        plan = self.plan(grid_thw, patches, modality)
+        return plan.per_item(plan.tokens), plan.per_item(plan.dominants), plan.per_item(plan.contextuals)
 
     # -- the tower, run by the patch ---------------------------------------------------------------
     def run_tower(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs):
@@ -434,7 +507,7 @@ class QwenVLPatch:
             merged = merged[torch.argsort(window_index)]
         return hidden, merged, qkv, rotary, cu_seqlens, window_index, deepstack
 
-    # -- the replacement of <Qwen model>.get_image_features ---------------------------------------
+    # -- the replacements of <Qwen model>.get_image_features / get_video_features -------------------
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
                            **kwargs) -> QwenVisionZipOutput:
         """VisionZip image features: per image, the kept patch-merger outputs in original order.
@@ -447,28 +520,50 @@ class QwenVLPatch:
             :class:`QwenVisionZipOutput` (``pooler_output``: tuple of [D_i+K_i, C_llm]; ``keep``;
             ``cu_seqlens``); ``return_dict=False`` gives its tuple.
         """
+        return self.encode(pixel_values, image_grid_thw, IMAGE, **kwargs)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None,
+                           **kwargs) -> QwenVisionZipOutput:
+        """VisionZip video features: per video, each temporal slice's kept merger outputs (original order
+        within the slice, the slices in time order), each slice with the image budget of its h*w/4 units.
+
+        Args:
+            pixel_values_videos: [sum(t*h*w), C*temporal*patch*patch], as the stock processor gives.
+            video_grid_thw: [n, 3] (t, h, w) in patches.
+
+        Returns:
+            :class:`QwenVisionZipOutput` (``pooler_output``: tuple of [sum over slices of D_s+K_s, C_llm] per
+            video; ``keep``: the kept units, index into all videos' units packed; ``cu_seqlens`` per video).
+        """
+        return self.encode(pixel_values_videos, video_grid_thw, VIDEO, **kwargs)
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, modality: Modality,
+               **kwargs) -> QwenVisionZipOutput:
+        """The tower on images or videos, one plan per temporal slice applied to the merger's output and the
+        DeepStack features, the outputs grouped per image or video (a video's slices are consecutive)."""
         return_dict = kwargs.pop("return_dict", True)
         for key in ("output_hidden_states", "output_attentions"):
             kwargs.pop(key, None)
-        tokens, dominants, contextuals = self.budgets(
-            image_grid_thw, pixel_values.shape[0] if pixel_values.dim() >= 1 else None)
+        plan = self.plan(grid_thw, pixel_values.shape[0] if pixel_values.dim() >= 1 else None, modality)
         pixel_values = pixel_values.type(self.visual.dtype)  # as the stock get_image_features
         last_hidden_state, merged, qkv, rotary, cu_seqlens, window_index, deepstack = self.run_tower(
-            pixel_values, image_grid_thw, **kwargs)
-        outputs, keep, cu_out = self.compress([merged, *deepstack], qkv, rotary, cu_seqlens, window_index, tokens,
-                                              dominants, contextuals)
-        counts = [d + k for d, k in zip(dominants, contextuals)]
+            pixel_values, grid_thw, **kwargs)
+        outputs, keep, _ = self.compress([merged, *deepstack], qkv, rotary, cu_seqlens, window_index, plan.tokens,
+                                         plan.dominants, plan.contextuals)
+        counts = plan.kept
         deepstack_features = [out.split(counts) for out in outputs[1:]] if self.tower.deepstack else None
         result = QwenVisionZipOutput(last_hidden_state=last_hidden_state, pooler_output=outputs[0].split(counts),
-                                     keep=keep, cu_seqlens=cu_out, deepstack_features=deepstack_features)
+                                     keep=keep, cu_seqlens=torch.tensor([0, *counts], dtype=torch.int64).cumsum(0),
+                                     deepstack_features=deepstack_features)
         return result if return_dict else result.to_tuple()
 
     def compress(self, merged: list[torch.Tensor], qkv: torch.Tensor, rotary: tuple, cu_seqlens: torch.Tensor,
                  window_index: torch.Tensor | None, tokens: list[int], dominants: list[int], contextuals: list[int]):
         """Scores and metric from the scoring block's fused qkv [T, 3*H*d] (window order) and its rotary
-        (cos, sin), put in original order with ``argsort(window_index)``, then ONE plan applied to every
-        tensor of ``merged`` (each [T/4, C_llm] in original order: the merger's output, then the DeepStack
-        mergers'; ``tokens`` = N_i, its images' merge units) by ``varlen_select_merge_many``.
+        (cos, sin), attention within each temporal slice (``cu_seqlens``), put in original order with
+        ``argsort(window_index)``, then ONE plan applied to every tensor of ``merged`` (each [T/4, C_llm] in
+        original order: the merger's output, then the DeepStack mergers'; ``tokens`` = N_s, the merge units
+        of each slice, an image being one) by ``varlen_select_merge_many``.
         Returns (list of [sum(D_i+K_i), C_llm], keep, cu_seqlens_out)."""
         query_key = self.query_key
         qkv = qkv.detach()
@@ -480,7 +575,7 @@ class QwenVLPatch:
         if window_index is not None:
             original = torch.argsort(window_index).to(scores.device)
             scores, metric = scores[original], metric[original]
-        # The images' bounds from the host grid, so that the op need not read the tower's device cu_seqlens
+        # The slices' bounds from the host grid, so that the op need not read the tower's device cu_seqlens
         # back (its one sync); cu_seqlens_out is then on the CPU too.
         cu_units = torch.tensor([0, *tokens], dtype=torch.int64).cumsum(0)
         return varlen_select_merge_many(merged, scores, metric, cu_units, dominants, contextuals)
@@ -492,36 +587,42 @@ class QwenVLPatch:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             return None
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is not None:
-            _, dominants, contextuals = self.budgets(kwargs.get("image_grid_thw"))
-            rows, images = sum(dominants) + sum(contextuals), f"{len(dominants)} image(s)"
-        else:
-            # generate() encodes the images first (through the patched get_image_features) and passes
-            # the features instead of pixel_values.
-            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-            if not isinstance(encoded, QwenVisionZipOutput) or not encoded.pooler_output:
-                return None
-            rows = sum(f.shape[0] for f in encoded.pooler_output)
-            images = f"{len(encoded.pooler_output)} pre-encoded image(s)"
-        found = int((input_ids == self.image_token_id).sum())
-        if found != rows:
-            raise ValueError(
-                f"visionzip: input_ids holds {found} image placeholder tokens (id {self.image_token_id}) but the "
-                f"VisionZip-patched model produces {rows} image tokens ({images}, dominant {self.dominant} + "
-                f"contextual {self.contextual} per image). Pass the processor's output through "
-                "visionzip_kernels.integrations.transformers.shrink_inputs(model, inputs) first.")
-        if kwargs.get("position_ids") is None:
+        checked = False
+        for modality in MODALITIES:
+            token_id = getattr(self, modality.token_id)
+            pixels = kwargs.get(modality.pixels)
+            if pixels is not None:
+                rows = sum(self.plan(kwargs.get(modality.grid), None, modality).kept)
+                what = f"{len(self._grids(kwargs.get(modality.grid), None, modality))} {modality.name}(s)"
+            else:
+                # generate() encodes the images / videos first (through the patched get_*_features) and passes
+                # the features instead of the pixels.
+                encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality.name)
+                if not isinstance(encoded, QwenVisionZipOutput) or not encoded.pooler_output:
+                    continue
+                rows = sum(f.shape[0] for f in encoded.pooler_output)
+                what = f"{len(encoded.pooler_output)} pre-encoded {modality.name}(s)"
+            found = int((input_ids == token_id).sum())
+            if found != rows:
+                raise ValueError(
+                    f"visionzip: input_ids holds {found} {modality.name} placeholder tokens (id {token_id}) but the "
+                    f"VisionZip-patched model produces {rows} {modality.name} tokens ({what}, dominant {self.dominant} "
+                    f"+ contextual {self.contextual} per {'temporal slice' if modality is VIDEO else 'image'}). Pass "
+                    "the processor's output through visionzip_kernels.integrations.transformers.shrink_inputs(model, "
+                    "inputs) first.")
+            checked = True
+        if checked and kwargs.get("position_ids") is None:
             raise ValueError("visionzip: a VisionZip prompt needs its 3-D position_ids (the original positions of the "
                              "kept tokens); take them from shrink_inputs(model, inputs)")
         return None
 
     def remove(self) -> None:
-        """Restores ``get_image_features`` and removes the pre-hook; idempotent."""
+        """Restores ``get_image_features`` and ``get_video_features`` and removes the pre-hook; idempotent."""
         if self.removed:
             return
         self._pre_hook.remove()
-        restore_instance_attribute(self.qwen, "get_image_features", self._saved_get_image_features)
+        for name, saved in self._saved_features.items():
+            restore_instance_attribute(self.qwen, name, saved)
         self.removed = True
 
 
@@ -539,22 +640,26 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
                   pad_token_id: int | None = None):
     """The stock processor's output, made into a VisionZip prompt for a patched Qwen-VL ``model``.
 
-    Encodes the images once with the patched tower, computes the 3-D rope positions of the ORIGINAL
-    prompt (the model's own ``get_rope_index``), keeps the text and the kept image tokens, and
-    returns a mapping of the same kind with:
+    Encodes the images and videos once with the patched tower, computes the 3-D rope positions of the
+    ORIGINAL prompt (the model's own ``get_rope_index``, so a video's temporal positions keep
+    ``second_per_grid_ts`` / timestamps as the model computes them), keeps the text and the kept image
+    and video tokens, and returns a mapping of the same kind with:
 
     - ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` and any other [B, S]
-      tensor: [B, S'] with the removed image tokens (and the old padding) gone, rows re-padded;
+      tensor: [B, S'] with the removed image / video tokens (and the old padding) gone, rows re-padded;
     - ``position_ids`` [3, B, S']: the original positions at the kept tokens (0 on padding);
-    - ``inputs_embeds`` [B, S', C]: the token embeddings with the VisionZip image tokens in place;
-      on Qwen3-VL instead ``mm_encoder_outputs = {"image": <the patched get_image_features' output>}``:
-      its forward scatters the features and adds the DeepStack features (``deepstack_features``, the
-      same kept tokens) at the image tokens itself, and it takes ``input_ids`` or ``inputs_embeds``, not both;
-    - ``pixel_values`` removed (already encoded); ``image_grid_thw`` and everything else passed on.
+    - ``inputs_embeds`` [B, S', C]: the token embeddings with the VisionZip image and video tokens in
+      place; on Qwen3-VL instead ``mm_encoder_outputs = {"image": ..., "video": ...}`` (the patched
+      ``get_image_features`` / ``get_video_features`` outputs): its forward scatters the features and
+      adds the DeepStack features (``deepstack_features``, the same kept tokens) at the visual tokens
+      itself, and it takes ``input_ids`` or ``inputs_embeds``, not both;
+    - ``pixel_values`` / ``pixel_values_videos`` removed (already encoded); the grids and everything
+      else passed on.
 
     Args:
-        inputs: ``input_ids`` [B, S], ``pixel_values``, ``image_grid_thw`` and optionally
-            ``attention_mask``, ``mm_token_type_ids``, ``labels``, ``video_grid_thw``, ...
+        inputs: ``input_ids`` [B, S], ``pixel_values`` + ``image_grid_thw`` and/or ``pixel_values_videos``
+            + ``video_grid_thw``, optionally ``attention_mask``, ``mm_token_type_ids``, ``labels``,
+            ``second_per_grid_ts``, ...
         padding_side: where shorter rows are padded; default: the side the inputs were padded on
             (left when they were not padded).
         pad_token_id: default: the model's ``pad_token_id`` (config or text config), else 0.
@@ -562,9 +667,18 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     from . import patch_for_prompt
 
     patch = patch_for_prompt(model, QwenVLPatch)
-    for key in ("input_ids", "pixel_values", "image_grid_thw"):
-        if inputs.get(key) is None:
-            raise KeyError(f"shrink_inputs: inputs has no {key!r}")
+    if inputs.get("input_ids") is None:
+        raise KeyError("shrink_inputs: inputs has no 'input_ids'")
+    present = []
+    for modality in MODALITIES:
+        has_pixels, has_grid = inputs.get(modality.pixels) is not None, inputs.get(modality.grid) is not None
+        if has_pixels != has_grid:
+            raise KeyError(f"shrink_inputs: inputs has {modality.pixels if has_pixels else modality.grid!r} but no "
+                           f"{modality.grid if has_pixels else modality.pixels!r}")
+        if has_pixels:
+            present.append(modality)
+    if not present:
+        raise KeyError("shrink_inputs: inputs has neither 'pixel_values' nor 'pixel_values_videos'")
     input_ids = inputs["input_ids"]
     if input_ids.dim() != 2:
         raise ValueError(f"shrink_inputs: input_ids must be [B, S], got shape {list(input_ids.shape)}")
@@ -573,37 +687,38 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     if side not in PADDING_SIDES:
         raise ValueError(f"shrink_inputs: padding_side must be 'left' or 'right', got {side!r}")
     qwen = patch.qwen
-    grid = inputs["image_grid_thw"]
-    tokens, _, _ = patch.budgets(grid)
-    is_image = input_ids == patch.image_token_id
-    if attention_mask is not None:
-        is_image &= attention_mask.bool()
-    found = int(is_image.sum())
-    if found != sum(tokens):
-        raise ValueError(f"shrink_inputs: input_ids holds {found} image placeholders but image_grid_thw describes "
-                         f"{sum(tokens)} merged tokens ({tokens} per image): mismatched grids")
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    placeholders = {}  # modality -> [B, S] bool: its placeholder tokens
+    for modality in present:
+        tokens, _, _ = patch.budgets(inputs[modality.grid], None, modality)
+        is_placeholder = (input_ids == getattr(patch, modality.token_id)) & valid
+        found = int(is_placeholder.sum())
+        if found != sum(tokens):
+            raise ValueError(f"shrink_inputs: input_ids holds {found} {modality.name} placeholders but "
+                             f"{modality.grid} describes {sum(tokens)} merged tokens ({tokens} per {modality.name}): "
+                             "mismatched grids")
+        placeholders[modality.name] = is_placeholder
     mm_token_type_ids = inputs.get("mm_token_type_ids")
     if mm_token_type_ids is None:  # what the processor writes: 1 at image tokens, 2 at video tokens
-        mm_token_type_ids = is_image.int()
-        if patch.video_token_id is not None:
-            mm_token_type_ids = mm_token_type_ids + 2 * (input_ids == patch.video_token_id).int()
+        mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+        for modality in MODALITIES:
+            token_id = getattr(patch, modality.token_id)
+            if token_id is not None:
+                mm_token_type_ids[input_ids == token_id] = modality.token_type
 
-    if patch.tower.deepstack and inputs.get("pixel_values_videos") is not None:
-        raise NotImplementedError("shrink_inputs: VisionZip for Qwen3-VL handles images; this prompt also holds "
-                                  "pixel_values_videos, which its forward cannot take beside the encoded images")
-    features = patch.get_image_features(inputs["pixel_values"], grid)
-    rope_kwargs = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if inputs.get(k) is not None}
-    position_ids, _ = qwen.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=grid,
+    features = {m.name: getattr(patch, m.features)(inputs[m.pixels], inputs[m.grid]) for m in present}
+    rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                   if inputs.get(k) is not None}
+    position_ids, _ = qwen.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
                                           attention_mask=attention_mask, **rope_kwargs)
 
-    # The kept positions: text (and video) tokens, and the kept image tokens. The images' placeholders
-    # come in row-major order, as the model scatters the features; features.keep indexes them.
-    kept = ~is_image
-    if attention_mask is not None:
-        kept &= attention_mask.bool()
-    image_positions = is_image.nonzero()
-    chosen = image_positions[features.keep.to(image_positions.device)]
-    kept[chosen[:, 0], chosen[:, 1]] = True
+    # The kept positions: text tokens and the kept visual tokens. Each modality's placeholders come in
+    # row-major order, as the model scatters its features; its features.keep indexes them.
+    kept = valid.clone()
+    for name, is_placeholder in placeholders.items():
+        kept &= ~is_placeholder
+        chosen = is_placeholder.nonzero()[features[name].keep.to(input_ids.device)]
+        kept[chosen[:, 0], chosen[:, 1]] = True
 
     if pad_token_id is None:
         pad_token_id = default_pad_token_id(qwen.config)
@@ -611,7 +726,8 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
     new_mask = pack(torch.ones_like(input_ids) if attention_mask is None else attention_mask, 0)
     new_ids = pack(input_ids, pad_token_id)
     data = dict(inputs.items())
-    data.pop("pixel_values")
+    for modality in present:
+        data.pop(modality.pixels)
     data["input_ids"] = new_ids
     data["attention_mask"] = new_mask
     data["mm_token_type_ids"] = pack(mm_token_type_ids, 0)
@@ -624,14 +740,16 @@ def shrink_inputs(model: torch.nn.Module, inputs: Mapping, *, padding_side: str 
         if isinstance(value, torch.Tensor) and value.shape == input_ids.shape:
             data[key] = pack(value, 0)
     if patch.tower.deepstack:
-        # The model scatters pooler_output and adds deepstack_features at the image tokens (in the prompt's
+        # The model scatters pooler_output and adds deepstack_features at the visual tokens (in the prompt's
         # row-major order, as features.keep was taken); generate() passes them to the prefill only.
-        data["mm_encoder_outputs"] = {"image": features}
+        data["mm_encoder_outputs"] = features
         return same_mapping(inputs, data)
     embeds = qwen.get_input_embeddings()(new_ids)
-    image_rows = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
-    image_mask = (new_ids == patch.image_token_id) & new_mask.bool()
-    data["inputs_embeds"] = embeds.masked_scatter(image_mask.unsqueeze(-1), image_rows)
+    for modality in present:
+        rows = torch.cat(list(features[modality.name].pooler_output), dim=0).to(embeds.device, embeds.dtype)
+        mask = (new_ids == getattr(patch, modality.token_id)) & new_mask.bool()
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), rows)
+    data["inputs_embeds"] = embeds
     return same_mapping(inputs, data)
 
 
@@ -660,6 +778,11 @@ def make_qwen3_5_patch(model: torch.nn.Module, budget: Budget, layer: int) -> Qw
     return QwenVLPatch(model, QWEN3_5_TOWER, budget.dominant, budget.contextual, layer)
 
 
+def make_qwen3_5_moe_patch(model: torch.nn.Module, budget: Budget, layer: int) -> QwenVLPatch:
+    """:class:`QwenVLPatch` on a Qwen3.5-MoE model (Qwen3.5's vision side, an MoE LLM)."""
+    return QwenVLPatch(model, QWEN3_5_MOE_TOWER, budget.dominant, budget.contextual, layer)
+
+
 QWEN2_VL = CompositeFamily(
     name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     summary="attention received in the last vision block (fused qkv, after rotary), per image, packed",
@@ -685,4 +808,10 @@ QWEN3_5 = CompositeFamily(
     name="Qwen3.5", model_types=("qwen3_5",), classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
     summary="as Qwen3-VL, without DeepStack (the LLM is hybrid linear / full attention)",
     make_patch=make_qwen3_5_patch, per_image_budget=True, tower_model_types=QWEN3_5_TOWER.model_types,
+)
+QWEN3_5_MOE = CompositeFamily(
+    name="Qwen3.5-MoE", model_types=("qwen3_5_moe",),
+    classes=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
+    summary="as Qwen3.5 (the same vision side; an MoE LLM)",
+    make_patch=make_qwen3_5_moe_patch, per_image_budget=True, tower_model_types=QWEN3_5_MOE_TOWER.model_types,
 )
