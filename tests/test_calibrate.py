@@ -210,6 +210,11 @@ def test_llava_end_to_end(tmp_path, capsys):
     report = run_and_check(model, processor, model_dir, prompts, budgets, 0.5, tmp_path / "out", capsys,
                            {b: [b, 2 * b] for b in budgets})
     assert report["stock"]["visual_tokens"] == [64, 128]  # 8x8 patches per image, CLS dropped by "default"
+    # A budget above an image's 64 placeholders: one line naming it and the prompt, before the long runs.
+    argv = ["--model", str(model_dir), "--prompts", str(prompts), "--budgets", "8,100", "--out", str(tmp_path / "o2")]
+    assert calibrate.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"calibrate: --budgets 100 does not fit the images of {prompts}:1: ")
 
 
 def test_qwen2_5_vl_end_to_end(tmp_path, capsys, monkeypatch):

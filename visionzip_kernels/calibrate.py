@@ -109,7 +109,7 @@ class Prompt:
 
     images: list[Path]
     text: str
-    line: int
+    where: str  # "FILE:LINE", for messages
 
 
 def read_prompts(path: Path) -> list[Prompt]:
@@ -140,7 +140,7 @@ def read_prompts(path: Path) -> list[Prompt]:
         missing = [str(p) for p in resolved if not p.is_file()]
         if missing:
             raise UsageError(f"{where}: image {missing[0]} does not exist")
-        prompts.append(Prompt(resolved, text, number))
+        prompts.append(Prompt(resolved, text, where))
     if not prompts:
         raise UsageError(f"--prompts file {path} holds no prompts")
     return prompts
@@ -304,6 +304,23 @@ class BudgetResult:
     visual_tokens: list[int] = field(default_factory=list)
 
 
+def check_budgets(model, encoded: list[dict], prompts: list[Prompt], budgets: list[int]) -> None:
+    """``UsageError`` naming the budget and the prompt line when the largest budget does not fit a prompt's
+    images (more tokens than an image, or a crop, has), before the long runs."""
+    from .integrations.transformers import apply, remove, shrink_inputs
+
+    apply(model, tokens=budgets[-1])
+    try:
+        for inputs, prompt in zip(encoded, prompts):
+            try:
+                shrink_inputs(model, inputs)
+            except ValueError as exc:
+                raise UsageError(f"--budgets {budgets[-1]} does not fit the images of {prompt.where}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+    finally:
+        remove(model)
+
+
 def measure_budget(model, encoded: list[dict], stock: list[Answer], budget: int, args, progress) -> BudgetResult:
     """Runs the patched model at ``budget`` on every prompt, and the interleaved prefill timing."""
     from .integrations.transformers import apply, remove
@@ -315,8 +332,6 @@ def measure_budget(model, encoded: list[dict], stock: list[Answer], budget: int,
         for inputs in encoded:
             answers.append(answer(model, inputs, args.new_tokens, patched=True))
             progress.update()
-    except ValueError as exc:  # e.g. a budget larger than an image's tokens
-        raise UsageError(f"--budgets {budget}: {str(exc).splitlines()[0]}") from None
     finally:
         remove(model)
     stock_times, patched_times, ratios = [], [], []
@@ -431,6 +446,7 @@ def calibrate(args: argparse.Namespace) -> int:
     processor = load_processor(args.model)
     model = load_model(args.model, args.device, dtype)
     encoded = [encode(processor, p, args.device) for p in args.prompt_list]
+    check_budgets(model, encoded, args.prompt_list, args.budgets)
     n = len(encoded)
     with tqdm(total=n * (1 + len(args.budgets) * (1 + args.rounds)), desc="calibrating", unit="run",
               file=sys.stderr) as progress:
