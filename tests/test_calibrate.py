@@ -24,14 +24,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from PIL import Image  # noqa: E402
+from test_integrations import tiny_llava  # noqa: E402
+from test_qwen_vl import IMAGE, PAD, VEND, VIDEO, VSTART, tiny_qwen  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 import visionzip_kernels as vz  # noqa: E402
 from visionzip_kernels import calibrate  # noqa: E402
 from visionzip_kernels.integrations import transformers as vzt  # noqa: E402
-
-from test_integrations import tiny_llava  # noqa: E402
-from test_qwen_vl import IMAGE, PAD, VEND, VIDEO, VSTART, tiny_qwen  # noqa: E402
 
 NEW_TOKENS = 3
 WORDS = "what is in this image describe the picture colour of the square user assistant".split()

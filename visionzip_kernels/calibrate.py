@@ -217,13 +217,13 @@ def prompt_text(processor, prompt: Prompt) -> str:
     return image_token * len(prompt.images) + "\n" + prompt.text
 
 
-def encode(processor, prompt: Prompt, device: str) -> dict:
-    """The stock processor's tensors for one prompt (a batch of one), on ``device``."""
+def encode(processor, prompt: Prompt, device: str, dtype: torch.dtype) -> dict:
+    """The stock processor's tensors for one prompt (a batch of one), on ``device``, the pixels in ``dtype``."""
     from PIL import Image
 
     images = [Image.open(p).convert("RGB") for p in prompt.images]
     inputs = processor(images=images, text=prompt_text(processor, prompt), return_tensors="pt")
-    return inputs.to(device)
+    return inputs.to(device, dtype=dtype)  # casts the floating tensors only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,8 +259,9 @@ def prepared(model, inputs, patched: bool):
 def answer(model, inputs, new_tokens: int, patched: bool) -> Answer:
     """The greedy answer of ``model`` (first ``new_tokens`` tokens) and its first token's distribution."""
     ready = prepared(model, inputs, patched)
-    out = model.generate(**ready, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
+    # Greedy whatever the checkpoint's generation_config asks (sampling, beams, a repetition penalty).
+    out = model.generate(**ready, max_new_tokens=new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                         output_logits=True, return_dict_in_generate=True)
     prompt_length = ready["input_ids"].shape[1]
     first = torch.log_softmax(out.logits[0][0].double().cpu(), dim=-1)
     return Answer(out.sequences[0, prompt_length:].tolist(), first, visual_tokens(model, ready))
@@ -445,7 +446,7 @@ def calibrate(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     processor = load_processor(args.model)
     model = load_model(args.model, args.device, dtype)
-    encoded = [encode(processor, p, args.device) for p in args.prompt_list]
+    encoded = [encode(processor, p, args.device, dtype) for p in args.prompt_list]
     check_budgets(model, encoded, args.prompt_list, args.budgets)
     n = len(encoded)
     with tqdm(total=n * (1 + len(args.budgets) * (1 + args.rounds)), desc="calibrating", unit="run",
