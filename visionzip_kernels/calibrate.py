@@ -305,17 +305,20 @@ class BudgetResult:
     visual_tokens: list[int] = field(default_factory=list)
 
 
-def check_budgets(model, encoded: list[dict], prompts: list[Prompt], budgets: list[int]) -> None:
-    """``UsageError`` naming the budget and the prompt line when the largest budget does not fit a prompt's
-    images (more tokens than an image, or a crop, has), before the long runs."""
-    from .integrations.transformers import apply, remove, shrink_inputs
+def check_budgets(model, encoded: list[dict], prompts: list[Prompt], budgets: list[int], device: str) -> None:
+    """``UsageError`` naming the budget and the prompt's line when the largest budget does not fit a prompt's
+    images (more tokens than an image, or a crop, has): one patched prefill per prompt, before the long runs."""
+    from .integrations.transformers import apply, remove
 
-    apply(model, tokens=budgets[-1])
+    try:
+        apply(model, tokens=budgets[-1])
+    except ValueError as exc:  # e.g. more than one LLaVA-NeXT crop's tokens
+        raise UsageError(f"--budgets {budgets[-1]}: {str(exc).splitlines()[0]}") from None
     try:
         for inputs, prompt in zip(encoded, prompts):
             try:
-                shrink_inputs(model, inputs)
-            except ValueError as exc:
+                prefill_seconds(model, inputs, True, device)
+            except ValueError as exc:  # shrink_inputs' placeholder count, or the tower's D + K <= N
                 raise UsageError(f"--budgets {budgets[-1]} does not fit the images of {prompt.where}: "
                                  f"{str(exc).splitlines()[0]}") from None
     finally:
@@ -447,7 +450,7 @@ def calibrate(args: argparse.Namespace) -> int:
     processor = load_processor(args.model)
     model = load_model(args.model, args.device, dtype)
     encoded = [encode(processor, p, args.device, dtype) for p in args.prompt_list]
-    check_budgets(model, encoded, args.prompt_list, args.budgets)
+    check_budgets(model, encoded, args.prompt_list, args.budgets, args.device)
     n = len(encoded)
     with tqdm(total=n * (1 + len(args.budgets) * (1 + args.rounds)), desc="calibrating", unit="run",
               file=sys.stderr) as progress:
