@@ -26,7 +26,8 @@ in a user message; without one, the prompt is used as is, and gets one image tok
 
 The budget is ``apply``'s ``tokens=``: visual tokens per image (per crop on LLaVA-NeXT, as ``apply``
 counts it), split 54:10 into dominant and contextual. Bad arguments give one line on stderr and exit
-status 2, before the model is loaded.
+status 2: before the model is loaded, or, for a budget larger than a prompt's images allow, after one
+patched prefill per prompt at the largest budget (before the long runs).
 """
 
 from __future__ import annotations
