@@ -451,3 +451,64 @@ def test_video_pooling_is_refused_on_other_families():
     with pytest.raises(TypeError, match=r"video_pooling= is an option of LLaVA-OneVision only, not of LLaVA-NeXT"):
         vz.apply(other, video_pooling="after")
     assert vzt.get_patch(other) is None
+
+
+def test_counts_at_real_geometry_match_the_processor():
+    """SigLIP-so400m/14-384 crops (27 x 27) with the default pinpoints (up to a 6x6 grid): the stock
+    counts the patch derives from the model's own pack_image_features equal the stock processor's
+    formula (unpadding, anyres_max_9 shrinking, newlines), and the patched counts are the documented
+    (1 + rows * cols) * (D + K) + rows (a narrow random model: only the geometry matters)."""
+    import functools
+    import types
+
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=384, patch_size=14,
+                                             vision_use_head=False)
+    text = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, vocab_size=64)
+    model = transformers.LlavaOnevisionModel(transformers.LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=62, video_token_index=63))
+    vz.apply(model, dominant=54, contextual=10)  # a LlavaOnevisionModel (no LM head) is supported as well
+    patch = vzt.get_patch(model)
+    # The processor's own counting methods, on a stand-in for the processor (no tokenizer needed).
+    processor = types.SimpleNamespace(num_image_tokens=729, vision_aspect_ratio="anyres_max_9",
+                                      image_processor=types.SimpleNamespace(
+                                          image_grid_pinpoints=model.config.image_grid_pinpoints))
+    processor._get_unpadded_features = functools.partial(LlavaOnevisionProcessor._get_unpadded_features, processor)
+    sizes = torch.tensor([[2304, 2304], [480, 640], [300, 1900], [1000, 200], [384, 384]])
+    stock = [LlavaOnevisionProcessor._get_number_of_features(processor, h, w, 384, 384) for h, w in sizes.tolist()]
+    assert patch.stock_image_rows(sizes) == stock
+    assert stock[0] == 729 + 81 * 81 + 81  # the 6x6 grid shrunk to 81 x 81 by anyres_max_9
+    grids = [patch.grid_of(size) for size in sizes]
+    assert patch.image_rows(sizes) == [(1 + r * c) * 64 + r for r, c in grids]
+    assert patch.image_rows(sizes)[0] == 2374
+    assert patch.image_rows(sizes, torch.tensor([2, 3])) == [64 + 1] * 5  # images of multi-image prompts
+    assert patch.pooled_tokens == 196 and patch.tokens_for_video(8) == 8 * 64 + 1
+    assert patch.stock_tokens_for_video(8) == 8 * 196 + 1
+    vz.remove(model)
+
+
+def test_deepcopy_and_pickle_of_a_patched_model(images, video):
+    """A copy (deepcopy, or a pickle round trip as torch.save does) carries its own patch."""
+    import copy
+    import pickle
+
+    # A fresh model: one that has run a forward holds transformers' own output-capturing hooks.
+    model = vz.apply(tiny_onevision(), dominant=DOMINANT, contextual=CONTEXTUAL, video_pooling="after")
+    try:
+        with torch.no_grad():
+            expected = model.get_image_features(pixel_values=images, image_sizes=IMAGE_SIZES).pooler_output
+            expected_video = model.get_video_features(video).pooler_output
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert vzt.get_patch(clone).settings == vzt.get_patch(model).settings
+            with torch.no_grad():
+                got = clone.get_image_features(pixel_values=images, image_sizes=IMAGE_SIZES).pooler_output
+                got_video = clone.get_video_features(video).pooler_output
+            assert all(torch.equal(a, b) for a, b in zip(expected, got)) and torch.equal(expected_video, got_video)
+            vz.remove(clone)
+            assert "get_video_features" not in clone.model.__dict__
+        assert isinstance(vzt.get_patch(model), vzt.LlavaOnevisionPatch)
+    finally:
+        vz.remove(model)
