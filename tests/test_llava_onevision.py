@@ -512,3 +512,22 @@ def test_deepcopy_and_pickle_of_a_patched_model(images, video):
         assert isinstance(vzt.get_patch(model), vzt.LlavaOnevisionPatch)
     finally:
         vz.remove(model)
+
+
+def test_bad_inputs_and_towers_are_named(model, images, video):
+    with vz.patched(model, dominant=DOMINANT, contextual=CONTEXTUAL), torch.no_grad():
+        with pytest.raises(ValueError, match=r"batch_num_images \[3\] counts 3 images, image_sizes has 2"):
+            model.model.get_image_features(pixel_values=images, image_sizes=IMAGE_SIZES,
+                                           batch_num_images=torch.tensor([3]))
+        with pytest.raises(ValueError, match=r"pixel_values_videos must be \[videos, frames, 3, H, W\], got"):
+            model.model.get_video_features(video[0])
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=56, patch_size=14)
+    text = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, vocab_size=64)
+    clip_tower = transformers.LlavaOnevisionModel(transformers.LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=62, video_token_index=63,
+        vision_feature_select_strategy="default"))
+    with pytest.raises(NotImplementedError, match="with a CLIP tower .* not supported"):
+        vz.apply(clip_tower, dominant=4, contextual=1)
+    assert vzt.get_patch(clip_tower) is None and "get_image_features" not in clip_tower.__dict__

@@ -68,7 +68,7 @@ def check_video_pooling(value) -> str:
     return value
 
 
-def _counts_per_image(batch_num_images, images: int) -> list[bool]:
+def _alone_in_prompt(batch_num_images, images: int) -> list[bool]:
     """Per image, whether it is the only image of its prompt (then it is cut into anyres crops): the
     model's own rule (``batch_num_images`` None: every image is alone)."""
     if batch_num_images is None:
@@ -137,7 +137,7 @@ class LlavaOnevisionPatch(LlavaNextPatch):
     def crops_per_image(self, image_sizes, batch_num_images=None) -> list[int]:
         """Crops the tower sees per image: the grid's plus the base one for an image alone in its
         prompt, the base one only for the images of a multi-image prompt (the model's own rule)."""
-        alone = _counts_per_image(batch_num_images, len(image_sizes))
+        alone = _alone_in_prompt(batch_num_images, len(image_sizes))
         return [self.crops_of(size) if single else 1 for size, single in zip(image_sizes, alone)]
 
     def tokens_for_crops(self, crops: int, image_size) -> int:
