@@ -18,4 +18,5 @@ if ! PYTHONPATH="$target" "$python" -c "import sys, transformers; sys.exit(trans
 fi
 echo "oldest transformers: $(PYTHONPATH="$target" "$python" -c 'import transformers; print(transformers.__version__)')"
 VISIONZIP_TEST_COMPILE_BACKEND=aot_eager PYTHONPATH="$target" "$python" -m pytest tests/test_integrations.py \
-  tests/test_integrations_model.py tests/test_llava_next.py tests/test_qwen_vl.py tests/test_qwen3_vl.py tests/test_qwen_video.py -q -p no:cacheprovider
+  tests/test_integrations_model.py tests/test_llava_next.py tests/test_llava_onevision.py tests/test_qwen_vl.py \
+  tests/test_qwen3_vl.py tests/test_qwen_video.py -q -p no:cacheprovider

@@ -27,6 +27,21 @@ Two measures, over all patches of all images:
   attention, i.e. how well the patches the model attends to are represented.
 
 Random selection is averaged over ``--draws`` (default 5) independent draws.
+
+**LLaVA-OneVision geometry, a video frame** (``--onevision``; :func:`test_quality_onevision_video`):
+the same photos as frames at 378 px, 27 x 27 = 729 patches as SigLIP-so400m/14-384 gives, without
+the CLS token (SigLIP has none): scores = the attention each patch receives from the patches
+(``attention_received``), metric = the head-mean keys, at the second-to-last layer. LLaVA-OneVision
+pools a frame 2x2 (bilinear, 27 x 27 -> 14 x 14 = 196 tokens); at 16, 32, 64 and 128 tokens a frame:
+
+- **before pooling**: VisionZip on the 729 patches (the integration's ``video_pooling="before"``);
+- **after pooling**: the patches, scores and metric pooled as the model pools, then VisionZip on the
+  196 pooled tokens (``video_pooling="after"``);
+- **pooling only**: the stock frame, 196 pooled tokens (the reference point).
+
+The measures are the ones above with the attention received in place of the CLS attention; a patch
+is represented after pooling by the pooled cell it falls in (row and column floor((i + 1/2) * 14 / 27)),
+and counts as kept when that cell is a kept dominant token.
 """
 
 from __future__ import annotations
@@ -40,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from visionzip_kernels.api import BUDGETS
-from visionzip_kernels.ops import cls_attention, contextual_merge, dominant_topk
+from visionzip_kernels.budget import split_budget
+from visionzip_kernels.ops import cls_attention, contextual_merge, dominant_topk, scores_and_metric
 
 METHODS = ("VisionZip", "random", "pooling")
 PHOTOS = ("astronaut", "chelsea", "coffee")
@@ -138,6 +154,88 @@ def evaluate(hidden, scores, metric, budgets=(64, 128, 192), seed: int = 0, draw
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# LLaVA-OneVision geometry: a video frame's 27 x 27 tokens, VisionZip before or after the 2x2 pooling
+
+ONEVISION_SIZE = 378  # 27 x 27 patches of 14 px: the grid of SigLIP-so400m/14-384
+ONEVISION_BUDGETS = (16, 32, 64, 128)  # tokens per frame; the stock frame has 196 after its pooling
+VIDEO_METHODS = ("before pooling", "after pooling", "pooling only")
+
+
+def frame_states(images, size: int = ONEVISION_SIZE, layer: int = -2, resize: str = "squash"):
+    """Patch states [F, P, C], the attention each patch receives from the patches [F, P] and the
+    metric [F, P, d] of the real DINOv2-S, the CLS token left out (LLaVA-OneVision's SigLIP has none)."""
+    from examples.models import dinov2_onnx
+    from examples.models.paths import capture_qk
+
+    model = dinov2_onnx.load_dinov2(progress=print)
+    x = dinov2_onnx.preprocess(images, size, mode=resize)
+    li = layer % model.config.num_hidden_layers
+    with torch.no_grad(), capture_qk(model, li) as qk:
+        out = model(pixel_values=x, output_hidden_states=True)
+    q, k = qk["q"][:, 1:], qk["k"][:, 1:]
+    scores, metric = scores_and_metric(q, k, q.shape[-1] ** -0.5, False)
+    return out.hidden_states[li + 1][:, 1:], scores, metric
+
+
+def bilinear_pool(x: torch.Tensor) -> torch.Tensor:
+    """[F, s*s, C] -> [F, p*p, C], p = ceil(s / 2): LLaVA-OneVision's ``apply_pooling`` (bilinear)."""
+    frames, n, channels = x.shape
+    side = math.isqrt(n)
+    pooled = math.ceil(side / 2)
+    grid = x.float().reshape(frames, side, side, channels).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=(pooled, pooled), mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(frames, pooled * pooled, channels)
+
+
+def pooled_cell(side: int) -> torch.Tensor:
+    """[side*side] the pooled cell each patch falls in (row and column floor((i + 1/2) * p / side))."""
+    pooled = math.ceil(side / 2)
+    line = ((torch.arange(side) + 0.5) * pooled / side).floor().long()
+    return (line[:, None] * pooled + line[None, :]).reshape(-1)
+
+
+def evaluate_video(hidden, scores, metric, budgets=ONEVISION_BUDGETS) -> list[Row]:
+    """The rows of the OneVision-geometry case (module docstring): per budget, VisionZip before and
+    after the pooling, and the pooling alone."""
+    frames, n, _ = hidden.shape
+    cell = pooled_cell(math.isqrt(n))
+    weights = scores / scores.sum(dim=1, keepdim=True)
+
+    def measures(rep, kept):
+        cos = F.cosine_similarity(hidden.float(), rep, dim=-1)  # [F, P]
+        mass = None if kept is None else ((scores * kept).sum(dim=1) / scores.sum(dim=1)).mean().item()
+        return mass, cos.mean().item(), (cos * weights).sum(dim=1).mean().item()
+
+    pooled, pooled_scores, pooled_metric = bilinear_pool(hidden), bilinear_pool(scores[..., None])[..., 0], \
+        bilinear_pool(metric)
+    rows = [Row(pooled.shape[1], "pooling only", *measures(pooled[:, cell], None))]
+    for budget in budgets:
+        dominant, contextual = split_budget(budget)
+        keep = dominant_topk(scores, dominant, False)
+        kept = torch.zeros(frames, n).scatter_(1, keep, 1.0)
+        rows.append(Row(budget, "before pooling",
+                        *measures(merge_representatives(hidden, metric, keep, contextual), kept)))
+        keep = dominant_topk(pooled_scores, dominant, False)
+        kept = torch.zeros(frames, pooled.shape[1]).scatter_(1, keep, 1.0)
+        rep = merge_representatives(pooled, pooled_metric, keep, contextual)
+        rows.append(Row(budget, "after pooling", *measures(rep[:, cell], kept[:, cell])))
+    return rows
+
+
+def format_video_table(rows: list[Row], n_patches: int, frames: int) -> str:
+    lines = [
+        f"LLaVA-OneVision geometry, real DINOv2-S/14: {frames} frames, {n_patches} patches each (no CLS), layer -2",
+        f"{'tokens':>8} {'method':<15} {'received mass kept':>19} {'mean cosine':>12} "
+        f"{'attention-weighted cosine':>26}",
+        "-" * 84,
+    ]
+    for r in rows:
+        mass = f"{100 * r.mass:.1f}%" if r.mass is not None else "n/a"
+        lines.append(f"{r.budget:>8} {r.method:<15} {mass:>19} {r.cosine:>12.3f} {r.weighted:>26.3f}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[Row], n_patches: int, images: int) -> str:
     lines = [
         f"quality on the real DINOv2-S/14: {images} photos, {n_patches} patches each, layer -2",
@@ -210,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", default="bench_quality.png", help="where to write the plot (needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection")
     parser.add_argument("--draws", type=int, default=5, help="random selections averaged")
+    parser.add_argument("--onevision", action="store_true",
+                        help="also the LLaVA-OneVision video case: VisionZip before / after a frame's 2x2 pooling")
     parser.add_argument("--concentration", action="store_true",
                         help="also print how much of the CLS attention the top 10%% of patches take, at 224-518 px")
     args = parser.parse_args(argv)
@@ -221,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, hidden.shape[1] - 1, hidden.shape[0]))
     if plot(rows, args.png):
         print(f"wrote {args.png}")
+    if args.onevision:
+        hidden, scores, metric = frame_states(photos, resize=args.resize)
+        print(format_video_table(evaluate_video(hidden, scores, metric), hidden.shape[1], hidden.shape[0]))
     return 0
 
 
@@ -249,6 +352,27 @@ def test_quality(tmp_path):
     for budget in (64, 128, 192):  # what the selection is for; the plain mean cosine is reported, not asserted
         assert by[budget, "VisionZip"].mass > 2 * by[budget, "random"].mass
         assert by[budget, "VisionZip"].weighted > by[budget, "random"].weighted
+
+
+def test_quality_onevision_video():
+    """The LLaVA-OneVision-geometry case (module docstring): prints its table (run with -s)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("skimage")
+    from examples.models import dinov2_onnx
+
+    try:
+        dinov2_onnx.find_onnx()
+    except dinov2_onnx.ModelUnavailable as exc:
+        pytest.skip(str(exc))
+    hidden, scores, metric = frame_states(load_photos(PHOTOS))
+    rows = evaluate_video(hidden, scores, metric)
+    print()
+    print(format_video_table(rows, hidden.shape[1], hidden.shape[0]))
+    by = {(r.budget, r.method): r for r in rows}
+    for budget in ONEVISION_BUDGETS:  # the dominant tokens hold more than their share of the attention
+        assert by[budget, "before pooling"].mass > 1.5 * budget / hidden.shape[1]
 
 
 if __name__ == "__main__":

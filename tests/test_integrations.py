@@ -598,7 +598,7 @@ def test_docstrings_list_every_supported_model():
     """The registry is the one list: apply's types, the docstring tables and the package's listing follow it."""
     import visionzip_kernels.integrations as integrations
 
-    assert len(vzt.SUPPORTED_MODEL_TYPES) == len(vzt.FAMILIES) == 11
+    assert len(vzt.SUPPORTED_MODEL_TYPES) == len(vzt.FAMILIES) == 12
     for family in vzt.FAMILIES:
         for model_type in family.model_types:
             assert f"``{model_type}``" in vzt.__doc__ and model_type in integrations.__doc__

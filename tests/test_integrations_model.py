@@ -179,7 +179,8 @@ def test_to_dtype_and_device_after_apply(family):
         torch.testing.assert_close(out.last_hidden_state.cpu(), expected.last_hidden_state, atol=2e-2, rtol=2e-2)
 
 
-THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"]
+THREAD_FAMILIES = [*FAMILIES, "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                   "qwen3_5", "qwen3_5_moe"]
 THREADS, ROUNDS = 8, 10
 
 
@@ -216,6 +217,21 @@ def _thread_case(family: str):
             with torch.no_grad():
                 out = m.get_image_features(pixel_values=x[0], image_sizes=x[1])
             return (out.keep, *out.pooler_output)
+        return model, inputs, call
+    if family == "llava_onevision":
+        from test_llava_onevision import CROP_PX, IMAGE_SIZES, tiny_onevision
+
+        # Images (anyres crops) and videos (compressed after the pooling: its own code path) per call.
+        model = vz.apply(tiny_onevision(), dominant=6, contextual=3, video_pooling="after")
+        g = torch.Generator().manual_seed(5)
+        inputs = [(torch.randn(1, 5, 3, CROP_PX, CROP_PX, generator=g), IMAGE_SIZES[i % 2:i % 2 + 1],
+                   torch.randn(1, 1 + i % 3, 3, CROP_PX, CROP_PX, generator=g)) for i in range(THREADS)]
+
+        def call(m, x):
+            with torch.no_grad():
+                image = m.get_image_features(pixel_values=x[0], image_sizes=x[1])
+                video = m.get_video_features(x[2])
+            return (image.keep, *image.pooler_output, video.keep, video.pooler_output)
         return model, inputs, call
     from test_qwen_vl import images, tiny_qwen
 

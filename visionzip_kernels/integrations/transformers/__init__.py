@@ -74,10 +74,11 @@ from collections.abc import Iterator
 import torch
 
 from ...budget import DEFAULTS, PER_IMAGE_DEFAULTS, resolve_budget
-from . import clip, dinov2, llava, llava_next, qwen_vl, siglip
+from . import clip, dinov2, llava, llava_next, llava_onevision, qwen_vl, siglip
 from .common import MIN_TRANSFORMERS, CompositeFamily, EncoderFamily, EncoderPatch, VisionZipOutput
 from .llava import LlavaPatch, shrink_image_tokens
 from .llava_next import LlavaNextPatch
+from .llava_onevision import LlavaOnevisionPatch
 from .qwen_vl import QwenVisionZipOutput, QwenVLPatch
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "EncoderPatch",
     "FAMILIES",
     "LlavaNextPatch",
+    "LlavaOnevisionPatch",
     "LlavaPatch",
     "MIN_TRANSFORMERS",
     "QwenVLPatch",
@@ -104,10 +106,9 @@ __all__ = [
 # The registry: every supported model type, and nothing about a model type outside it. apply(), the
 # error messages and the table in this module's docstring all follow it.
 ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (clip.FAMILY, siglip.FAMILY, dinov2.FAMILY)
-COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, qwen_vl.QWEN2_VL,
-                                                  qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL,
-                                                  qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN3_5,
-                                                  qwen_vl.QWEN3_5_MOE)
+COMPOSITE_FAMILIES: tuple[CompositeFamily, ...] = (llava.FAMILY, llava_next.FAMILY, llava_onevision.FAMILY,
+                                                  qwen_vl.QWEN2_VL, qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL,
+                                                  qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN3_5, qwen_vl.QWEN3_5_MOE)
 FAMILIES: tuple[EncoderFamily | CompositeFamily, ...] = (*ENCODER_FAMILIES, *COMPOSITE_FAMILIES)
 _BY_MODEL_TYPE = {t: family for family in ENCODER_FAMILIES for t in family.model_types}
 _COMPOSITE_BY_MODEL_TYPE = {t: family for family in COMPOSITE_FAMILIES for t in family.model_types}
@@ -196,7 +197,8 @@ def get_patch(model: torch.nn.Module) -> EncoderPatch | LlavaPatch | QwenVLPatch
 
 
 def apply(model: torch.nn.Module, dominant: int | float | None = None, contextual: int | float | None = None,
-          layer: int | None = None, *, tokens: int | None = None, ratio: float | None = None) -> torch.nn.Module:
+          layer: int | None = None, *, tokens: int | None = None, ratio: float | None = None,
+          video_pooling: str | None = None) -> torch.nn.Module:
     """Makes ``model`` VisionZip-compressed, in place, and returns it.
 
     The budget is given one way: ``dominant`` / ``contextual`` explicitly (default 54 / 10), or
@@ -211,8 +213,9 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
 
     Args:
         model: one of the supported models (the module docstring's table, :data:`SUPPORTED_MODEL_TYPES`:
-            ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``, LLaVA-1.5, LLaVA-NeXT, Qwen2-VL,
-            Qwen2.5-VL; recognised by ``config.model_type``; for LLaVA-NeXT the budget is per crop, for
+            ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``, LLaVA-1.5, LLaVA-NeXT,
+            LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5; recognised by ``config.model_type``;
+            for LLaVA-NeXT the budget is per crop, for LLaVA-OneVision per crop and per video frame, for
             Qwen per image).
         dominant: D, dominant tokens kept per image (CLS included for CLS encoders). Default 54.
             Qwen2-VL / Qwen2.5-VL: a count per image (int) or a ratio of each image's merged tokens
@@ -220,19 +223,23 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
         contextual: K, contextual tokens merged from the rest. Default 10 (54 + 10 = 64); Qwen: a
             count or a ratio, default 0.05 (at least one per image).
         layer: the encoder layer read, Python-style index into its layer list; default -2 (Qwen: -1,
-            the last vision block, which must be a full-attention block).
+            the last vision block, which must be a full-attention block; LLaVA-OneVision: the config's
+            ``vision_feature_layer``, -1 for the published checkpoints).
         tokens: the total D + K (int >= 1), split 54:10; excludes ``dominant`` / ``contextual``.
             Qwen: per image.
         ratio: a float in (0, 1]: the total as a share of N, split 54:10; excludes the others.
             Qwen: per image, as the ratios dominant = ratio * 54/64, contextual = ratio * 10/64.
+        video_pooling: LLaVA-OneVision only: "before" (default) or "after": each video frame is
+            compressed before or after the model's 2x2 pooling (:mod:`.llava_onevision`).
 
     Returns:
         ``model``, patched (see the module docstring for the output contract).
 
     Raises:
         TypeError: ``model`` is not a model, an unsupported model (the message names the supported
-            model types) or a non-int budget; ValueError: ``layer`` out of range, ``dominant < 1``,
-            ``contextual < 0``, ``tokens < 1``, ``ratio`` outside (0, 1], or the budget given two ways;
+            model types), a non-int budget or ``video_pooling`` for another family; ValueError: ``layer``
+            out of range, ``dominant < 1``, ``contextual < 0``, ``tokens < 1``, ``ratio`` outside (0, 1],
+            the budget given two ways, or a ``video_pooling`` other than "before" / "after";
             RuntimeError: transformers older than :data:`MIN_TRANSFORMERS`. A budget larger than N
             raises at run time (``D + K <= N`` is checked against each call's tokens).
     """
@@ -241,14 +248,22 @@ def apply(model: torch.nn.Module, dominant: int | float | None = None, contextua
     previous = get_patch(model)
     if previous is not None:
         remove(model)
+    options = {name: value for name, value in (("video_pooling", video_pooling),) if value is not None}
     try:
         family = family_of(model)
-        per_image = isinstance(family, CompositeFamily) and family.per_image_budget
+        composite = isinstance(family, CompositeFamily)
+        for name in options:
+            if not composite or name not in family.options:
+                raise TypeError(f"visionzip.apply: {name}= is an option of LLaVA-OneVision only, not of {family.name}")
+        per_image = composite and family.per_image_budget
         budget = resolve_budget(dominant, contextual, tokens, ratio, per_image=per_image)
         if layer is None:
-            layer = (PER_IMAGE_DEFAULTS if per_image else DEFAULTS).layer
-        if isinstance(family, CompositeFamily):
-            patch = family.make_patch(model, budget, layer)
+            if composite and family.default_layer is not None:
+                layer = family.default_layer(model)
+            else:
+                layer = (PER_IMAGE_DEFAULTS if per_image else DEFAULTS).layer
+        if composite:
+            patch = family.make_patch(model, budget, layer, **options)
         else:
             patch = EncoderPatch(model, family, budget.dominant, budget.contextual, layer, ratio=budget.ratio)
     except Exception:
@@ -272,8 +287,8 @@ def patch_for_prompt(model: torch.nn.Module, patch_class: type | tuple[type, ...
         raise TypeError(f"shrink_inputs: this {name} ({what}) is not patched by VisionZip; call "
                         "visionzip_kernels.apply(model) first, then shrink_inputs(model, inputs)")
     raise TypeError(f"shrink_inputs: this {name} is patched as {type(patch).__name__}, which has no prompt to "
-                    "rewrite; shrink_inputs is for a patched LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL or "
-                    "Qwen3.5 model")
+                    "rewrite; shrink_inputs is for a patched LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, "
+                    "Qwen2.5-VL, Qwen3-VL or Qwen3.5 model")
 
 
 def family_of_or_none(model: torch.nn.Module) -> EncoderFamily | CompositeFamily | None:
@@ -286,7 +301,8 @@ def family_of_or_none(model: torch.nn.Module) -> EncoderFamily | CompositeFamily
 
 def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
     """The stock processor's output made consistent with the VisionZip-patched ``model``: for LLaVA,
-    :func:`.llava.shrink_inputs` (D+K placeholders per image); for Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5,
+    :func:`.llava.shrink_inputs` (D+K placeholders per image); for LLaVA-OneVision,
+    :func:`.llava_onevision.shrink_inputs` (images and videos); for Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5,
     :func:`.qwen_vl.shrink_inputs` (the images encoded once, the kept tokens at their original
     3-D positions, ``inputs_embeds`` ready; on Qwen3-VL ``mm_encoder_outputs`` with the DeepStack
     features instead). Keyword arguments go to that function. ``TypeError`` when ``model`` is not
@@ -294,6 +310,8 @@ def shrink_inputs(model: torch.nn.Module, inputs, **kwargs):
     patch = patch_for_prompt(model, (LlavaPatch, QwenVLPatch))
     if isinstance(patch, QwenVLPatch):
         return qwen_vl.shrink_inputs(model, inputs, **kwargs)
+    if isinstance(patch, LlavaOnevisionPatch):
+        return llava_onevision.shrink_inputs(model, inputs, **kwargs)
     return llava.shrink_inputs(model, inputs, **kwargs)
 
 
@@ -309,13 +327,14 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, dominant: int | float | None = None, contextual: int | float | None = None,
-            layer: int | None = None, *, tokens: int | None = None, ratio: float | None = None
-            ) -> Iterator[torch.nn.Module]:
+            layer: int | None = None, *, tokens: int | None = None, ratio: float | None = None,
+            video_pooling: str | None = None) -> Iterator[torch.nn.Module]:
     """Context manager form of :func:`apply` (same arguments): yields the patched model; on exit the
     model is restored to what it was on entry (unpatched, or patched with its previous settings)."""
     previous = get_patch(model)
     previous_settings = previous.settings if previous is not None else None
-    apply(model, dominant=dominant, contextual=contextual, layer=layer, tokens=tokens, ratio=ratio)
+    apply(model, dominant=dominant, contextual=contextual, layer=layer, tokens=tokens, ratio=ratio,
+          video_pooling=video_pooling)
     try:
         yield model
     finally:

@@ -184,6 +184,10 @@ class CompositeFamily:
     per_image_budget: bool = False
     # config.model_type of the tower when it is no stand-alone encoder: apply() to it names this model
     tower_model_types: tuple[str, ...] = ()
+    # apply()'s family-specific keyword options that make_patch takes (LLaVA-OneVision: "video_pooling")
+    options: tuple[str, ...] = ()
+    # (model) -> the layer apply() reads when none is given; None: the budget defaults' layer (-2, Qwen -1)
+    default_layer: Callable[[torch.nn.Module], int] | None = None
 
 
 def _softmax_scale(attn: torch.nn.Module, head_dim: int) -> float:
@@ -277,8 +281,23 @@ class EncoderPatch:
             output_hidden_states = bool(getattr(config, "output_hidden_states", False))
         if return_dict is None:
             return_dict = getattr(config, "return_dict", True)
+        hidden, q, k, states = self.encode(pixel_values, *args, output_hidden_states=output_hidden_states, **kwargs)
+        tokens, keep = self.compress(hidden, q, k)
+        out = VisionZipOutput(last_hidden_state=tokens, keep=keep, hidden_states=states)
+        return out if return_dict else out.to_tuple()
+
+    def encode(self, pixel_values: torch.Tensor | None, *args, output_hidden_states: bool = False, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Embeddings and layers 0..L on the model's own inputs, without the compression.
+
+        Returns layer L's output [B, N, C], its q and k (:meth:`query_key`: the CLS row [B, H, d] or
+        [B, N, H, d], and [B, N, H, d]) and, with ``output_hidden_states``, the L+2 states that ran
+        (else ``None``). Used by :meth:`forward`, and by a composite model that selects after its own
+        pooling (LLaVA-OneVision's videos).
+        """
         if pixel_values is None:
             raise ValueError("visionzip: pixel_values is required")
+        model = self.model
         family = self.family
         unknown = [name for name in kwargs if name not in self.input_options]
         if unknown:
@@ -301,10 +320,7 @@ class EncoderPatch:
         if states is not None:
             states.append(hidden)
         q, k = self.query_key(layer, layer_input)
-        tokens, keep = self.compress(hidden, q, k)
-        out = VisionZipOutput(last_hidden_state=tokens, keep=keep,
-                              hidden_states=tuple(states) if states is not None else None)
-        return out if return_dict else out.to_tuple()
+        return hidden, q, k, tuple(states) if states is not None else None
 
     def query_key(self, layer: torch.nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer L's q and k from its own projections on its attention input: the CLS query row

@@ -81,6 +81,8 @@ class LlavaNextPatch(LlavaPatch):
     tower's tokens per crop (s * s, plus CLS); :meth:`tokens_for_image` gives one image's count.
     """
 
+    model_name = "LLaVA-NeXT"  # in error messages (a subclass patches another anyres family)
+
     def __init__(self, model: torch.nn.Module, tower_family: EncoderFamily, dominant: int | None,
                  contextual: int | None, layer: int, ratio: float | None = None):
         llava = llava_model(model)
@@ -96,9 +98,10 @@ class LlavaNextPatch(LlavaPatch):
         self._num_crops = _modeling_function(llava, _NUM_CROPS)
         if isinstance(dominant, int) and isinstance(contextual, int) and dominant + contextual > self.crop_tokens:
             raise ValueError(
-                f"visionzip.apply: LLaVA-NeXT keeps dominant + contextual tokens per crop, but dominant={dominant} + "
-                f"contextual={contextual} = {dominant + contextual} exceeds the {self.crop_tokens} tokens of one "
-                f"{self.crop_size}x{self.crop_size} crop ({self.crop_side}x{self.crop_side} patches"
+                f"visionzip.apply: {self.model_name} keeps dominant + contextual tokens per crop, but "
+                f"dominant={dominant} + contextual={contextual} = {dominant + contextual} exceeds the "
+                f"{self.crop_tokens} tokens of one {self.crop_size}x{self.crop_size} crop "
+                f"({self.crop_side}x{self.crop_side} patches"
                 + (" + CLS)" if tower_family.keep_cls else ")") + ". The budget is per crop: e.g. 54+10 per crop "
                 "is 320 tokens for a 5-crop image."
             )
@@ -156,16 +159,21 @@ class LlavaNextPatch(LlavaPatch):
         """
         if image_sizes is None:
             raise ValueError("visionzip: LLaVA-NeXT get_image_features needs image_sizes")
+        return self.encode_images(pixel_values, image_sizes, [self.crops_of(size) for size in image_sizes], **kwargs)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes, crops: list[int], **kwargs) -> VisionZipOutput:
+        """:meth:`get_image_features` once each image's crop count (``crops``) is known: the patched
+        tower on all real crops as one batch, the projector, then :meth:`arrange` per image."""
         return_dict = kwargs.pop("return_dict", True)
         for key in ("output_hidden_states", "output_attentions"):
             kwargs.pop(key, None)
-        crops = [self.crops_of(size) for size in image_sizes]
         if pixel_values.dim() == 5:  # padded per image: keep each image's real crops
             pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)], dim=0)
         elif pixel_values.dim() != 4:
-            raise ValueError(f"visionzip: LLaVA-NeXT pixel_values must be 4-D or 5-D, got {list(pixel_values.shape)}")
+            raise ValueError(f"visionzip: {self.model_name} pixel_values must be 4-D or 5-D, got "
+                             f"{list(pixel_values.shape)}")
         if tuple(pixel_values.shape[-2:]) != (self.crop_size, self.crop_size) or pixel_values.shape[0] != sum(crops):
-            raise ValueError(f"visionzip: LLaVA-NeXT pixel_values hold {pixel_values.shape[0]} crops of "
+            raise ValueError(f"visionzip: {self.model_name} pixel_values hold {pixel_values.shape[0]} crops of "
                              f"{list(pixel_values.shape[-2:])} px; image_sizes imply {sum(crops)} crops of "
                              f"{self.crop_size}x{self.crop_size}")
         out = self.llava.vision_tower(pixel_values, return_dict=True, **kwargs)
