@@ -104,10 +104,20 @@ def test_video_and_mixed_prompts_end_to_end(tmp_path, capsys, monkeypatch, kind)
     if kind == "qwen2_5_vl":  # the line's fps reaches the processor: 2 frames a slice at FPS frames a second
         assert stock_inputs[1]["second_per_grid_ts"].tolist() == [2 / FPS]
 
+    encoded = []  # what the command gives the model, to compare with the processor called here
+    command_encode = calibrate.encode
+    monkeypatch.setattr(calibrate, "encode", lambda *args: encoded.append(command_encode(*args)) or encoded[-1])
+
     budgets = (4, 8, 16)  # per image and per temporal slice of the video (16 merged tokens each)
     report = run_and_check(model, processor, model_dir, prompts, budgets, 0.95, tmp_path / "out", capsys,
                            {b: [2 * b, 3 * b] for b in budgets}, record_inputs)
     assert report["stock"]["visual_tokens"] == [32, 48]  # 2 slices x 16; 16 + 2 x 16
+    # The same tensors as the processor called here: every frame in time order, the line's fps as metadata.
+    assert len(encoded) == 2
+    for command, direct in zip(encoded, stock_inputs):
+        assert set(command) == set(direct)
+        for key in direct:
+            assert torch.equal(command[key], direct[key]), key
     full = report["budgets"][-1]  # 16 of 16 tokens kept everywhere is the stock prompt
     assert full["agreement"] == 1.0 and full["kl_mean"] < 1e-9
 
