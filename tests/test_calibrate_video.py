@@ -3,8 +3,10 @@ Qwen2-VL checkpoints: a video-only prompt (a folder of frames) and a mixed image
 frames, with ``fps``), 3 budgets; per-prompt agreement, KL and visual tokens checked against the models run
 here on the processor's own output (tests/test_calibrate.py's ``run_and_check`` / ``direct_numbers``).
 
-transformers' video processors need torchvision, which the project venv lacks: these tests skip there, and
-run in the vLLM stage's venv (torch + torchvision from PyPI), with this checkout first on the path::
+transformers' video processors need torchvision, which the project venv lacks: these tests skip there (with
+the reason). They run in the vLLM stage's venv (torch + torchvision from PyPI) once the package's extension is
+built against that torch and matplotlib is importable (the command writes its plot), e.g. from a checkout
+built there::
 
     PYTHONPATH=. ~/.cache/visionzip-vllm-venv/bin/python -m pytest tests/test_calibrate_video.py -q -p no:cacheprovider
 """
