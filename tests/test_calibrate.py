@@ -37,7 +37,8 @@ WORDS = "what is in this image describe the picture colour of the square user as
 LLAVA_TEMPLATE = ("USER: {% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
                   "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
 QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+                 "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}"
                  "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
                  "{% endif %}")
 
@@ -76,8 +77,9 @@ def llava_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def qwen_processor(monkeypatch):
-    """A Qwen2.5-VL processor at the tiny model's geometry (patch 4, merge 2), without a video processor."""
+def qwen_processor(monkeypatch, kind: str = "qwen2_5_vl", video_processor=None):
+    """A Qwen2.5-VL (or Qwen2-VL: ``kind``) processor at the tiny model's geometry (patch 4, merge 2), with
+    ``video_processor`` (none by default: it needs torchvision)."""
     tokenizer = word_tokenizer(128, {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<|image_pad|>": IMAGE,
                                      "<|video_pad|>": VIDEO, "<|vision_start|>": VSTART, "<|vision_end|>": VEND,
                                      "<|im_start|>": 104, "<|im_end|>": 105})
@@ -89,8 +91,9 @@ def qwen_processor(monkeypatch):
         # the absent video processor only.
         patch.setattr(transformers.ProcessorMixin, "check_argument_for_proper_class",
                       lambda self, name, arg: None if arg is None else check(self, name, arg))
-        return transformers.Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                                video_processor=None, chat_template=QWEN_TEMPLATE)
+        processor_class = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor, "qwen2_vl": transformers.Qwen2VLProcessor}
+        return processor_class[kind](image_processor=image_processor, tokenizer=tokenizer,
+                                     video_processor=video_processor, chat_template=QWEN_TEMPLATE)
 
 
 def write_prompts(folder: Path, sizes: list[list[tuple[int, int]]]) -> Path:
@@ -111,6 +114,17 @@ def write_prompts(folder: Path, sizes: list[list[tuple[int, int]]]) -> Path:
     return path
 
 
+def write_frames(folder: Path, names: list[str], size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Path]:
+    """Random PNG frames ``names`` in ``folder`` (created); returns their paths in the order given."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        pixels = torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / name)
+    return [folder / name for name in names]
+
+
+
 # ------------------------------------------------------------------------------------------------
 # The direct computation
 
@@ -123,17 +137,28 @@ def greedy_and_first_token(model, inputs) -> tuple[list[int], torch.Tensor]:
     return out[0, inputs["input_ids"].shape[1]:].tolist(), log_probs
 
 
-def direct_numbers(model, processor, prompts_file: Path, budgets) -> dict[int, dict]:
-    """Per budget: agreement, per-prompt KL(stock || patched) and visual tokens, computed here."""
-    inputs = []
-    for line in prompts_file.read_text().splitlines():
-        record = json.loads(line)
-        paths = [record["image"]] if isinstance(record["image"], str) else record["image"]
-        images = [Image.open(prompts_file.parent / p).convert("RGB") for p in paths]
-        messages = [{"role": "user", "content": [{"type": "image"}] * len(images)
-                     + [{"type": "text", "text": record["prompt"]}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs.append(processor(images=images, text=text, return_tensors="pt"))
+def image_record_inputs(processor, record: dict, folder: Path) -> dict:
+    """The processor's tensors for one line of an image prompt file (its images, then its text)."""
+    paths = [record["image"]] if isinstance(record["image"], str) else record["image"]
+    images = [Image.open(folder / p).convert("RGB") for p in paths]
+    messages = [{"role": "user", "content": [{"type": "image"}] * len(images)
+                 + [{"type": "text", "text": record["prompt"]}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(images=images, text=text, return_tensors="pt")
+
+
+def visual_token_count(model, input_ids: torch.Tensor) -> int:
+    """Image and video placeholders in ``input_ids`` (the model's ``image_token_id`` / ``video_token_id``)."""
+    ids = [i for i in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if i is not None]
+    return sum(int((input_ids == i).sum()) for i in ids)
+
+
+def direct_numbers(model, processor, prompts_file: Path, budgets, record_inputs=image_record_inputs
+                   ) -> dict[int, dict]:
+    """Per budget: agreement, per-prompt KL(stock || patched) and visual tokens, computed here from the
+    inputs ``record_inputs(processor, record, folder)`` gives for each line of the prompt file."""
+    inputs = [record_inputs(processor, json.loads(line), prompts_file.parent)
+              for line in prompts_file.read_text().splitlines()]
     stock = [greedy_and_first_token(model, x) for x in inputs]
     numbers = {}
     for budget in budgets:
@@ -144,20 +169,20 @@ def direct_numbers(model, processor, prompts_file: Path, budgets) -> dict[int, d
         # KL(P || Q) = sum P (log P - log Q), by torch's kl_div(input=log Q, target=log P)
         kl = [torch.nn.functional.kl_div(p[1], s[1], log_target=True, reduction="sum").item()
               for p, s in zip(patched, stock)]
-        tokens = [int((x["input_ids"] == model.config.image_token_id).sum()) for x in shrunk]
+        tokens = [visual_token_count(model, x["input_ids"]) for x in shrunk]
         numbers[budget] = {"agreement": sum(agrees) / len(agrees), "agrees": agrees, "kl": kl, "visual_tokens": tokens}
     return numbers
 
 
 def run_and_check(model, processor, model_dir: Path, prompts: Path, budgets, target: float, out: Path, capsys,
-                  expected_tokens: dict[int, list[int]]) -> dict:
+                  expected_tokens: dict[int, list[int]], record_inputs=image_record_inputs) -> dict:
     """Runs the command, checks its outputs against :func:`direct_numbers`; returns calibration.json."""
     argv = ["--model", str(model_dir), "--prompts", str(prompts), "--budgets", ",".join(map(str, budgets)),
             "--target", str(target), "--out", str(out), "--new-tokens", str(NEW_TOKENS), "--rounds", "1"]
     assert calibrate.main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / calibrate.REPORT_FILE).read_text())
-    direct = direct_numbers(model, processor, prompts, budgets)
+    direct = direct_numbers(model, processor, prompts, budgets, record_inputs)
 
     assert [r["budget"] for r in report["budgets"]] == sorted(budgets)
     for row in report["budgets"]:
@@ -249,7 +274,8 @@ def test_missing_model_path_names_it(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unsupported model", "empty prompts", "bad budgets", "zero budget",
-                                  "missing image", "target"])
+                                  "missing image", "target", "video for an images-only family", "video file",
+                                  "missing frame", "fps without video", "bad fps"])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, case):
     model_dir = tmp_path / "model"
     transformers.LlavaConfig().save_pretrained(model_dir)  # the config is all that is read before the checks pass
@@ -274,11 +300,83 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, case):
     elif case == "target":
         argv["--target"] = "1.5"
         expected = "--target must be in [0, 1]"
+    elif case == "video for an images-only family":  # LLaVA's integration compresses images only
+        write_frames(tmp_path / "clip", ["f1.png", "f2.png"])
+        prompts.write_text(json.dumps({"image": "images/p0_0.png", "prompt": "what"}) + "\n"
+                           + json.dumps({"video": "clip", "prompt": "what"}) + "\n")
+        expected = f"{prompts}:2: a video, but VisionZip's LLaVA integration compresses images only (videos: Qwen"
+    elif case == "video file":
+        (tmp_path / "clip.mp4").write_bytes(b"")
+        prompts.write_text(json.dumps({"video": "clip.mp4", "prompt": "what"}) + "\n")
+        expected = "is not a folder of frames (video files are not decoded"
+    elif case == "missing frame":
+        prompts.write_text(json.dumps({"video": ["images/p0_0.png", "f9.png"], "prompt": "what"}) + "\n")
+        expected = "f9.png does not exist"
+    elif case == "fps without video":
+        prompts.write_text(json.dumps({"image": "images/p0_0.png", "fps": 2, "prompt": "what"}) + "\n")
+        expected = "'fps' is the frame rate of videos, and the line has none"
+    elif case == "bad fps":
+        prompts.write_text(json.dumps({"video": ["images/p0_0.png"], "fps": 0, "prompt": "what"}) + "\n")
+        expected = "'fps' must be a number > 0"
     assert calibrate.main([x for pair in argv.items() for x in pair]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("calibrate: ") and expected in lines[0], captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_video_without_a_video_processor_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """Qwen takes videos, but a processor without a video processor (no torchvision) cannot read them: one line,
+    exit 2, before the model is loaded."""
+    model_dir = tmp_path / "qwen"
+    tiny_qwen("qwen2_5_vl").config.save_pretrained(model_dir)  # no weights: the model must not be loaded
+    processor = qwen_processor(monkeypatch)
+    monkeypatch.setattr(calibrate, "load_processor", lambda path: processor)
+    write_frames(tmp_path / "clip", ["a.png", "b.png"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"video": "clip", "prompt": "what"}) + "\n")
+    argv = ["--model", str(model_dir), "--prompts", str(prompts), "--budgets", "4", "--out", str(tmp_path / "out")]
+    assert calibrate.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"calibrate: {prompts}:1: a video, but the processor of --model {model_dir} has no video "
+                     "processor (transformers' video processors need torchvision)"]
+
+
+def test_video_records_are_read_in_frame_order(tmp_path):
+    """A folder gives its frames in natural name order (f9 before f10), other files skipped; a list keeps its
+    order; "videos" holds several; "fps" is kept; images and videos mix in a line."""
+    clip = write_frames(tmp_path / "clip", ["f9.png", "f10.png", "f11.JPG", "f100.png"])
+    (tmp_path / "clip" / "notes.txt").write_text("not a frame")
+    listed = write_frames(tmp_path / "other", ["b.png", "a.png"])
+    image = write_frames(tmp_path, ["still.png"])[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([
+        json.dumps({"video": "clip", "prompt": "what"}),
+        json.dumps({"image": "still.png", "video": ["other/b.png", "other/a.png"], "fps": 2, "prompt": "and"}),
+        "",
+        json.dumps({"videos": ["clip", ["other/a.png"]], "fps": 0.5, "prompt": "both"}),
+    ]) + "\n")
+    first, mixed, several = calibrate.read_prompts(prompts)
+    assert first.images == [] and first.videos == [clip] and first.fps is None and first.media() == "videos"
+    assert mixed.images == [image] and mixed.videos == [listed] and mixed.fps == 2.0
+    assert mixed.media() == "images and videos" and mixed.where == f"{prompts}:2"
+    assert several.videos == [clip, [tmp_path / "other" / "a.png"]] and several.fps == 0.5
+    assert several.where == f"{prompts}:4"
+    takes_videos = calibrate.video_model_types()  # the Qwen families; LLaVA and LLaVA-NeXT take images only
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"} <= set(takes_videos)
+    assert not {"llava", "llava_next"} & set(takes_videos)
+    assert set(takes_videos) <= set(calibrate.supported_model_types())
+
+
+def test_prompt_text_puts_images_then_videos_before_the_text(monkeypatch):
+    processor = qwen_processor(monkeypatch)
+    prompt = calibrate.Prompt([Path("a.png")], "what is in this image", "x:1", [[Path("f.png")]] * 2)
+    assert calibrate.prompt_text(processor, prompt) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        + "<|vision_start|><|video_pad|><|vision_end|>" * 2
+        + "what is in this image<|im_end|>\n<|im_start|>assistant\n")
+    processor.chat_template = None  # no template: one placeholder per image and per video in front
+    assert calibrate.prompt_text(processor, prompt) == "<|image_pad|><|video_pad|><|video_pad|>\nwhat is in this image"
 
 
 def test_help_documents_every_option(capsys):

@@ -3,10 +3,11 @@
 Given a local checkpoint of a model family :func:`visionzip_kernels.apply` supports that takes images
 (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, ...: the composite families of the
 registry, ``visionzip_kernels.integrations.transformers.FAMILIES``), a JSONL file of prompts with
-images, and a list of budgets, it runs the stock model once per prompt and the patched model
+images or videos, and a list of budgets, it runs the stock model once per prompt and the patched model
 (``apply(model, tokens=b)``) at each budget, and reports per budget (docs/SPEC.md, "Calibration"):
 
-- visual tokens: the image placeholders the LLM sees per prompt (mean), and that over the stock count;
+- visual tokens: the image and video placeholders the LLM sees per prompt (mean), and that over the
+  stock count;
 - time ratio: patched over stock prefill time (``shrink_inputs`` included), measured interleaved
   (stock, patched, stock, ... per prompt and round), the median of the per-pair ratios;
 - agreement: the fraction of prompts whose greedy answer (the first ``--new-tokens`` tokens) equals
@@ -20,20 +21,34 @@ All numbers go to ``DIR/calibration.json``, a plot to ``DIR/calibration.png``, a
 
 The prompt file, one JSON object a line: ``{"image": "a.png", "prompt": "What does the sign say?"}``;
 ``image`` (or ``images``) is a path or a list of paths, relative to the file's folder or absolute.
-With a processor that has a chat template, the prompt is the user's text and the images come first
-in a user message; without one, the prompt is used as is, and gets one image token per image in front
-(then a newline) when it holds none. Videos are not calibrated (no integration compresses them yet).
+A video is given by its frames, as the model is to see them (no frame is sampled or dropped):
+``"video"`` is one video, a folder of frames (its image files in natural name order: ``f2.png``
+before ``f10.png``) or a list of frame paths; ``"videos"`` is a list of such videos; ``"fps"``
+(optional, a number > 0) is the frame rate of the given frames, passed to the processor as each video's
+metadata (Qwen2.5-VL's seconds per temporal slice, Qwen3-VL's frame timestamps); without it the
+processor's default applies (24 on transformers' Qwen processors). Video files are not decoded: extract
+their frames first (e.g. ``ffmpeg -i clip.mp4 -vf fps=2 clip/%04d.png``). A line may hold images,
+videos or both, at least one of them: ``{"video": "clip/", "fps": 2, "prompt": "What happens?"}``.
+Videos need a family whose integration takes them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, ...:
+``CompositeFamily.takes_videos``; any other stops before the model is loaded) and a processor with a
+video processor (transformers' need torchvision).
 
-The budget is ``apply``'s ``tokens=``: visual tokens per image (per crop on LLaVA-NeXT, as ``apply``
-counts it), split 54:10 into dominant and contextual. Bad arguments give one line on stderr and exit
-status 2: before the model is loaded, or, for a budget larger than a prompt's images allow, after one
-patched prefill per prompt at the largest budget (before the long runs).
+With a processor that has a chat template, the prompt is the user's text, and the images, then the
+videos, come first in a user message; without one, the prompt is used as is, and gets one image token
+per image and one video token per video in front (then a newline) when it holds none of them.
+
+The budget is ``apply``'s ``tokens=``: visual tokens per image (per crop on LLaVA-NeXT, per temporal
+slice of a video on Qwen: 2 frames, as ``apply`` counts it), split 54:10 into dominant and contextual.
+Bad arguments give one line on stderr and exit status 2: before the model is loaded, or, for a budget
+larger than a prompt's images or video slices allow, after one patched prefill per prompt at the
+largest budget (before the long runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -72,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, type=Path,
                         help="folder of a local transformers checkpoint (model and processor; no network is used)")
     parser.add_argument("--prompts", required=True, type=Path,
-                        help='JSONL file, one {"image": PATH or [PATHS], "prompt": TEXT} a line; paths relative '
-                             "to the file's folder or absolute")
+                        help='JSONL file, one {"image": PATH or [PATHS], "prompt": TEXT} a line, or with "video": '
+                             "a folder of frames or [FRAME PATHS] (\"videos\": a list of them; \"fps\": their "
+                             "frame rate), images and videos mixed as the model allows; paths relative to the file's "
+                             "folder or absolute")
     parser.add_argument("--budgets", required=True, type=parse_budgets,
-                        help="comma-separated visual tokens per image (apply's tokens=; per crop on LLaVA-NeXT), "
-                             "e.g. 64,128,192")
+                        help="comma-separated visual tokens per image (apply's tokens=; per crop on LLaVA-NeXT, "
+                             "per temporal slice of 2 frames of a Qwen video), e.g. 64,128,192")
     parser.add_argument("--target", type=float, default=0.95,
                         help="the agreement the chosen budget must reach, in [0, 1] (default 0.95)")
     parser.add_argument("--out", type=Path, default=Path("calibration"),
@@ -104,13 +121,85 @@ def parse_budgets(text: str) -> list[int]:
     return sorted(set(budgets))
 
 
+# Frame files of a video folder (what PIL reads; other files there, such as notes, are skipped).
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
 @dataclass
 class Prompt:
-    """One line of the prompt file: its images (resolved paths) and its text."""
+    """One line of the prompt file: its images and videos (resolved paths), its text, its frame rate."""
 
     images: list[Path]
     text: str
     where: str  # "FILE:LINE", for messages
+    videos: list[list[Path]] = field(default_factory=list)  # per video, its frames in order
+    fps: float | None = None  # the videos' frame rate, when the line gives one
+
+    def media(self) -> str:
+        """What the prompt shows, for messages: "images", "videos" or "images and videos"."""
+        return " and ".join(kind for kind, items in (("images", self.images), ("videos", self.videos)) if items)
+
+
+def _natural_key(path: Path) -> list:
+    """Sort key that orders the numbers in a name by value (f2.png before f10.png)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _video_frames(video, base: Path, where: str) -> list[Path]:
+    """One video of a line: a folder of frames or a list of frame paths -> the frames' paths, in order."""
+    if isinstance(video, str):
+        folder = base / video
+        if not folder.is_dir():
+            raise UsageError(f"{where}: video {folder} is not a folder of frames (video files are not decoded: "
+                             "extract their frames, or list the frame paths)")
+        frames = sorted((f for f in folder.iterdir() if f.suffix.lower() in FRAME_SUFFIXES and f.is_file()),
+                        key=_natural_key)
+        if not frames:
+            raise UsageError(f"{where}: video folder {folder} holds no frames ({', '.join(FRAME_SUFFIXES)})")
+        return frames
+    if not video or not isinstance(video, list) or not all(isinstance(f, str) for f in video):
+        raise UsageError(f"{where}: a video must be a folder of frames or a non-empty list of frame paths")
+    frames = [base / f for f in video]
+    missing = [str(f) for f in frames if not f.is_file()]
+    if missing:
+        raise UsageError(f"{where}: frame {missing[0]} does not exist")
+    return frames
+
+
+def _parse_record(record: dict, base: Path, where: str) -> Prompt:
+    """One JSON object of the prompt file -> :class:`Prompt`; ``UsageError`` naming the line."""
+    images = record.get("image", record.get("images"))
+    if images is not None:
+        images = [images] if isinstance(images, str) else images
+        if not images or not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise UsageError(f"{where}: 'image' must be a path or a non-empty list of paths")
+    if "video" in record and "videos" in record:
+        raise UsageError(f"{where}: give 'video' (one video) or 'videos' (a list of them), not both")
+    if "video" in record:
+        videos = [record["video"]]
+    elif "videos" in record:
+        videos = record["videos"]
+        if not videos or not isinstance(videos, list):
+            raise UsageError(f"{where}: 'videos' must be a non-empty list of videos (folders or lists of frames)")
+    else:
+        videos = []
+    if images is None and not videos:
+        raise UsageError(f"{where}: expected an object with image (or video) and prompt")
+    text = record.get("prompt")
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: 'prompt' must be a string")
+    fps = record.get("fps")
+    if fps is not None:
+        if not videos:
+            raise UsageError(f"{where}: 'fps' is the frame rate of videos, and the line has none")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+            raise UsageError(f"{where}: 'fps' must be a number > 0, got {fps!r}")
+        fps = float(fps)
+    resolved = [(base / image) for image in images or []]
+    missing = [str(p) for p in resolved if not p.is_file()]
+    if missing:
+        raise UsageError(f"{where}: image {missing[0]} does not exist")
+    return Prompt(resolved, text, where, [_video_frames(v, base, where) for v in videos], fps)
 
 
 def read_prompts(path: Path) -> list[Prompt]:
@@ -127,21 +216,8 @@ def read_prompts(path: Path) -> list[Prompt]:
         except json.JSONDecodeError as exc:
             raise UsageError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(record, dict):
-            raise UsageError(f"{where}: expected an object with image and prompt")
-        if "video" in record or "videos" in record:
-            raise UsageError(f"{where}: videos are not calibrated (no integration compresses them yet)")
-        images = record.get("image", record.get("images"))
-        images = [images] if isinstance(images, str) else images
-        if not images or not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise UsageError(f"{where}: 'image' must be a path or a non-empty list of paths")
-        text = record.get("prompt")
-        if not isinstance(text, str):
-            raise UsageError(f"{where}: 'prompt' must be a string")
-        resolved = [(path.parent / image) for image in images]
-        missing = [str(p) for p in resolved if not p.is_file()]
-        if missing:
-            raise UsageError(f"{where}: image {missing[0]} does not exist")
-        prompts.append(Prompt(resolved, text, where))
+            raise UsageError(f"{where}: expected an object with image (or video) and prompt")
+        prompts.append(_parse_record(record, path.parent, where))
     if not prompts:
         raise UsageError(f"--prompts file {path} holds no prompts")
     return prompts
@@ -187,6 +263,23 @@ def check_model_type(path: Path) -> str:
     return config.model_type
 
 
+def video_model_types() -> dict[str, str]:
+    """model_type -> family name, for the registry's families whose integration takes videos too."""
+    from .integrations.transformers import COMPOSITE_FAMILIES
+
+    return {t: family.name for family in COMPOSITE_FAMILIES if family.takes_videos for t in family.model_types}
+
+
+def check_videos_supported(model_type: str, prompts: list[Prompt]) -> None:
+    """``UsageError`` naming the first line with a video when the family's integration takes images only."""
+    with_video = next((p for p in prompts if p.videos), None)
+    takes_videos = video_model_types()
+    if with_video is not None and model_type not in takes_videos:
+        family = supported_model_types()[model_type]
+        raise UsageError(f"{with_video.where}: a video, but VisionZip's {family} integration compresses images only "
+                         f"(videos: {', '.join(sorted(set(takes_videos.values())))})")
+
+
 def load_model(path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The model of the local folder ``path``, in eval mode on ``device``."""
     from transformers import AutoModelForImageTextToText
@@ -206,25 +299,56 @@ def load_processor(path: Path):
         raise UsageError(f"--model {path}: cannot load its processor ({str(exc).strip().splitlines()[0]})") from None
 
 
+def check_video_processor(processor, path: Path, prompts: list[Prompt]) -> None:
+    """``UsageError`` when a prompt has a video and the processor has no video processor to read it."""
+    with_video = next((p for p in prompts if p.videos), None)
+    if with_video is not None and getattr(processor, "video_processor", None) is None:
+        raise UsageError(f"{with_video.where}: a video, but the processor of --model {path} has no video processor "
+                         "(transformers' video processors need torchvision)")
+
+
 def prompt_text(processor, prompt: Prompt) -> str:
-    """The text the processor gets: the chat template's user turn, else the prompt with image tokens."""
+    """The text the processor gets: the chat template's user turn (images, videos, text), else the prompt
+    with image and video tokens."""
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
+        content = ([{"type": "image"} for _ in prompt.images] + [{"type": "video"} for _ in prompt.videos]
+                   + [{"type": "text", "text": prompt.text}])
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
     image_token = getattr(processor, "image_token", None) or "<image>"
-    if image_token in prompt.text:
+    video_token = getattr(processor, "video_token", None) or "<video>"
+    if image_token in prompt.text or (prompt.videos and video_token in prompt.text):
         return prompt.text
-    return image_token * len(prompt.images) + "\n" + prompt.text
+    return image_token * len(prompt.images) + video_token * len(prompt.videos) + "\n" + prompt.text
 
 
 def encode(processor, prompt: Prompt, device: str, dtype: torch.dtype) -> dict:
-    """The stock processor's tensors for one prompt (a batch of one), on ``device``, the pixels in ``dtype``."""
+    """The stock processor's tensors for one prompt (a batch of one), on ``device``, the pixels in ``dtype``.
+
+    Videos go in as lists of PIL frames, all of them (``do_sample_frames=False``), with their frame rate as
+    metadata when the line gives one."""
     from PIL import Image
 
-    images = [Image.open(p).convert("RGB") for p in prompt.images]
-    inputs = processor(images=images, text=prompt_text(processor, prompt), return_tensors="pt")
-    return inputs.to(device, dtype=dtype)  # casts the floating tensors only
+    kwargs = {}
+    if prompt.images:
+        kwargs["images"] = [Image.open(p).convert("RGB") for p in prompt.images]
+    if prompt.videos:
+        kwargs["videos"] = [[Image.open(f).convert("RGB") for f in frames] for frames in prompt.videos]
+        kwargs["do_sample_frames"] = False
+        if prompt.fps is not None:
+            from transformers.video_utils import VideoMetadata
+
+            kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(frames), fps=prompt.fps,
+                                                      frames_indices=list(range(len(frames))))
+                                        for frames in prompt.videos]
+    inputs = processor(text=prompt_text(processor, prompt), return_tensors="pt", **kwargs)
+    inputs = inputs.to(device)
+    # The pixels only in the model's dtype (as a user's pipeline does): Qwen2.5-VL's float second_per_grid_ts
+    # stays float32, so the rope positions it scales are the stock ones.
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(dtype)
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,12 +365,14 @@ class Answer:
 
 
 def visual_tokens(model, inputs) -> int:
-    """Image placeholders the LLM sees (``image_token_id`` positions of ``input_ids`` under the mask)."""
-    image_token_id = model.config.image_token_id
-    is_image = inputs["input_ids"] == image_token_id
+    """Image and video placeholders the LLM sees (``image_token_id`` and ``video_token_id`` positions of
+    ``input_ids`` under the mask)."""
+    ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    is_visual = torch.isin(inputs["input_ids"], torch.tensor([i for i in ids if i is not None],
+                                                             device=inputs["input_ids"].device))
     if inputs.get("attention_mask") is not None:
-        is_image &= inputs["attention_mask"].bool()
-    return int(is_image.sum())
+        is_visual &= inputs["attention_mask"].bool()
+    return int(is_visual.sum())
 
 
 def prepared(model, inputs, patched: bool):
@@ -308,7 +434,8 @@ class BudgetResult:
 
 def check_budgets(model, encoded: list[dict], prompts: list[Prompt], budgets: list[int], device: str) -> None:
     """``UsageError`` naming the budget and the prompt's line when the largest budget does not fit a prompt's
-    images (more tokens than an image, or a crop, has): one patched prefill per prompt, before the long runs."""
+    images or videos (more tokens than an image, a crop or a video slice has): one patched prefill per prompt,
+    before the long runs."""
     from .integrations.transformers import apply, remove
 
     try:
@@ -320,7 +447,7 @@ def check_budgets(model, encoded: list[dict], prompts: list[Prompt], budgets: li
             try:
                 prefill_seconds(model, inputs, True, device)
             except ValueError as exc:  # shrink_inputs' placeholder count, or the tower's D + K <= N
-                raise UsageError(f"--budgets {budgets[-1]} does not fit the images of {prompt.where}: "
+                raise UsageError(f"--budgets {budgets[-1]} does not fit the {prompt.media()} of {prompt.where}: "
                                  f"{str(exc).splitlines()[0]}") from None
     finally:
         remove(model)
@@ -446,9 +573,11 @@ def calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     model_type = check_model_type(args.model)
+    check_videos_supported(model_type, args.prompt_list)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     processor = load_processor(args.model)
+    check_video_processor(processor, args.model, args.prompt_list)
     model = load_model(args.model, args.device, dtype)
     encoded = [encode(processor, p, args.device, dtype) for p in args.prompt_list]
     check_budgets(model, encoded, args.prompt_list, args.budgets, args.device)

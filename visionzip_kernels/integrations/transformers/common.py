@@ -180,6 +180,9 @@ class CompositeFamily:
     summary: str  # what its LLM gets, one line for the table
     # (model, budget: visionzip_kernels.budget.Budget, layer) -> the patch (LlavaPatch, QwenVLPatch, ...)
     make_patch: Callable[..., object]
+    # the patched model takes videos too (pixel_values_videos; Qwen: per temporal slice), so the calibration
+    # command accepts video prompts for it
+    takes_videos: bool = False
     # the budget is per image, a count or a ratio of each image's tokens (Qwen's packed towers)
     per_image_budget: bool = False
     # config.model_type of the tower when it is no stand-alone encoder: apply() to it names this model

@@ -786,32 +786,38 @@ def make_qwen3_5_moe_patch(model: torch.nn.Module, budget: Budget, layer: int) -
 QWEN2_VL = CompositeFamily(
     name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     summary="attention received in the last vision block (fused qkv, after rotary), per image, packed",
-    make_patch=make_qwen2_vl_patch, per_image_budget=True, tower_model_types=QWEN2_VL_TOWER.model_types,
+    make_patch=make_qwen2_vl_patch, per_image_budget=True, takes_videos=True,
+    tower_model_types=QWEN2_VL_TOWER.model_types,
 )
 QWEN2_5_VL = CompositeFamily(
     name="Qwen2.5-VL", model_types=("qwen2_5_vl",), classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
     summary="the same, window order undone (see :mod:`.qwen_vl`)",
-    make_patch=make_qwen2_5_vl_patch, per_image_budget=True, tower_model_types=QWEN2_5_VL_TOWER.model_types,
+    make_patch=make_qwen2_5_vl_patch, per_image_budget=True, takes_videos=True,
+    tower_model_types=QWEN2_5_VL_TOWER.model_types,
 )
 QWEN3_VL = CompositeFamily(
     name="Qwen3-VL", model_types=("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
     summary="the same (no windows); the DeepStack features merged with the main features' plan",
-    make_patch=make_qwen3_vl_patch, per_image_budget=True, tower_model_types=QWEN3_VL_TOWER.model_types,
+    make_patch=make_qwen3_vl_patch, per_image_budget=True, takes_videos=True,
+    tower_model_types=QWEN3_VL_TOWER.model_types,
 )
 QWEN3_VL_MOE = CompositeFamily(
     name="Qwen3-VL-MoE", model_types=("qwen3_vl_moe",),
     classes=("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
     summary="as Qwen3-VL (the same vision side, DeepStack included; an MoE LLM)",
-    make_patch=make_qwen3_vl_moe_patch, per_image_budget=True, tower_model_types=QWEN3_VL_MOE_TOWER.model_types,
+    make_patch=make_qwen3_vl_moe_patch, per_image_budget=True, takes_videos=True,
+    tower_model_types=QWEN3_VL_MOE_TOWER.model_types,
 )
 QWEN3_5 = CompositeFamily(
     name="Qwen3.5", model_types=("qwen3_5",), classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
     summary="as Qwen3-VL, without DeepStack (the LLM is hybrid linear / full attention)",
-    make_patch=make_qwen3_5_patch, per_image_budget=True, tower_model_types=QWEN3_5_TOWER.model_types,
+    make_patch=make_qwen3_5_patch, per_image_budget=True, takes_videos=True,
+    tower_model_types=QWEN3_5_TOWER.model_types,
 )
 QWEN3_5_MOE = CompositeFamily(
     name="Qwen3.5-MoE", model_types=("qwen3_5_moe",),
     classes=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
     summary="as Qwen3.5 (the same vision side; an MoE LLM)",
-    make_patch=make_qwen3_5_moe_patch, per_image_budget=True, tower_model_types=QWEN3_5_MOE_TOWER.model_types,
+    make_patch=make_qwen3_5_moe_patch, per_image_budget=True, takes_videos=True,
+    tower_model_types=QWEN3_5_MOE_TOWER.model_types,
 )
