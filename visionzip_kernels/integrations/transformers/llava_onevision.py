@@ -431,6 +431,7 @@ FAMILY = CompositeFamily(
     summary="every anyres crop and every video frame as above (see :mod:`.llava_onevision`)",
     make_patch=make_patch,
     options=("video_pooling",),
+    takes_videos=True,
     default_layer=default_layer,
 )
 
