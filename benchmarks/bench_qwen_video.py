@@ -99,7 +99,7 @@ def model_name(model) -> str:
             f"tower {vision.depth} of 32 blocks), {DEVICE}, {str(DTYPE).removeprefix('torch.')}")
 
 
-def video_inputs(model) -> dict:
+def video_inputs() -> dict:
     """The processor's output for one 16-frame 448 x 448 video between TEXT text tokens, built directly:
     input_ids [1, S] (vision start, t*h*w/4 video placeholders, vision end), attention_mask, mm_token_type_ids
     (2 at the video tokens), pixel_values_videos, video_grid_thw, second_per_grid_ts."""
@@ -137,24 +137,13 @@ def stock_prompt(model, inputs: dict) -> dict:
     return {"inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": inputs["attention_mask"]}
 
 
-class VideoUnsupported(RuntimeError):
-    """This visionzip_kernels' ``shrink_inputs`` does not take a video prompt."""
-
-
 def visionzip_prompt(model, inputs: dict, dominant: float, contextual: float) -> dict:
     """The prefill input ``shrink_inputs`` gives for the model patched at (dominant, contextual): the kept
-    tokens' embeddings and their original 3-D positions. Raises :class:`VideoUnsupported` when this
-    visionzip_kernels handles no video (its ``shrink_inputs`` refuses a prompt without ``pixel_values``)."""
+    tokens' embeddings and their original 3-D positions."""
     from visionzip_kernels.integrations.transformers import shrink_inputs
 
     with torch.no_grad(), vz.patched(model, dominant=dominant, contextual=contextual):
-        try:
-            shrunk = shrink_inputs(model, dict(inputs))
-        except (KeyError, NotImplementedError) as exc:
-            raise VideoUnsupported("this visionzip_kernels has no video support (issue 20): its shrink_inputs refuses "
-                                   f"a prompt of pixel_values_videos + video_grid_thw ({exc})") from exc
-    if shrunk.get("inputs_embeds") is None:
-        raise VideoUnsupported("shrink_inputs returned no inputs_embeds for the Qwen2.5-VL video prompt")
+        shrunk = shrink_inputs(model, dict(inputs))
     return {"inputs_embeds": shrunk["inputs_embeds"], "position_ids": shrunk["position_ids"],
             "attention_mask": shrunk["attention_mask"], "video_tokens": int((shrunk["input_ids"] == VIDEO_ID).sum())}
 
@@ -174,12 +163,10 @@ def prefill(model, prompt: dict) -> torch.Tensor:
 
 def prompts(model) -> dict[str, dict]:
     """name -> prefill input: ``stock`` first (the baseline), then each of BUDGETS."""
-    inputs = video_inputs(model)
-    # VisionZip's first: a visionzip_kernels without video support refuses them before encoding anything.
-    shrunk = {name: visionzip_prompt(model, inputs, *budget) for name, budget in BUDGETS.items()}
+    inputs = video_inputs()
     stock = stock_prompt(model, inputs)
     stock["video_tokens"] = int((inputs["input_ids"] == VIDEO_ID).sum())
-    return {"stock": stock, **shrunk}
+    return {"stock": stock, **{name: visionzip_prompt(model, inputs, *budget) for name, budget in BUDGETS.items()}}
 
 
 @dataclass
@@ -248,10 +235,7 @@ def model(register_summary):
 
 @pytest.fixture(scope="module")
 def video_prompts(model):
-    try:
-        return prompts(model)
-    except VideoUnsupported as exc:
-        pytest.skip(str(exc))
+    return prompts(model)
 
 
 @pytest.mark.parametrize("name", ["stock", *BUDGETS])  # stock first: the baseline
@@ -277,12 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = qwen25_vl_3b(llm_layers=args.layers)
     print(f"{title(model)}, {torch.get_num_threads()} threads, {load_average()}:", flush=True)
-    try:
-        results = measure_prefill(model, args.rounds)
-    except VideoUnsupported as exc:
-        print(f"skipped: {exc}")
-        return 0
-    for result in results:
+    for result in measure_prefill(model, args.rounds):
         print(result.line())
     print(load_average())
     return 0
