@@ -32,7 +32,7 @@ the paths alternate, each round's ratio taken, then their median), with the toke
 LLM is spared) and each path's peak memory above the level at entry. VisionZip's added time does not depend
 on the depth (one block's q/k projected again, one attention map, one plan), while the stock tower's grows
 by one block's time per block; so the rounds also time the last block alone, and the summary adds an
-estimate of the ratio at the real depth: 1 + (VisionZip - stock) / (stock + missing blocks x one block).
+estimate of the ratio at the real depth: 1 + (ratio - 1) x stock / (stock + missing blocks x one block).
 It is an estimate (the blocks are timed at this depth, not run at 27), labelled so.
 
 ``VZ_BENCH_ROUNDS`` (default 5 on CPU, 20 on CUDA) rounds; ``VZ_QWEN3_TOWER`` (8B / 2B);
@@ -186,10 +186,11 @@ class TowerResult:
     real_depth: int
 
     def real_depth_ratio(self) -> float:
-        """The ratio estimated at the real depth: VisionZip's added time (median VisionZip - median stock, which
-        does not depend on the depth) over the stock time with the missing blocks' time added."""
+        """The ratio estimated at the real depth: VisionZip's added time, (ratio - 1) x the stock median (it does
+        not depend on the depth; taken from the per-round ratio, which a busy machine disturbs less than a
+        difference of medians), over the stock time with the missing blocks' time added."""
         stock = self.stock_s + (self.real_depth - self.depth) * self.block_s
-        return 1 + (self.visionzip_s - self.stock_s) / stock
+        return 1 + (self.ratio - 1) * self.stock_s / stock
 
     def lines(self) -> list[str]:
         return [

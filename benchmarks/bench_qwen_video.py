@@ -18,9 +18,10 @@ on its depth, and VisionZip's kept counts do not either.
 The video: 16 frames of 448 x 448 px, built without a processor: ``pixel_values_videos``
 [8 * 32 * 32, 3 * 2 * 14 * 14] and ``video_grid_thw`` = [[8, 32, 32]] (temporal patch 2: 8 temporal
 slices; 32 x 32 patches of 14 px), ``second_per_grid_ts`` = [1.0] (2 fps): 8 * 16 * 16 = 2048 video
-tokens for the LLM, between ``VZ_PREFILL_TEXT`` (64) text tokens. VisionZip keeps each temporal slice's
-image budget (0.65 / 0.05 of its 256 merge units: 166 + 12 per slice, 1424 in all); the 0.45 / 0.05
-budget of upstream's README is timed beside it.
+tokens for the LLM, among ``VZ_PREFILL_TEXT`` (64) text tokens (vision start and end included): a
+2112-token prompt. VisionZip keeps each temporal slice's image budget (0.65 / 0.05 of its 256 merge
+units: 166 + 12 per slice, 1424 in all, a 1488-token prompt: token ratio 1.42); the 0.45 / 0.05 budget
+of upstream's README (1016 video tokens, 1080 in all: 1.96) is timed beside it.
 
 Timed: one prefill, the model's forward over the whole prompt given ``inputs_embeds`` and the 3-D
 ``position_ids`` (KV cache written, the last token's logits): the stock prompt (the stock tower's
