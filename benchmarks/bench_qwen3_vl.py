@@ -8,8 +8,8 @@ Tower: Qwen3-VL's vision block geometry, random init (weights do not change the 
 - ``8B`` (default; the 8B and 32B checkpoints, and transformers' ``Qwen3VLVisionConfig`` defaults): width 1152,
   16 heads, GELU MLP 4304, patch 16, spatial merge 2, 27 blocks, DeepStack from blocks 8, 16, 24, output width
   4096 (the 8B LLM's);
-- ``2B`` (the 2B and 4B checkpoints): width 1024, 16 heads, MLP 4096, 24 blocks, DeepStack from blocks 5, 11, 17,
-  output width 2048 (the 2B LLM's).
+- ``2B`` (the 2B checkpoint; the 4B one has the same blocks, output width 2560): width 1024, 16 heads, MLP 4096,
+  24 blocks, DeepStack from blocks 5, 11, 17, output width 2048 (the 2B LLM's).
 
 ``VZ_QWEN3_DEPTH`` blocks (default: 4 on CPU, to keep a run to minutes on a small shared machine; the real
 depth on CUDA), the DeepStack indexes scaled by depth / real depth and rounded down (8B at 4 blocks: 1, 2, 3),
