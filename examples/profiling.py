@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -142,6 +143,15 @@ def measure(fn: Callable[[], object], name: str = "", device: torch.device | str
     for _ in range(warmup):
         fn()
     return Measurement(name, median_seconds(fn, repeats, device), peak_memory_bytes(fn, device))
+
+
+def load_average() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes, for a benchmark's report (``n/a`` where unknown):
+    on a shared machine, what else ran beside the measurement."""
+    try:
+        return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "load average n/a"
 
 
 def format_bytes(n: int | None) -> str:
