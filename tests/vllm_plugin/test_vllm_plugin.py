@@ -55,7 +55,8 @@ def checkpoint(tmp_path_factory) -> Path:
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 
 
-def run_engines(checkpoint: Path, engines: list[dict], tmp_path: Path, plugins: bool = True) -> dict:
+def run_engines(checkpoint: Path, engines: list[dict], tmp_path: Path, plugins: bool = True,
+                fails_with: str | None = None) -> dict:
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"model": str(checkpoint), "engines": engines, "max_tokens": MAX_TOKENS}))
     env = dict(os.environ)
@@ -63,6 +64,9 @@ def run_engines(checkpoint: Path, engines: list[dict], tmp_path: Path, plugins: 
         env["VLLM_PLUGINS"] = ""  # load no plug-in: stock vLLM
     done = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec), str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
+    if fails_with is not None:
+        assert done.returncode != 0 and fails_with in done.stderr, done.stderr[-6000:]
+        return {}
     assert done.returncode == 0, done.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -70,7 +74,7 @@ def run_engines(checkpoint: Path, engines: list[dict], tmp_path: Path, plugins: 
 def transformers_reference(checkpoint: Path, request: dict, budget: dict | None) -> dict:
     """Prompt length, greedy tokens and first-token log-probabilities from transformers (+ VisionZip)."""
     processor = transformers.AutoProcessor.from_pretrained(checkpoint)
-    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     inputs = processor(text=[request["text"]], images=[image(*i) for i in request["images"]], return_tensors="pt")
     if budget is not None:
         vz.apply(model, **budget)
@@ -153,3 +157,18 @@ def test_prefix_caching_with_the_same_image_twice(checkpoint, plugin_results):
         assert image_runs(checkpoint, again)[0][0] < again["cached_tokens"]
     for result, request in ((one, ONE), (one_again, ONE), (two, TWO), (two_again, TWO)):
         assert_matches(result, transformers_reference(checkpoint, request, BUDGET), f"cached: {request}")
+
+
+def test_qwen2_vl(tmp_path_factory):
+    checkpoint = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), kind="qwen2_vl")
+    engines = [{"name": "qwen2_vl", "hf_overrides": {"visionzip": BUDGET}, "engine": CHUNKED, "calls": [[ONE], [TWO]]}]
+    results = run_engines(checkpoint, engines, tmp_path_factory.mktemp("qwen2-vl"))["qwen2_vl"]
+    for request, result in zip([ONE, TWO], [call[0] for call in results]):
+        assert_matches(result, transformers_reference(checkpoint, request, BUDGET), f"qwen2_vl: {request}")
+
+
+def test_an_unsupported_model_with_the_setting_fails_at_engine_start(checkpoint, tmp_path):
+    # vLLM's Transformers backend runs this checkpoint as another architecture: the plug-in cannot serve it.
+    engines = [{"name": "unsupported", "hf_overrides": {"visionzip": BUDGET},
+                "engine": {**PLAIN, "model_impl": "transformers"}, "calls": []}]
+    run_engines(checkpoint, engines, tmp_path, fails_with="is not supported by the vLLM plug-in")
