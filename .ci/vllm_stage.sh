@@ -55,10 +55,10 @@ points = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.ite
 (info / "entry_points.txt").write_text(points)
 PY
 export PYTHONPATH="$build${PYTHONPATH:+:$PYTHONPATH}"
-"$py" -c "
-import importlib.metadata as m, sys, visionzip_kernels
+(cd "$build" && "$py" -c "
+import importlib.metadata as m, visionzip_kernels
 assert visionzip_kernels.__file__.startswith('$build'), visionzip_kernels.__file__
-assert any(e.name == 'visionzip' for e in m.entry_points(group='vllm.general_plugins'))"
+assert any(e.name == 'visionzip' for e in m.entry_points(group='vllm.general_plugins'))")
 
 export VLLM_TARGET_DEVICE=cpu
 tested=$SECONDS
