@@ -176,7 +176,7 @@ class VisionZipQwenMixin:
         for modality, mm_input in by_modality.items():
             if mm_input is None:
                 continue
-            if modality == "image":
+            if modality in ("image", "images"):  # Qwen2.5-VL's key, Qwen2-VL's
                 embeddings += self.visionzip_images(mm_input)
             else:  # videos: unpruned, zero channels (their positions stay vLLM's)
                 embeddings += tuple(torch.cat([v, v.new_zeros(v.shape[0], POSITION_CHANNELS)], dim=1)
