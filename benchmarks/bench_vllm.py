@@ -1,11 +1,12 @@
 """Stock vLLM vs the VisionZip plug-in on vLLM's engine: prompt tokens, time to first token and
 throughput for a batch of image requests, at the default budget (0.65 / 0.05) and at 0.45 / 0.05.
 
-    VLLM_TARGET_DEVICE=cpu python benchmarks/bench_vllm.py [--requests 8] [--image 448] [--max-tokens 16]
+    VLLM_TARGET_DEVICE=cpu python benchmarks/bench_vllm.py [--requests 16] [--image 448] [--max-tokens 16]
 
 Run in a venv with vLLM and this package installed (.ci/vllm_stage.sh builds one for the CPU engine and
-runs this with VISIONZIP_VLLM_BENCH=1). The model is the tests' tiny random Qwen2.5-VL (tests/vllm_plugin/tiny_qwen.py)
-unless ``--model`` names a real checkpoint. Each configuration runs in its own process (stock with
+runs this with VISIONZIP_VLLM_BENCH=1). The model is the tests' tiny random Qwen2.5-VL
+(tests/vllm_plugin/tiny_qwen.py; images up to 1024 merged tokens, so a 448 px image gives 256) unless
+``--model`` names a real checkpoint. Each configuration runs in its own process (stock with
 ``VLLM_PLUGINS=""``), one engine at a time: one warm-up batch, then ``--rounds`` timed batches of
 ``--requests`` requests (images of ``--image`` px squares, distinct seeds; prefix caching off, so every
 round encodes and prefills again):
@@ -74,10 +75,10 @@ def measure(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: a tiny random Qwen2.5-VL, built here)")
-    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--image", type=int, default=448, help="image side in px (a multiple of 28)")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--overrides", help=argparse.SUPPRESS)  # internal: run one configuration
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -89,7 +90,7 @@ def main() -> None:
         if args.model is None:
             from tiny_qwen import build_tiny_qwen2_5_vl
 
-            args.model = str(build_tiny_qwen2_5_vl(Path(tmp) / "tiny"))
+            args.model = str(build_tiny_qwen2_5_vl(Path(tmp) / "tiny", max_units=1024))
         results = {}
         for name, overrides in CONFIGS.items():
             out = Path(tmp) / "result.json"

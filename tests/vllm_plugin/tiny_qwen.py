@@ -32,9 +32,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 
 
-def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwen2_5_vl") -> Path:
+def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwen2_5_vl",
+                          max_units: int = 64) -> Path:
     """Writes the checkpoint into ``directory`` (created) and returns it; ``kind="qwen2_vl"``: a Qwen2-VL
-    (no windows, vision MLP ratio 2) with the same LLM, tokenizer and image processor."""
+    (no windows, vision MLP ratio 2) with the same LLM, tokenizer and image processor. The image processor
+    resizes images to at most ``max_units`` merged tokens (2x2 patches of 14 px)."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -85,7 +87,7 @@ def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwe
                 torch.nn.init.normal_(weight, std=LLM_STD)
     model.save_pretrained(directory)
     image_processor = transformers.Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                                          min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+                                                          min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_units)
     video_processor = transformers.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
                                                  video_processor=video_processor)
