@@ -39,6 +39,8 @@ LOGPROB_ATOL = 1e-4
 MAX_TOKENS = 8
 BUDGET = {"dominant": 0.65, "contextual": 0.05}
 ONE = {"text": prompt(1), "images": [[224, 168, 1]]}
+# ONE's image with other text after it: the prefix cache holds ONE's first block (inside the image) only.
+ONE_ELSE = {"text": prompt(1, "What is in this image?"), "images": ONE["images"]}
 TWO = {"text": prompt(2, "Compare the two images and name what differs."), "images": [[168, 112, 2], [112, 224, 3]]}
 BATCH = [{"text": prompt(1, t), "images": [size]} for t, size in (
     ("What is in this image?", [196, 140, 4]), ("Describe the picture in one sentence.", [84, 252, 5]),
@@ -101,7 +103,7 @@ def plugin_results(checkpoint, tmp_path_factory) -> dict:
         {"name": "plain", "hf_overrides": {"visionzip": BUDGET}, "engine": PLAIN, "calls": [[ONE], [TWO], BATCH]},
         {"name": "chunked", "hf_overrides": {"visionzip": BUDGET}, "engine": CHUNKED, "calls": [[ONE], [TWO], BATCH]},
         {"name": "cached", "hf_overrides": {"visionzip": BUDGET}, "engine": CACHED,
-         "calls": [[ONE], [ONE], [TWO], [TWO]]},
+         "calls": [[ONE], [ONE], [ONE_ELSE], [TWO], [TWO]]},
     ]
     return run_engines(checkpoint, engines, tmp_path_factory.mktemp("plugin"))
 
@@ -150,12 +152,14 @@ def test_the_chunked_engine_split_images_across_chunks(checkpoint, plugin_result
 
 
 def test_prefix_caching_with_the_same_image_twice(checkpoint, plugin_results):
-    one, one_again, two, two_again = (call[0] for call in plugin_results["cached"])
-    # The repeats were served partly from the prefix cache, the cached prefix ending inside or after an image.
+    one, one_again, one_else, two, two_again = (call[0] for call in plugin_results["cached"])
+    # The repeats were served partly from the prefix cache: ONE and TWO again past their images, ONE's
+    # image with other text up to a block boundary inside the image (its last rows computed again).
     for first, again in ((one, one_again), (two, two_again)):
         assert first["cached_tokens"] == 0 and 0 < again["cached_tokens"] < again["prompt_len"]
-        assert image_runs(checkpoint, again)[0][0] < again["cached_tokens"]
-    for result, request in ((one, ONE), (one_again, ONE), (two, TWO), (two_again, TWO)):
+    start, end, _ = image_runs(checkpoint, one_else)[0]
+    assert start < one_else["cached_tokens"] < end
+    for result, request in ((one, ONE), (one_again, ONE), (one_else, ONE_ELSE), (two, TWO), (two_again, TWO)):
         assert_matches(result, transformers_reference(checkpoint, request, BUDGET), f"cached: {request}")
 
 
