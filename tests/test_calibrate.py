@@ -304,7 +304,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, case):
         write_frames(tmp_path / "clip", ["f1.png", "f2.png"])
         prompts.write_text(json.dumps({"image": "images/p0_0.png", "prompt": "what"}) + "\n"
                            + json.dumps({"video": "clip", "prompt": "what"}) + "\n")
-        expected = f"{prompts}:2: a video, but VisionZip's LLaVA integration compresses images only (videos: LLaVA-OneVision, Qwen"
+        expected = (f"{prompts}:2: a video, but VisionZip's LLaVA integration compresses images only "
+                    "(videos: LLaVA-OneVision, Qwen")
     elif case == "video file":
         (tmp_path / "clip.mp4").write_bytes(b"")
         prompts.write_text(json.dumps({"video": "clip.mp4", "prompt": "what"}) + "\n")
