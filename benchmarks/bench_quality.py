@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
 # pytest entry (no timing: prints the table; run with -s to see it)
 
 
-def test_quality(tmp_path):
+def _skip_without_the_real_model() -> None:
+    """Skips a pytest case where transformers, scikit-image (the photos) or the DINOv2-S ONNX file is missing."""
     import pytest
 
     pytest.importorskip("transformers")
@@ -342,6 +343,10 @@ def test_quality(tmp_path):
         dinov2_onnx.find_onnx()
     except dinov2_onnx.ModelUnavailable as exc:
         pytest.skip(str(exc))
+
+
+def test_quality(tmp_path):
+    _skip_without_the_real_model()
     hidden, scores, metric = layer_states(load_photos(PHOTOS), 448)
     rows = evaluate(hidden, scores, metric)
     print()
@@ -356,16 +361,7 @@ def test_quality(tmp_path):
 
 def test_quality_onevision_video():
     """The LLaVA-OneVision-geometry case (module docstring): prints its table (run with -s)."""
-    import pytest
-
-    pytest.importorskip("transformers")
-    pytest.importorskip("skimage")
-    from examples.models import dinov2_onnx
-
-    try:
-        dinov2_onnx.find_onnx()
-    except dinov2_onnx.ModelUnavailable as exc:
-        pytest.skip(str(exc))
+    _skip_without_the_real_model()
     hidden, scores, metric = frame_states(load_photos(PHOTOS))
     rows = evaluate_video(hidden, scores, metric)
     print()

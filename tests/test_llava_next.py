@@ -55,12 +55,13 @@ def tiny_llava_next(seed=1):
     return model
 
 
-def grid_shape(image_size):
-    """(rows, cols) of an image's crop grid, from transformers' own LLaVA-NeXT geometry."""
+def grid_shape(image_size, pinpoints=PINPOINTS, crop_px: int = CROP_PX):
+    """(rows, cols) of an image's crop grid, from transformers' own anyres geometry (LLaVA-NeXT's, and
+    LLaVA-OneVision's with its own ``pinpoints`` and ``crop_px``)."""
     from transformers.image_processing_utils import select_best_resolution
 
-    height, width = select_best_resolution(image_size.tolist(), PINPOINTS)
-    return height // CROP_PX, width // CROP_PX
+    height, width = select_best_resolution(image_size.tolist(), pinpoints)
+    return height // crop_px, width // crop_px
 
 
 def upstream_restore(features, keep, image_size, dominant):
@@ -162,12 +163,18 @@ def test_generate_with_shrunk_placeholders(next_case):
         assert (inputs["attention_mask"].sum(dim=1) - shrunk["attention_mask"].sum(dim=1)).tolist() == removed
         assert (shrunk["input_ids"] == IMAGE_TOKEN).sum(dim=1).tolist() == ours
         assert shrunk["input_ids"].shape[1] == int(shrunk["attention_mask"].sum(dim=1).max())  # re-padded
-        width = shrunk["input_ids"].shape[1]
-        with torch.no_grad():
-            cached = model.generate(**shrunk, max_new_tokens=4, do_sample=False, pad_token_id=0)
-            full = model.generate(**shrunk, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
-            logits = model(**shrunk).logits
-    assert cached.shape == (2, width + 4)
+        assert_generate_equals_recompute(model, shrunk)
+
+
+def assert_generate_equals_recompute(model, shrunk, new_tokens: int = 4) -> None:
+    """generate() on a shrunk prompt: the prompt kept, the KV-cache path equal to a full recompute, the first
+    token the argmax of the prompt's forward."""
+    width = shrunk["input_ids"].shape[1]
+    with torch.no_grad():
+        cached = model.generate(**shrunk, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        full = model.generate(**shrunk, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=False)
+        logits = model(**shrunk).logits
+    assert cached.shape == (shrunk["input_ids"].shape[0], width + new_tokens)
     assert torch.equal(cached[:, :width], shrunk["input_ids"])
     assert torch.equal(cached, full)
     assert torch.equal(cached[:, width], logits[:, -1].argmax(dim=-1))

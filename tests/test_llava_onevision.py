@@ -27,6 +27,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from test_integrations import _build, _peak_qk_, assignment_margin, oracle, upstream_way  # noqa: E402
+from test_llava_next import assert_generate_equals_recompute  # noqa: E402
+from test_llava_next import grid_shape as anyres_grid_shape  # noqa: E402
 
 import visionzip_kernels as vz  # noqa: E402
 from visionzip_kernels.integrations import transformers as vzt  # noqa: E402
@@ -70,10 +72,7 @@ def tiny_onevision(seed=1, vision_feature_layer=-1):
 
 def grid_shape(image_size):
     """(rows, cols) of an image's crop grid, from transformers' own anyres geometry."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    height, width = select_best_resolution(image_size.tolist(), PINPOINTS)
-    return height // CROP_PX, width // CROP_PX
+    return anyres_grid_shape(image_size, PINPOINTS, CROP_PX)
 
 
 def prompt_ids(rows, counts):
@@ -370,15 +369,7 @@ def test_generate_with_an_image_and_a_video(model, mixed_inputs, pooling):
         shrunk = vzt.shrink_inputs(model, mixed_inputs)
         assert (shrunk["input_ids"] == IMAGE_TOKEN).sum(dim=1).tolist() == [5 * (DOMINANT + CONTEXTUAL) + 2, 0]
         assert (shrunk["input_ids"] == VIDEO_TOKEN).sum(dim=1).tolist() == [0, 3 * (DOMINANT + CONTEXTUAL) + 1]
-        width = shrunk["input_ids"].shape[1]
-        with torch.no_grad():
-            cached = model.generate(**shrunk, max_new_tokens=4, do_sample=False, pad_token_id=0)
-            full = model.generate(**shrunk, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
-            logits = model(**shrunk).logits
-    assert cached.shape == (2, width + 4)
-    assert torch.equal(cached[:, :width], shrunk["input_ids"])
-    assert torch.equal(cached, full)
-    assert torch.equal(cached[:, width], logits[:, -1].argmax(dim=-1))
+        assert_generate_equals_recompute(model, shrunk)
 
 
 def test_stock_inputs_raise_a_clear_error(model, mixed_inputs):

@@ -26,7 +26,6 @@ from test_qwen_vl import (  # noqa: E402
     IMAGE,
     KINDS,
     MERGE,
-    PAD,
     PIXEL_DIM,
     TOKEN_ATOL,
     TOKEN_RTOL,
@@ -34,6 +33,7 @@ from test_qwen_vl import (  # noqa: E402
     VIDEO,
     VSTART,
     assert_separated,
+    left_padded,
     llm_inputs,
     tiny_qwen,
 )
@@ -102,12 +102,7 @@ def mixed_inputs(model_kind: str, rows: list[list], seed: int = 0) -> tuple[dict
             pixels = torch.randn(grid[0] * grid[1] * grid[2], PIXEL_DIM, generator=g)
             items.append(Item(item[0], torch.tensor([grid]), pixels, b))
         ids_rows.append(ids)
-    width = max(len(r) for r in ids_rows)
-    input_ids = torch.full((len(rows), width), PAD)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(ids_rows):
-        input_ids[b, width - len(r):] = torch.tensor(r)
-        attention_mask[b, width - len(r):] = 1
+    input_ids, attention_mask = left_padded(ids_rows)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "mm_token_type_ids": (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()}
     inputs.update(visual_inputs(items))

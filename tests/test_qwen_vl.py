@@ -120,14 +120,20 @@ def prompt(image_tokens: list[int], text: int = 5, seed: int = 0) -> list[int]:
     return ids
 
 
-def batch_inputs(rows: list[list[int]], grids: list[tuple[int, int]], seed: int = 0) -> dict:
-    """Left-padded processor-like inputs for prompts ``rows`` whose images are ``grids`` in order."""
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, S], attention_mask [B, S]) of token lists ``rows``, padded on the left with PAD."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), PAD)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         input_ids[b, width - len(r):] = torch.tensor(r)
         attention_mask[b, width - len(r):] = 1
+    return input_ids, attention_mask
+
+
+def batch_inputs(rows: list[list[int]], grids: list[tuple[int, int]], seed: int = 0) -> dict:
+    """Left-padded processor-like inputs for prompts ``rows`` whose images are ``grids`` in order."""
+    input_ids, attention_mask = left_padded(rows)
     pixels, grid = images(grids, seed)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": (input_ids == IMAGE).int(),
             "pixel_values": pixels, "image_grid_thw": grid}
