@@ -88,7 +88,11 @@ def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwe
     model.save_pretrained(directory)
     image_processor = transformers.Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                                           min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_units)
-    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    # Frames as the images: at most max_units merged tokens per slice (vLLM profiles with the largest video).
+    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                                         size={"shortest_edge": 28 * 28 * 4,
+                                                               "longest_edge": 28 * 28 * max_units},
+                                                         max_frames=8)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
                                                  video_processor=video_processor)
     processor.chat_template = CHAT_TEMPLATE
@@ -105,9 +109,17 @@ def image(width: int, height: int, seed: int):
     return Image.fromarray(pixels.numpy())
 
 
+def video(width: int, height: int, frames: int, seed: int):
+    """A random RGB video, uint8 [frames, height, width, 3] (numpy, as vLLM takes it)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (frames, height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+
+
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def prompt(images: int, text: str = "Describe the picture in one sentence.") -> str:
-    """The chat template's rendering of one user turn: ``images`` image placeholders, then ``text``."""
-    return "<|im_start|>user " + IMAGE * images + text + "<|im_end|><|im_start|>assistant "
+def prompt(images: int, text: str = "Describe the picture in one sentence.", videos: int = 0) -> str:
+    """The chat template's rendering of one user turn: ``images`` image placeholders, ``videos`` video
+    placeholders (the layout of transformers' Qwen chat template: images, then videos), then ``text``."""
+    return "<|im_start|>user " + IMAGE * images + VIDEO * videos + text + "<|im_end|><|im_start|>assistant "

@@ -12,9 +12,10 @@ The mapping takes what :func:`visionzip_kernels.apply` takes for Qwen: ``dominan
 total per image, split 54:10), or ``ratio``; and ``layer`` (the scoring vision block, default -1).
 ``{"visionzip": {}}`` enables the defaults.
 
-Supported: Qwen2-VL and Qwen2.5-VL, images (videos pass through unpruned). Any other model with the
-setting fails at engine start with a ``ValueError`` naming the supported architectures. The algorithm
-(:mod:`.qwen`) is the transformers integration's (docs/SPEC.md "Qwen2-VL and Qwen2.5-VL", "vLLM").
+Supported: Qwen2-VL and Qwen2.5-VL, images and videos (each temporal slice of a video keeps an image's
+budget). Any other model with the setting fails at engine start with a ``ValueError`` naming the supported
+architectures. The algorithm (:mod:`.qwen`) is the transformers integration's (docs/SPEC.md "Qwen2-VL and
+Qwen2.5-VL", "Qwen videos", "vLLM plug-in").
 
 This module imports no vLLM at import time: :func:`settings_from_config` is usable (and tested) without it.
 """

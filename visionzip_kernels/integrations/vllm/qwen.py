@@ -1,26 +1,32 @@
 """VisionZip in vLLM's Qwen2-VL / Qwen2.5-VL (imported by vLLM through the plug-in's model registration).
 
 The classes here subclass vLLM's own model and multimodal processor; with VisionZip not enabled in the
-model's config every method defers to vLLM's. Enabled (:func:`..settings_from_config`):
+model's config every method defers to vLLM's. Enabled (:func:`..settings_from_config`), for images and
+videos alike, a video being t temporal slices that each keep the budget of an image of their h*w/4 units
+(docs/SPEC.md "Qwen videos"):
 
 - **Placeholders** (:class:`VisionZipProcessorMixin`): the processor writes D_i + K_i image tokens per
-  image instead of N_i = t*h*w/4 (the budget depends only on the grid), so the scheduler, the encoder
-  cache and the prefix cache all see the shrunk prompt before the encoder runs.
+  image instead of N_i = h*w/4, and t*(D_s + K_s) video tokens per video instead of t*h*w/4 (the budget
+  depends only on the grid), so the scheduler, the encoder cache and the prefix cache all see the shrunk
+  prompt before the encoder runs.
 - **Encoder** (:meth:`VisionZipQwenMixin.embed_multimodal`): vLLM's own vision tower runs unchanged;
   a forward pre-hook on the scoring block's ``MMEncoderAttention`` takes the q and k that attention
   receives (after vLLM's rotary, window order on Qwen2.5-VL), registered for that one call.
-  ``varlen_scores_and_metric`` (unit 4, within each image), the window order undone with vLLM's own
-  ``reverse_indices``, then ``varlen_select_merge`` on the tower's outputs: each image's kept tokens in
-  original order, as the transformers integration computes them (docs/SPEC.md "Qwen2-VL and Qwen2.5-VL").
-- **Positions**: vLLM's ``SupportsMultiModalPruning`` mechanism, as EVS uses it. Each image's rows carry
-  :data:`POSITION_CHANNELS` extra channels, the kept unit's (row, column) in the image's merged grid as
-  two base-256 digits each (exact in bf16/fp16/fp32); :meth:`get_mrope_input_positions` gives the text
-  its original positions (text after an image starts at the image's base + max(h, w), whatever is
-  kept) and every image token the image's base; :meth:`recompute_mrope_positions` strips the channels
-  and writes base + (0, row, column) at the image tokens of each prefill chunk, so an image split across
-  chunks, or partly served from the prefix cache, gets the same positions as one that is not.
-
-Videos pass through unpruned (their rows get zero channels, their positions stay vLLM's).
+  ``varlen_scores_and_metric`` (unit 4, within each image or video slice, as the tower attends), the window
+  order undone with vLLM's own ``reverse_indices``, then ``varlen_select_merge`` on the tower's outputs,
+  one segment per slice: each slice's kept tokens in original order, a video's slices in time order, as the
+  transformers integration computes them (docs/SPEC.md "Qwen2-VL and Qwen2.5-VL", "Qwen videos").
+- **Positions**: vLLM's ``SupportsMultiModalPruning`` mechanism, as EVS uses it. Each image's or video's
+  rows carry :data:`POSITION_CHANNELS` extra channels, the kept unit's (row, column) in its slice's merged
+  grid as two base-256 digits each (exact in bf16/fp16/fp32); :meth:`get_mrope_input_positions` gives the
+  text its original positions (text after an image or video starts where the full grid's positions would
+  have ended, whatever is kept), every image token the image's base and every video token its base in
+  the spatial channels and its slice's temporal position in the first (a slice keeps D_s + K_s tokens, so
+  the slice of each video token is known from the prompt: base + int(s * second_per_grid_ts *
+  tokens_per_second), as vLLM and transformers scale it); :meth:`recompute_mrope_positions` strips the
+  channels and writes base + row, base + column in the spatial channels at the media tokens of each
+  prefill chunk, so an image or video split across chunks, or partly served from the prefix cache, gets
+  the same positions as one that is not.
 """
 
 from __future__ import annotations
@@ -100,28 +106,34 @@ def enable_pruning_in_model_runner() -> None:
 
 
 class VisionZipProcessorMixin:
-    """Qwen multimodal processor: with VisionZip enabled, D_i + K_i image placeholders per image."""
+    """Qwen multimodal processor: with VisionZip enabled, D_i + K_i image placeholders per image and
+    t * (D_s + K_s) video placeholders per video of t temporal slices."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         settings = settings_from_config(self.info.get_hf_config())
         if settings is None:
             return updates
-        return [shrunk_image_replacement(update, settings) if update.modality == "image" else update
-                for update in updates]
+        return [shrunk_replacement(update, settings, out_mm_kwargs) if update.modality in ("image", "video")
+                else update for update in updates]
 
 
-def shrunk_image_replacement(update, settings: VisionZipSettings):
-    """``update`` (vLLM's image PromptReplacement of N_i placeholder ids) giving the first D_i + K_i of them."""
-    full = update.replacement
+def shrunk_replacement(update, settings: VisionZipSettings, out_mm_kwargs):
+    """``update`` (vLLM's image or video PromptReplacement of t*h*w/4 placeholder ids for an item of grid
+    (t, h, w)) giving the first t * (D_s + K_s) of them: each of the t slices keeps the budget of its units."""
+    full, modality = update.replacement, update.modality
 
     def replacement(item_idx: int):
         tokens = full(item_idx) if callable(full) else full
         if not isinstance(tokens, list):
-            raise TypeError(f"visionzip: vLLM's image placeholder is a {type(tokens).__name__}, not the list of "
-                            "token ids this plug-in was written for (vLLM 0.32)")
-        dominant, contextual = image_budgets(settings.dominant, settings.contextual, [len(tokens)])
-        return tokens[: dominant[0] + contextual[0]]
+            raise TypeError(f"visionzip: vLLM's {modality} placeholder is a {type(tokens).__name__}, not the list "
+                            "of token ids this plug-in was written for (vLLM 0.32)")
+        grid = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data.tolist()
+        slices = int(grid[0])
+        names = [f"{modality} {item_idx}" + (f" slice {s}" if modality == "video" else "") for s in range(slices)]
+        dominants, contextuals = image_budgets(settings.dominant, settings.contextual,
+                                               [len(tokens) // slices] * slices, [grid] * slices, names)
+        return tokens[: sum(dominants) + sum(contextuals)]
 
     return replace(update, replacement=replacement)
 
@@ -177,25 +189,34 @@ class VisionZipQwenMixin:
             if mm_input is None:
                 continue
             if modality in ("image", "images"):  # Qwen2.5-VL's key, Qwen2-VL's
-                embeddings += self.visionzip_images(mm_input)
-            else:  # videos: unpruned, zero channels (their positions stay vLLM's)
-                embeddings += tuple(torch.cat([v, v.new_zeros(v.shape[0], POSITION_CHANNELS)], dim=1)
-                                    for v in self._process_video_input(mm_input))
+                embeddings += self.visionzip_media(mm_input, "image")
+            elif modality in ("video", "videos"):
+                embeddings += self.visionzip_media(mm_input, "video")
+            else:
+                raise ValueError(f"visionzip: unexpected modality {modality!r} in the multimodal inputs")
         return embeddings
 
     def run_tower(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """vLLM's tower on the images: (merged [sum N_i, C] in original order, the window order's inverse or None)."""
+        """vLLM's tower on images or videos: (merged [sum N_i, C] in original order, the window order's inverse
+        or None)."""
         return self.visual(pixel_values, grid_thw=torch.tensor(grid)), None
 
-    def visionzip_images(self, image_input) -> tuple[torch.Tensor, ...]:
-        """Per image: the kept tokens [D_i+K_i, C] with their :data:`POSITION_CHANNELS` position channels."""
-        if image_input["type"] != "pixel_values":
-            raise ValueError("visionzip: precomputed image embeddings cannot be pruned (the scores need the vision "
-                             "tower's attention); send pixels, or disable VisionZip for this engine")
-        grid = image_input["image_grid_thw"].tolist()
+    def visionzip_media(self, media_input, modality: str) -> tuple[torch.Tensor, ...]:
+        """Per image or video (``modality``): the kept tokens [t*(D_s+K_s), C] with their
+        :data:`POSITION_CHANNELS` position channels, a video's slices in time order (an image: t = 1)."""
+        pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
+        if media_input["type"] != pixels:
+            raise ValueError(f"visionzip: precomputed {modality} embeddings cannot be pruned (the scores need the "
+                             f"vision tower's attention); send pixels, or disable VisionZip for this engine")
+        grid = media_input[f"{modality}_grid_thw"].tolist()
         unit = self.spatial_merge_unit
-        tokens = [t * h * w // unit for t, h, w in grid]
-        dominants, contextuals = image_budgets(self.visionzip.dominant, self.visionzip.contextual, tokens, grid)
+        # One segment per temporal slice (the tower attends within each), each with an image's budget.
+        slice_grids = [[1, h, w] for t, h, w in grid for _ in range(t)]
+        names = [f"{modality} {i}" + (f" slice {s}" if modality == "video" else "")
+                 for i, (t, _, _) in enumerate(grid) for s in range(t)]
+        tokens = [h * w // unit for _, h, w in slice_grids]
+        dominants, contextuals = image_budgets(self.visionzip.dominant, self.visionzip.contextual, tokens,
+                                               slice_grids, names)
         captured = {}
 
         def take_query_key(module, args, kwargs):
@@ -203,11 +224,11 @@ class VisionZipQwenMixin:
 
         hook = self.visionzip_attention.register_forward_pre_hook(take_query_key, with_kwargs=True)
         try:
-            merged, original_order = self.run_tower(image_input["pixel_values"], grid)
+            merged, original_order = self.run_tower(media_input[pixels], grid)
         finally:
             hook.remove()
         q, k = captured["q"], captured["k"]  # [1, T, H, d] (batch, tokens, heads, head_dim)
-        cu_patches = torch.tensor([0, *(t * h * w for t, h, w in grid)], dtype=torch.int64).cumsum(0)
+        cu_patches = torch.tensor([0, *(h * w for _, h, w in slice_grids)], dtype=torch.int64).cumsum(0)
         scores, metric = ops.varlen_scores_and_metric(q[0], k[0], cu_patches.to(q.device),
                                                       scale=self.visionzip_attention.scale, unit=unit)
         if original_order is not None:
@@ -216,13 +237,17 @@ class VisionZipQwenMixin:
         cu_units = torch.tensor([0, *tokens], dtype=torch.int64).cumsum(0)
         kept, keep, _ = ops.varlen_select_merge(merged, scores, metric, cu_units, dominants, contextuals)
         counts = [d + c for d, c in zip(dominants, contextuals)]
-        outputs = []
-        for rows, keep_i, start, (_, _, w) in zip(kept.split(counts), keep.cpu().split(counts), cu_units.tolist(),
-                                                  grid):
-            local = keep_i - start
+        slices = []
+        for rows, keep_s, start, (_, _, w) in zip(kept.split(counts), keep.cpu().split(counts), cu_units.tolist(),
+                                                  slice_grids):
+            local = keep_s - start
             width = w // self.visual.spatial_merge_size
             channels = encode_positions(local // width, local % width, rows.dtype).to(rows.device)
-            outputs.append(torch.cat([rows, channels], dim=1))
+            slices.append(torch.cat([rows, channels], dim=1))
+        outputs, first = [], 0
+        for t, _, _ in grid:  # an item's slices are consecutive
+            outputs.append(torch.cat(slices[first:first + t]))
+            first += t
         return tuple(outputs)
 
     # -- positions -------------------------------------------------------------------------------
@@ -235,20 +260,19 @@ class VisionZipQwenMixin:
             text = offset - start
             parts.append(torch.arange(text).expand(3, text) + next_position)
             base = next_position + text
-            if feature.modality == "image":
-                # Every image token at the base until recompute_mrope_positions knows which units were kept;
-                # the text after it continues from the full grid's extent (the original positions).
-                length = feature.mm_position.length
-                parts.append(torch.full((3, length), base, dtype=torch.int64))
-                next_position = base + max(grid_h, grid_w)
-            else:
-                length = grid_t * grid_h * grid_w
-                index = torch.stack(torch.meshgrid(torch.arange(grid_t), torch.arange(grid_h), torch.arange(grid_w),
-                                                   indexing="ij")).reshape(3, -1)
-                if t_factor != 1.0:
-                    index[0] = (index[0] * t_factor).long()
-                parts.append(index + base)
-                next_position = int(parts[-1].max()) + 1
+            # Every media token at the base in the spatial channels until recompute_mrope_positions knows which
+            # units were kept; a video token's temporal channel is its slice's (each slice keeps as many tokens).
+            # The text after it continues from the full grid's extent (the original positions).
+            length = feature.mm_position.length
+            if length % grid_t:
+                raise RuntimeError(f"visionzip: a {feature.modality} of {grid_t} temporal slices has {length} "
+                                   "placeholders, not a multiple of them")
+            # float64 and truncation, as vLLM's numpy positions and transformers' get_rope_index scale time
+            times = (torch.arange(grid_t, dtype=torch.float64) * t_factor).long()
+            item = torch.full((3, length), base, dtype=torch.int64)
+            item[0] += times.repeat_interleave(length // grid_t)
+            parts.append(item)
+            next_position = base + max(int(times[-1]), grid_h - 1, grid_w - 1) + 1
             start = offset + length
         tail = len(input_tokens) - start
         parts.append(torch.arange(tail).expand(3, tail) + next_position)
@@ -261,26 +285,25 @@ class VisionZipQwenMixin:
                                                      num_computed_tokens)
         token_ids = torch.as_tensor(input_ids).cpu().long()
         positions = mrope_positions.clone()
-        image_id = self.config.image_token_id
-        runs = media_runs(token_ids, [image_id, self.config.video_token_id])
+        runs = media_runs(token_ids, [self.config.image_token_id, self.config.video_token_id])
         # The chunk's slices come in prompt order: the first continues the run holding num_computed_tokens
         # (or starts the next one), each next one starts the next run.
         cursor = num_computed_tokens
         stripped = []
         for embedding in multimodal_embeddings:
             stripped.append(embedding[:, :-POSITION_CHANNELS])
-            start, end, token = next((r for r in runs if r[1] > cursor), (None, None, None))
+            start, end, _ = next((r for r in runs if r[1] > cursor), (None, None, None))
             begin = max(start, cursor) if start is not None else None
             if begin is None or begin + embedding.shape[0] > end:
                 raise RuntimeError(f"visionzip: {embedding.shape[0]} multimodal rows at token {cursor} do not fit a "
                                    "placeholder run of the prompt")
-            if token == image_id:
-                rows, columns = decode_positions(embedding[:, -POSITION_CHANNELS:])
-                base = positions[0, start]  # the temporal channel of an image stays at its base
-                stop = begin + embedding.shape[0]
-                positions[0, begin:stop] = base
-                positions[1, begin:stop] = base + rows.to(positions.device)
-                positions[2, begin:stop] = base + columns.to(positions.device)
+            # The temporal channel is get_mrope_input_positions' (an image's base, a video slice's time);
+            # the run's first token is at the base (time 0).
+            rows, columns = decode_positions(embedding[:, -POSITION_CHANNELS:])
+            base = positions[0, start]
+            stop = begin + embedding.shape[0]
+            positions[1, begin:stop] = base + rows.to(positions.device)
+            positions[2, begin:stop] = base + columns.to(positions.device)
             cursor = begin + embedding.shape[0]
         return stripped, positions, int(positions.max()) + 1 - token_ids.numel()
 
