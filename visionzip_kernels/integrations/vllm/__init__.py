@@ -32,6 +32,8 @@ KEYS = ("dominant", "contextual", "tokens", "ratio", "layer")
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen:VisionZipQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen:VisionZipQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen3:VisionZipQwen3VL",
+    "Qwen3_5ForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen3:VisionZipQwen3_5",
 }
 
 
