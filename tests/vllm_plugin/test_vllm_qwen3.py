@@ -32,10 +32,9 @@ pytest.importorskip("vllm")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import torch  # noqa: E402
 from tiny_qwen import prompt  # noqa: E402
 from tiny_qwen3 import build_tiny_qwen3  # noqa: E402
-
-import torch  # noqa: E402
 
 from visionzip_kernels.integrations.vllm.qwen import media_runs  # noqa: E402
 

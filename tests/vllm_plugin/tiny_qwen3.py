@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from tiny_qwen import CHAT_TEMPLATE, LLM_STD, SENTENCES, SPECIAL
 
 PATCH = 16
 UNIT = 2 * PATCH  # pixels per merged token side
+QK_NORM_GAIN = 4.0
 
 
 def build_tiny_qwen3(directory: str | Path, kind: str = "qwen3_vl", seed: int = 0, max_units: int = 64) -> Path:
@@ -70,6 +70,13 @@ def build_tiny_qwen3(directory: str | Path, kind: str = "qwen3_vl", seed: int = 
         for weight in [*model.model.language_model.parameters(), model.lm_head.weight]:
             if weight.dim() == 2:
                 torch.nn.init.normal_(weight, std=LLM_STD)
+        if kind == "qwen3_5":
+            # Qwen3.5's q/k RMSNorms scale by (1 + weight), zero-initialised: x4 makes its one full-attention
+            # layer's scores peaked enough that an image token at a wrong position moves the first
+            # log-probabilities well beyond bf16's noise (without it, by less than that noise).
+            for name, weight in model.model.language_model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    torch.nn.init.constant_(weight, QK_NORM_GAIN - 1.0)
     model.save_pretrained(directory)
     image_processor = transformers.Qwen2VLImageProcessor(
         patch_size=PATCH, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,

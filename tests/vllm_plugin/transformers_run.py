@@ -62,7 +62,8 @@ def run(spec: dict) -> list[dict]:
             out = model.generate(**inputs, max_new_tokens=spec["max_tokens"], do_sample=False, output_scores=True,
                                  return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
         prompt_len = inputs["input_ids"].shape[1]
-        results.append({"prompt_len": prompt_len, "prompt": inputs["input_ids"][0].tolist(), "tokens": out.sequences[0, prompt_len:].tolist(),
+        results.append({"prompt_len": prompt_len, "prompt": inputs["input_ids"][0].tolist(),
+                        "tokens": out.sequences[0, prompt_len:].tolist(),
                         "logprobs": torch.log_softmax(out.scores[0][0].double(), dim=-1).tolist()})
     return results
 
