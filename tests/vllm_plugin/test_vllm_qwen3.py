@@ -16,6 +16,7 @@ subprocess (tests/vllm_plugin/transformers_run.py) on the same saved checkpoint,
   :data:`BF16_LOGPROB_ATOL` (stock vLLM and stock transformers differ by up to 0.03 there: bf16 logits near -3
   are quantised to 1/64). The prefix-cache case is Qwen3-VL's only: with prefix caching on, vLLM 0.32's CPU
   engine runs the hybrid Qwen3.5 in Mamba cache mode 'align' and reported no cache hits for these prompts.
+  Not enabled, the plug-in equals stock vLLM in bf16 too.
 """
 
 from __future__ import annotations
@@ -125,15 +126,22 @@ def qwen3_vl_reference(qwen3_vl, tmp_path_factory) -> list[dict]:
     return transformers_reference(qwen3_vl, [*REQUESTS, ONE_ELSE], BUDGET, tmp_path_factory.mktemp("qwen3-vl-tf"))
 
 
-def test_qwen3_vl_not_enabled_equals_stock_vllm(qwen3_vl, qwen3_vl_results, tmp_path):
-    stock = run_qwen3_engines(qwen3_vl, [{"name": "stock", "engine": PLAIN, "calls": [[ONE], [TWO], BATCH]}],
-                              tmp_path, plugins=False)["stock"]
-    for call, (mine, theirs) in enumerate(zip(qwen3_vl_results["not_enabled"], stock)):
+def assert_equal_runs(calls: list, stock_calls: list) -> None:
+    """Two engines' results on the same calls: the same prompts, tokens and first log-probabilities (1e-6)."""
+    assert len(calls) == len(stock_calls)
+    for call, (mine, theirs) in enumerate(zip(calls, stock_calls)):
+        assert len(mine) == len(theirs), call
         for request, (a, b) in enumerate(zip(mine, theirs)):
             assert a["prompt"] == b["prompt"] and a["tokens"] == b["tokens"], (call, request)
             assert a["first_logprobs"].keys() == b["first_logprobs"].keys(), (call, request)
             for token, logprob in a["first_logprobs"].items():
                 assert abs(logprob - b["first_logprobs"][token]) <= 1e-6, (call, request, token)
+
+
+def test_qwen3_vl_not_enabled_equals_stock_vllm(qwen3_vl, qwen3_vl_results, tmp_path):
+    stock = run_qwen3_engines(qwen3_vl, [{"name": "stock", "engine": PLAIN, "calls": [[ONE], [TWO], BATCH]}],
+                              tmp_path, plugins=False)["stock"]
+    assert_equal_runs(qwen3_vl_results["not_enabled"], stock)
 
 
 def test_qwen3_vl_stock_vllm_equals_transformers(qwen3_vl, qwen3_vl_results, tmp_path):
@@ -180,7 +188,11 @@ def test_qwen3_5(tmp_path_factory):
     checkpoint = build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3.5"), kind="qwen3_5")
     engines = [{"name": name, "hf_overrides": {"visionzip": BUDGET}, "engine": {**engine, **BF16},
                 "calls": [[ONE], [TWO], BATCH]} for name, engine in (("plain", PLAIN), ("chunked", CHUNKED))]
+    engines.append({"name": "not_enabled", "engine": {**PLAIN, **BF16}, "calls": [[ONE], [TWO], BATCH]})
     results = run_qwen3_engines(checkpoint, engines, tmp_path_factory.mktemp("qwen3.5"))
+    stock = run_qwen3_engines(checkpoint, [{**engines[-1], "name": "stock"}],
+                              tmp_path_factory.mktemp("qwen3.5-stock"), plugins=False)["stock"]
+    assert_equal_runs(results["not_enabled"], stock)
     reference = transformers_reference(checkpoint, REQUESTS, BUDGET, tmp_path_factory.mktemp("qwen3.5-tf"),
                                        dtype="bfloat16")
     for name in ("plain", "chunked"):
