@@ -9,7 +9,7 @@ subprocess (tests/vllm_plugin/transformers_run.py) on the same saved checkpoint,
 - **Qwen3-VL** (fp32): the same prompt ids, greedy tokens and first-token log-probabilities within 1e-4 for one
   image, two images of different sizes, a batch of different sizes, a ``max_num_batched_tokens`` that splits
   images across prefill chunks, and prefix caching with the same image sent twice; not enabled, the plug-in's
-  outputs equal stock vLLM's.
+  outputs equal stock vLLM's; videos pass through unpruned (tests/vllm_plugin/qwen3_video_run.py).
 - **Qwen3.5**: vLLM 0.32's CPU kernel for its linear-attention (Gated DeltaNet) layers takes bf16 only
   ("CPU GDN attention requires BF16."), so both sides run in bf16, where two frameworks' kernels agree on the
   prompt, the greedy tokens here, but not to 1e-4: the log-probabilities are compared within
@@ -198,3 +198,25 @@ def test_qwen3_5(tmp_path_factory):
     for name in ("plain", "chunked"):
         for request, result, expected in zip(REQUESTS, [r for call in results[name] for r in call], reference):
             assert_matches(result, expected, f"qwen3_5 {name}: {request}", atol=BF16_LOGPROB_ATOL)
+
+
+def run_video(checkpoint: Path, hf_overrides: dict, batched: int, with_image: bool, out: Path) -> dict:
+    done = subprocess.run([sys.executable, str(HERE / "qwen3_video_run.py"), str(checkpoint), json.dumps(hf_overrides),
+                           str(batched), "1" if with_image else "0", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def test_qwen3_vl_videos_pass_through_unpruned(qwen3_vl, tmp_path):
+    # A video-only prompt with VisionZip on equals stock vLLM (its rows and positions untouched, its frames
+    # split across prefill chunks); with an image after it, only the image shrinks, and chunked prefill gives
+    # what one chunk gives. (The transformers side cannot run videos in the project venv: no torchvision.)
+    on = {"visionzip": BUDGET}
+    stock = run_video(qwen3_vl, {}, CHUNK, False, tmp_path / "stock.json")
+    pruned = run_video(qwen3_vl, on, CHUNK, False, tmp_path / "pruned.json")
+    assert_equal_runs([[pruned]], [[stock]])
+    whole = run_video(qwen3_vl, on, 1024, True, tmp_path / "whole.json")
+    chunked = run_video(qwen3_vl, on, CHUNK, True, tmp_path / "chunked.json")
+    assert_equal_runs([[chunked]], [[whole]])
+    assert len(whole["prompt"]) == len(stock["prompt"]) + 2 + 43  # the image: its 2 markers, 40 + 3 kept of 63
