@@ -6,8 +6,9 @@
 # torch (cached by the hash of the sources and the torch version, as the CUDA stage caches its build),
 # puts the copy on PYTHONPATH with a dist-info that declares the plug-in's entry point, then
 # runs tests/vllm_plugin (equality with the transformers integration, stock equality, prefix caching, chunked
-# prefill) and the `vllm serve` load test, each under `timeout`; and the calibration command on videos
-# (tests/test_calibrate_video.py: transformers' video processors need the torchvision this venv has).
+# prefill; Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) and the `vllm serve` load test, each under `timeout`; and the
+# calibration command on videos (tests/test_calibrate_video.py: transformers' video processors need the
+# torchvision this venv has).
 #
 # VISIONZIP_VLLM_BENCH=1 also runs benchmarks/bench_vllm.py.
 set -euo pipefail
@@ -56,6 +57,9 @@ points = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.ite
 (info / "entry_points.txt").write_text(points)
 PY
 export PYTHONPATH="$build${PYTHONPATH:+:$PYTHONPATH}"
+# The Qwen3 equality tests run the transformers side in this checkout's project venv (.venv, transformers 5.23,
+# made by `make test`): vLLM's pins transformers < 5.20, older than the Qwen3 integration needs.
+export VISIONZIP_REPO="$PWD"
 (cd "$build" && "$py" -c "
 import importlib.metadata as m, visionzip_kernels
 assert visionzip_kernels.__file__.startswith('$build'), visionzip_kernels.__file__

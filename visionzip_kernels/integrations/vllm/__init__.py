@@ -13,9 +13,10 @@ total per image, split 54:10), or ``ratio``; and ``layer`` (the scoring vision b
 ``{"visionzip": {}}`` enables the defaults.
 
 Supported: Qwen2-VL and Qwen2.5-VL, images and videos (each temporal slice of a video keeps an image's
-budget). Any other model with the setting fails at engine start with a ``ValueError`` naming the supported
-architectures. The algorithm (:mod:`.qwen`) is the transformers integration's (docs/SPEC.md "Qwen2-VL and
-Qwen2.5-VL", "Qwen videos", "vLLM plug-in").
+budget); Qwen3-VL (DeepStack) and Qwen3.5, images (their videos pass through unpruned). Any other model with
+the setting fails at engine start with a ``ValueError`` naming the supported architectures. The algorithm
+(:mod:`.qwen`, :mod:`.qwen3`) is the transformers integration's (docs/SPEC.md "Qwen2-VL and Qwen2.5-VL",
+"Qwen3-VL", "Qwen3.5", "Qwen videos", "vLLM plug-in").
 
 This module imports no vLLM at import time: :func:`settings_from_config` is usable (and tested) without it.
 """
@@ -33,6 +34,8 @@ KEYS = ("dominant", "contextual", "tokens", "ratio", "layer")
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen:VisionZipQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen:VisionZipQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen3:VisionZipQwen3VL",
+    "Qwen3_5ForConditionalGeneration": "visionzip_kernels.integrations.vllm.qwen3:VisionZipQwen3_5",
 }
 
 
@@ -75,7 +78,7 @@ def settings_from_config(hf_config) -> VisionZipSettings | None:
 def register() -> None:
     """The ``vllm.general_plugins`` entry point, run by vLLM in every process before it builds an engine.
 
-    Registers the plug-in's Qwen2-VL / Qwen2.5-VL classes under vLLM's architecture names (they run
+    Registers the plug-in's Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 classes under vLLM's architecture names (they run
     vLLM's own code unless the model's config enables VisionZip), and makes ``ModelConfig`` refuse the
     setting on any other architecture (at engine start, not a silent no-op)."""
     from vllm import ModelRegistry
