@@ -42,6 +42,8 @@ def grid_positions(base: int, height: int, width: int) -> torch.Tensor:
 class VisionZipQwen3Mixin(VisionZipQwenMixin):
     """Qwen3-VL / Qwen3.5 model: VisionZip image features (DeepStack included) and positions when enabled."""
 
+    pruned_modalities = ("image",)  # videos: one placeholder run per frame, not pruned here yet
+
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features):
         if self.visionzip is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
@@ -114,7 +116,9 @@ class VisionZipQwen3Mixin(VisionZipQwenMixin):
 
 
 class VisionZipQwen3VLProcessor(VisionZipProcessorMixin, Qwen3VLMultiModalProcessor):
-    """Qwen3-VL's / Qwen3.5's processor, D_i + K_i image placeholders with VisionZip on."""
+    """Qwen3-VL's / Qwen3.5's processor, D_i + K_i image placeholders with VisionZip on (videos as stock)."""
+
+    pruned_modalities = ("image",)
 
 
 @MULTIMODAL_REGISTRY.register_processor(VisionZipQwen3VLProcessor, info=Qwen3VLProcessingInfo,
