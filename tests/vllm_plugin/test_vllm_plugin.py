@@ -72,9 +72,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def run_engines(checkpoint: Path, engines: list[dict], tmp_path: Path, plugins: bool = True,
-                fails_with: str | None = None) -> dict:
+                fails_with: str | None = None, max_tokens: int = MAX_TOKENS) -> dict:
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    spec.write_text(json.dumps({"model": str(checkpoint), "engines": engines, "max_tokens": MAX_TOKENS}))
+    spec.write_text(json.dumps({"model": str(checkpoint), "engines": engines, "max_tokens": max_tokens}))
     env = dict(os.environ)
     if not plugins:
         env["VLLM_PLUGINS"] = ""  # load no plug-in: stock vLLM

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from test_vllm_plugin import run_engines  # noqa: E402
 from tiny_qwen import prompt  # noqa: E402
 from tiny_qwen3 import build_tiny_qwen3  # noqa: E402
 
@@ -92,15 +93,7 @@ def assert_matches(result: dict, reference: dict, what: str, atol: float = LOGPR
 
 
 def run_qwen3_engines(checkpoint: Path, engines: list[dict], tmp_path: Path, plugins: bool = True) -> dict:
-    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    spec.write_text(json.dumps({"model": str(checkpoint), "engines": engines, "max_tokens": MAX_TOKENS}))
-    env = dict(os.environ)
-    if not plugins:
-        env["VLLM_PLUGINS"] = ""  # load no plug-in: stock vLLM
-    done = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-6000:]
-    return json.loads(out.read_text())
+    return run_engines(checkpoint, engines, tmp_path, plugins, max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 
 
-def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwen2_5_vl",
-                          max_units: int = 64) -> Path:
-    """Writes the checkpoint into ``directory`` (created) and returns it; ``kind="qwen2_vl"``: a Qwen2-VL
-    (no windows, vision MLP ratio 2) with the same LLM, tokenizer and image processor. The image processor
-    resizes images to at most ``max_units`` merged tokens (2x2 patches of 14 px)."""
+def tiny_tokenizer():
+    """A small byte-level BPE trained on SENTENCES with Qwen's special tokens and chat template:
+    (the tokenizer, {special token: id})."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -50,7 +46,19 @@ def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwe
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                                      pad_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+    return tokenizer, {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+
+
+def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwen2_5_vl",
+                          max_units: int = 64) -> Path:
+    """Writes the checkpoint into ``directory`` (created) and returns it; ``kind="qwen2_vl"``: a Qwen2-VL
+    (no windows, vision MLP ratio 2) with the same LLM, tokenizer and image processor. The image processor
+    resizes images to at most ``max_units`` merged tokens (2x2 patches of 14 px)."""
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids = tiny_tokenizer()
     vocab = len(tokenizer)
     text = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                 intermediate_size=256, vocab_size=vocab, max_position_embeddings=4096,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_qwen import CHAT_TEMPLATE, LLM_STD, SENTENCES, SPECIAL
+from tiny_qwen import CHAT_TEMPLATE, LLM_STD, tiny_tokenizer
 
 PATCH = 16
 UNIT = 2 * PATCH  # pixels per merged token side
@@ -24,19 +24,10 @@ def build_tiny_qwen3(directory: str | Path, kind: str = "qwen3_vl", seed: int = 
     """Writes a ``kind`` ("qwen3_vl" or "qwen3_5") checkpoint into ``directory`` (created) and returns it.
     The image processor resizes images to at most ``max_units`` merged tokens."""
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(SENTENCES * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
-                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                                     pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+    tokenizer, ids = tiny_tokenizer()
     text = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                 intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=4096,
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
