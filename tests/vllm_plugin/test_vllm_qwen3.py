@@ -9,7 +9,10 @@ subprocess (tests/vllm_plugin/transformers_run.py) on the same saved checkpoint,
 - **Qwen3-VL** (fp32): the same prompt ids, greedy tokens and first-token log-probabilities within 1e-4 for one
   image, two images of different sizes, a batch of different sizes, a ``max_num_batched_tokens`` that splits
   images across prefill chunks, and prefix caching with the same image sent twice; not enabled, the plug-in's
-  outputs equal stock vLLM's; videos pass through unpruned (tests/vllm_plugin/qwen3_video_run.py).
+  outputs equal stock vLLM's. Videos (tests/vllm_plugin/qwen3_video_run.py; the transformers side gets the
+  pixels vLLM's processor made, its video processor needing torchvision): stock vLLM equals stock transformers,
+  and with VisionZip each frame's run keeps its slice's D_s + K_s and a video, alone across prefill chunks or
+  with an image in one chunk or across chunks, equals the transformers integration (prompt, tokens, 1e-4).
 - **Qwen3.5**: vLLM 0.32's CPU kernel for its linear-attention (Gated DeltaNet) layers takes bf16 only
   ("CPU GDN attention requires BF16."), so both sides run in bf16, where two frameworks' kernels agree on the
   prompt, the greedy tokens here, but not to 1e-4: the log-probabilities are compared within
@@ -193,23 +196,38 @@ def test_qwen3_5(tmp_path_factory):
             assert_matches(result, expected, f"qwen3_5 {name}: {request}", atol=BF16_LOGPROB_ATOL)
 
 
-def run_video(checkpoint: Path, hf_overrides: dict, batched: int, with_image: bool, out: Path) -> dict:
+def run_video(checkpoint: Path, hf_overrides: dict, batched: int, with_image: bool, out: Path,
+              pixels: Path | None = None) -> dict:
     done = subprocess.run([sys.executable, str(HERE / "qwen3_video_run.py"), str(checkpoint), json.dumps(hf_overrides),
-                           str(batched), "1" if with_image else "0", str(out)], capture_output=True, text=True,
-                          timeout=600)
+                           str(batched), "1" if with_image else "0", str(out), *([str(pixels)] if pixels else [])],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
+    if pixels is not None:
+        assert pixels.exists(), "the video run saved no pixels: was the engine not in the test's process?"
     return json.loads(out.read_text())
 
 
-def test_qwen3_vl_videos_pass_through_unpruned(qwen3_vl, tmp_path):
-    # A video-only prompt with VisionZip on equals stock vLLM (its rows and positions untouched, its frames
-    # split across prefill chunks); with an image after it, only the image shrinks, and chunked prefill gives
-    # what one chunk gives. (The transformers side cannot run videos in the project venv: no torchvision.)
+def test_qwen3_vl_videos_pruned_per_slice_equal_transformers_integration(qwen3_vl, tmp_path):
     on = {"visionzip": BUDGET}
-    stock = run_video(qwen3_vl, {}, CHUNK, False, tmp_path / "stock.json")
-    pruned = run_video(qwen3_vl, on, CHUNK, False, tmp_path / "pruned.json")
-    assert_equal_runs([[pruned]], [[stock]])
-    whole = run_video(qwen3_vl, on, 1024, True, tmp_path / "whole.json")
-    chunked = run_video(qwen3_vl, on, CHUNK, True, tmp_path / "chunked.json")
-    assert_equal_runs([[chunked]], [[whole]])
-    assert len(whole["prompt"]) == len(stock["prompt"]) + 2 + 43  # the image: its 2 markers, 40 + 3 kept of 63
+    video_id = json.loads((qwen3_vl / "config.json").read_text())["video_token_id"]
+    stock = {image: run_video(qwen3_vl, {}, 1024, image, tmp_path / f"stock{image}.json", tmp_path / f"video{image}.pt")
+             for image in (False, True)}
+    requests = [{"input_ids": stock[image]["prompt"], "images": [[288, 224, 1]] if image else [],
+                 "video": str(tmp_path / f"video{image}.pt")} for image in (False, True)]
+    # The reference runner's video input is right: stock vLLM equals stock transformers on it.
+    (tmp_path / "tf_stock").mkdir()
+    (tmp_path / "tf_pruned").mkdir()
+    for image, expected in zip((False, True), transformers_reference(qwen3_vl, requests, None, tmp_path / "tf_stock")):
+        assert_matches(stock[image], expected, f"stock video, image {image}")
+    reference = transformers_reference(qwen3_vl, requests, BUDGET, tmp_path / "tf_pruned")
+    pruned = {"video chunked": (run_video(qwen3_vl, on, CHUNK, False, tmp_path / "chunked0.json"), reference[0]),
+              "video + image": (run_video(qwen3_vl, on, 1024, True, tmp_path / "whole1.json"), reference[1]),
+              "video + image chunked": (run_video(qwen3_vl, on, CHUNK, True, tmp_path / "chunked1.json"), reference[1])}
+    for what, (result, expected) in pruned.items():
+        assert_matches(result, expected, what)
+        # 2 temporal slices of 6 x 7 units (the processor resizes the 128x160 frames to 192x224): each frame's
+        # run keeps 27 + 2 (0.65 and 0.05 of 42, rounded down) of 42
+        frames = [end - start for start, end, _ in media_runs(torch.tensor(result["prompt"]), [video_id])]
+        assert frames == [29, 29], (what, frames)
+    # each frame's run shrank, nothing else (the timestamps and markers as stock)
+    assert len(stock[False]["prompt"]) - len(pruned["video chunked"][0]["prompt"]) == 2 * (42 - 29)

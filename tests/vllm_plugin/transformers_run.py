@@ -7,7 +7,9 @@ while vLLM 0.32's CPU build pins transformers < 5.20: test_vllm_qwen3.py runs th
 python (transformers 5.23, the package built for its torch) on the checkpoint the vLLM side loads.
 
 SPEC: {"model": dir, "dtype": "float32" | "bfloat16", "max_tokens": n, "budget": {apply() kwargs} or null,
-"requests": [{"text", "images": [[width, height, seed], ...]}, ...]}. OUT: per request {"prompt_len", "tokens"
+"requests": [{"text", "images": [[width, height, seed], ...]}, ...]}; a video request is {"input_ids" (the full
+prompt), "images", "video": a torch.save file of the ``pixel_values_videos`` / ``video_grid_thw`` vLLM's processor
+made (transformers' video processor needs torchvision)}. OUT: per request {"prompt_len", "tokens"
 (greedy), "prompt" (token ids), "logprobs" (the first token's log-softmax over the vocabulary, float64 as a list)}.
 """
 
@@ -41,6 +43,19 @@ def processor_inputs(config, tokenizer, image_processor, request: dict) -> dict:
             "mm_token_type_ids": (input_ids == config.image_token_id).int(), **images}
 
 
+def video_inputs(config, image_processor, request: dict) -> dict:
+    """A video request's inputs: its given full prompt ids (timestamps and all frames' placeholders),
+    ``mm_token_type_ids`` 1 at image and 2 at video placeholders (as the processor writes them), the saved video
+    pixels and the request's images."""
+    input_ids = torch.tensor([request["input_ids"]])
+    mm_token_type_ids = (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "mm_token_type_ids": mm_token_type_ids, **torch.load(request["video"])}
+    if request["images"]:
+        inputs.update(image_processor(images=[image(*i) for i in request["images"]], return_tensors="pt"))
+    return inputs
+
+
 def run(spec: dict) -> list[dict]:
     import transformers
 
@@ -55,7 +70,10 @@ def run(spec: dict) -> list[dict]:
         vz.apply(model, **spec["budget"])
     results = []
     for request in spec["requests"]:
-        inputs = processor_inputs(model.config, tokenizer, image_processor, request)
+        if "video" in request:
+            inputs = video_inputs(model.config, image_processor, request)
+        else:
+            inputs = processor_inputs(model.config, tokenizer, image_processor, request)
         if spec.get("budget") is not None:
             inputs = shrink_inputs(model, inputs)
         with torch.no_grad():

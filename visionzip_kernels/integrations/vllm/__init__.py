@@ -13,7 +13,8 @@ total per image, split 54:10), or ``ratio``; and ``layer`` (the scoring vision b
 ``{"visionzip": {}}`` enables the defaults.
 
 Supported: Qwen2-VL and Qwen2.5-VL, images and videos (each temporal slice of a video keeps an image's
-budget); Qwen3-VL (DeepStack) and Qwen3.5, images (their videos pass through unpruned). Any other model with
+budget); Qwen3-VL (DeepStack) and Qwen3.5, images and videos (per temporal slice, each frame's placeholder run
+keeping its slice's budget). Any other model with
 the setting fails at engine start with a ``ValueError`` naming the supported architectures. The algorithm
 (:mod:`.qwen`, :mod:`.qwen3`) is the transformers integration's (docs/SPEC.md "Qwen2-VL and Qwen2.5-VL",
 "Qwen3-VL", "Qwen3.5", "Qwen videos", "vLLM plug-in").
