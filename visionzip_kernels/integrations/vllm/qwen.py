@@ -107,16 +107,14 @@ def enable_pruning_in_model_runner() -> None:
 
 class VisionZipProcessorMixin:
     """Qwen multimodal processor: with VisionZip enabled, D_i + K_i image placeholders per image and
-    t * (D_s + K_s) video placeholders per video of t temporal slices (the modalities of ``pruned_modalities``)."""
-
-    pruned_modalities: tuple[str, ...] = ("image", "video")
+    t * (D_s + K_s) video placeholders per video of t temporal slices."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         settings = settings_from_config(self.info.get_hf_config())
         if settings is None:
             return updates
-        return [shrunk_replacement(update, settings, out_mm_kwargs) if update.modality in self.pruned_modalities
+        return [shrunk_replacement(update, settings, out_mm_kwargs) if update.modality in ("image", "video")
                 else update for update in updates]
 
 
@@ -144,8 +142,6 @@ class VisionZipQwenMixin:
     """Qwen2-VL / Qwen2.5-VL model: VisionZip image features and positions when the config enables it."""
 
     windowed = False  # Qwen2.5-VL: window attention, the units in window order inside the tower
-    # what VisionZip prunes; another modality passes through unpruned (zero position channels, vLLM's positions)
-    pruned_modalities: tuple[str, ...] = ("image", "video")
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -194,11 +190,8 @@ class VisionZipQwenMixin:
                 continue
             if modality in ("image", "images"):  # Qwen2.5-VL's key, Qwen2-VL's
                 embeddings += self.visionzip_media(mm_input, "image")
-            elif modality in ("video", "videos") and "video" in self.pruned_modalities:
-                embeddings += self.visionzip_media(mm_input, "video")
             elif modality in ("video", "videos"):
-                embeddings += tuple(torch.cat([v, v.new_zeros(v.shape[0], POSITION_CHANNELS)], dim=1)
-                                    for v in self._process_video_input(mm_input))
+                embeddings += self.visionzip_media(mm_input, "video")
             else:
                 raise ValueError(f"visionzip: unexpected modality {modality!r} in the multimodal inputs")
         return embeddings

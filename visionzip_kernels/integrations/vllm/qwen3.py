@@ -81,9 +81,8 @@ def shrunk_frame_runs(update, settings: VisionZipSettings, out_mm_kwargs, video_
 
 
 class VisionZipQwen3Mixin(VisionZipQwenMixin):
-    """Qwen3-VL / Qwen3.5 model: VisionZip image features (DeepStack included) and positions when enabled."""
-
-    pruned_modalities = ("image", "video")
+    """Qwen3-VL / Qwen3.5 model: VisionZip image and video features (DeepStack included) and positions when
+    enabled."""
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features):
         if self.visionzip is None:
