@@ -592,8 +592,8 @@ class QwenVLPatch:
             token_id = getattr(self, modality.token_id)
             pixels = kwargs.get(modality.pixels)
             if pixels is not None:
-                rows = sum(self.plan(kwargs.get(modality.grid), None, modality).kept)
-                what = f"{len(self._grids(kwargs.get(modality.grid), None, modality))} {modality.name}(s)"
+                plan = self.plan(kwargs.get(modality.grid), None, modality)
+                rows, what = sum(plan.kept), f"{len(plan.slices)} {modality.name}(s)"
             else:
                 # generate() encodes the images / videos first (through the patched get_*_features) and passes
                 # the features instead of the pixels.
