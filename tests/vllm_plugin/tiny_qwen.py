@@ -49,6 +49,19 @@ def tiny_tokenizer():
     return tokenizer, {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
 
 
+def peak_(model) -> None:
+    """Re-initialises a random Qwen-VL in place (under the caller's seed): larger q/k rows in every vision
+    block's fused qkv (peaked attention, well-separated top-k), and a larger std in the LLM's matrices
+    (peaked logits that depend on the positions: at the default 0.02 a wrong M-RoPE position moves the
+    first log-probabilities by only ~1e-3)."""
+    for block in model.model.visual.blocks:
+        qk_rows = 2 * block.attn.qkv.out_features // 3
+        torch.nn.init.normal_(block.attn.qkv.weight[:qk_rows], std=0.5)
+    for weight in [*model.model.language_model.parameters(), model.lm_head.weight]:
+        if weight.dim() == 2:
+            torch.nn.init.normal_(weight, std=LLM_STD)
+
+
 def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwen2_5_vl",
                           max_units: int = 64) -> Path:
     """Writes the checkpoint into ``directory`` (created) and returns it; ``kind="qwen2_vl"``: a Qwen2-VL
@@ -85,14 +98,7 @@ def build_tiny_qwen2_5_vl(directory: str | Path, seed: int = 0, kind: str = "qwe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
-        for block in model.model.visual.blocks:
-            qk_rows = 2 * block.attn.qkv.out_features // 3
-            torch.nn.init.normal_(block.attn.qkv.weight[:qk_rows], std=0.5)
-        # A larger std in the LLM's matrices: peaked logits that depend on the positions (at the default
-        # 0.02 a wrong M-RoPE position moves the first log-probabilities by only ~1e-3).
-        for weight in [*model.model.language_model.parameters(), model.lm_head.weight]:
-            if weight.dim() == 2:
-                torch.nn.init.normal_(weight, std=LLM_STD)
+        peak_(model)
     model.save_pretrained(directory)
     image_processor = transformers.Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                                           min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_units)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_qwen import CHAT_TEMPLATE, LLM_STD, tiny_tokenizer
+from tiny_qwen import CHAT_TEMPLATE, peak_, tiny_tokenizer
 
 PATCH = 16
 UNIT = 2 * PATCH  # pixels per merged token side
@@ -55,12 +55,7 @@ def build_tiny_qwen3(directory: str | Path, kind: str = "qwen3_vl", seed: int = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
-        for block in model.model.visual.blocks:
-            qk_rows = 2 * block.attn.qkv.out_features // 3
-            torch.nn.init.normal_(block.attn.qkv.weight[:qk_rows], std=0.5)
-        for weight in [*model.model.language_model.parameters(), model.lm_head.weight]:
-            if weight.dim() == 2:
-                torch.nn.init.normal_(weight, std=LLM_STD)
+        peak_(model)
         if kind == "qwen3_5":
             # Qwen3.5's q/k RMSNorms scale by (1 + weight), zero-initialised: x4 makes its one full-attention
             # layer's scores peaked enough that an image token at a wrong position moves the first
